@@ -1,0 +1,27 @@
+"""The message bus: the only package that imports ``nats``.
+
+Actors see a ``Bus`` (publish, request, KV buckets), a ``Consumer`` that runs their handler
+for each message and decides ack/nak/term from its outcome, the micro ``serve`` helper, and
+the topology declared as data in ``bus.topology``.
+"""
+
+from bus.connection import Bus, encode
+from bus.consumer import Consumer, Delivery
+from bus.errors import Abandon, BadRequest, NotFound, Reject, Retry
+from bus.kv import Bucket, Conflict
+from bus.service import serve
+
+__all__ = [
+    "Abandon",
+    "BadRequest",
+    "Bucket",
+    "Bus",
+    "Conflict",
+    "Consumer",
+    "Delivery",
+    "NotFound",
+    "Reject",
+    "Retry",
+    "encode",
+    "serve",
+]

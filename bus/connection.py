@@ -1,0 +1,216 @@
+"""The one connection to NATS, and everything actors do with it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from bus.kv import Bucket
+from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
+
+log = logging.getLogger("volumed.bus")
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else _encoder.encode(message)
+
+
+class Bus:
+    """An open NATS connection with JetStream; created by ``Bus.connect``."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, name: str) -> None:
+        self.nc = nc
+        self.js = js
+        self.name = name
+        self.reconnects = 0
+        self.last_error: str = ""
+
+    @classmethod
+    async def connect(cls, servers: str | list[str], name: str) -> Bus:
+        """Connect, retrying for ever at start too: a NATS restart is an outage, not a crash."""
+        urls = [u.strip() for u in servers.split(",")] if isinstance(servers, str) else servers
+        holder: dict[str, Bus] = {}
+
+        async def on_error(e: Exception) -> None:
+            if holder:
+                holder["bus"].last_error = str(e)
+            log.warning("nats error: %s", e)
+
+        async def on_disconnected() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnected() -> None:
+            if holder:
+                holder["bus"].reconnects += 1
+            log.info("nats reconnected")
+
+        delay = 0.2
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=urls,
+                    name=name,
+                    connect_timeout=2,
+                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=-1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                    # Buffer publishes made during a short outage instead of failing them.
+                    pending_size=64 * 1024 * 1024,
+                )
+                break
+            except Exception as e:
+                # Not up yet (a restart in progress): an outage at start is waited out too.
+                log.warning("cannot connect to nats (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        bus = cls(nc, nc.jetstream(timeout=5.0), name)
+        holder["bus"] = bus
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:
+                await self.nc.close()
+
+    # -- provisioning ---------------------------------------------------------------------
+
+    async def provision(self, topology: Topology, replicas: int = 1) -> None:
+        """Create the streams, consumers and buckets that are missing. Idempotent."""
+        for stream in topology.streams:
+            await self._ensure_stream(stream, replicas)
+        for consumer in topology.consumers:
+            await self._ensure_consumer(consumer)
+        for bucket in topology.buckets:
+            await self._ensure_bucket(bucket, replicas)
+
+    async def _ensure_stream(self, spec: StreamSpec, replicas: int) -> None:
+        config = StreamConfig(
+            name=spec.name,
+            description=spec.description or None,
+            subjects=list(spec.subjects),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE if spec.storage == "file" else StorageType.MEMORY,
+            max_age=spec.max_age or None,
+            duplicate_window=spec.duplicate_window or 120.0,
+            max_msgs_per_subject=spec.max_msgs_per_subject,
+            discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
+        )
+        try:
+            await self.js.stream_info(spec.name)
+        except NotFoundError:
+            await self.js.add_stream(config)
+            return
+        try:
+            await self.js.update_stream(config)
+        except BadRequestError as e:
+            log.warning("stream %s exists with another config that cannot change: %s", spec.name, e)
+
+    async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = ConsumerConfig(
+            durable_name=spec.durable,
+            description=spec.description or None,
+            filter_subject=spec.filter_subject,
+            ack_wait=spec.ack_wait,
+            max_deliver=spec.max_deliver,
+            backoff=list(spec.backoff) or None,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        try:
+            await self.js.consumer_info(spec.stream, spec.durable)
+            return
+        except NotFoundError:
+            pass
+        try:
+            await self.js.add_consumer(spec.stream, config)
+        except BadRequestError as e:
+            # Another process created it in the meantime, or the server lacks a feature.
+            log.debug("consumer %s.%s: %s", spec.stream, spec.durable, e)
+            await self.js.consumer_info(spec.stream, spec.durable)
+
+    async def _ensure_bucket(self, spec: BucketSpec, replicas: int) -> None:
+        try:
+            await self.js.key_value(spec.name)
+            return
+        except Exception:
+            pass
+        from nats.js.api import KeyValueConfig
+
+        await self.js.create_key_value(
+            KeyValueConfig(
+                bucket=spec.name,
+                description=spec.description or None,
+                history=spec.history,
+                ttl=spec.ttl or None,
+                replicas=replicas,
+            )
+        )
+
+    # -- messaging ------------------------------------------------------------------------
+
+    async def publish(self, subject: str, message: Any, *, msg_id: str | None = None) -> int:
+        """Publish to a stream and wait for its acknowledgement; return the stream sequence."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        ack = await self.js.publish(subject, encode(message), headers=headers)
+        return ack.seq
+
+    async def publish_core(self, subject: str, message: Any) -> None:
+        """Fire-and-forget publish (no stream)."""
+        await self.nc.publish(subject, encode(message))
+
+    async def request(self, subject: str, message: Any, timeout: float = 5.0) -> bytes:
+        reply = await self.nc.request(subject, encode(message), timeout=timeout)
+        return reply.data
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Callable[[str, bytes, str | None], Awaitable[None]],
+        queue: str = "",
+    ) -> Callable[[], Awaitable[None]]:
+        """Core subscription; returns its unsubscribe function."""
+
+        async def cb(msg: Any) -> None:
+            await handler(msg.subject, msg.data, msg.reply or None)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        return sub.unsubscribe
+
+    async def respond(self, reply: str, message: Any) -> None:
+        await self.nc.publish(reply, encode(message))
+
+    async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
+        return Bucket(await self.js.key_value(spec.name), value_type)
+
+    async def ping(self) -> float:
+        """Round trip to the JetStream API in seconds (raises when JetStream is unusable)."""
+        start = time.perf_counter()
+        await self.js.account_info()
+        return time.perf_counter() - start

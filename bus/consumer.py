@@ -1,0 +1,207 @@
+"""Pulling messages from a durable consumer, and the one place that acks them.
+
+Messages stream in as the server has them (a pull request stays open and is topped up),
+so a command reaches its handler within a round trip, not after a batch fills. Each
+message runs in its own task, up to ``concurrency`` at once, and its outcome decides:
+- the handler returns        → ack
+- it raises Retry(delay)     → nak with that delay
+- it raises Reject           → dead-letter with the reason, then term
+- it raises Abandon / is cancelled (shutdown) → nothing: redelivered after ack_wait
+- any other exception        → nak with backoff; on the last allowed delivery, dead-letter
+While a handler runs, the message is kept alive with in_progress() heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from bus.connection import Bus
+from bus.errors import Abandon, Reject, Retry
+from bus.topology import DEAD_LETTER_PREFIX, ConsumerSpec
+
+log = logging.getLogger("volumed.bus.consumer")
+
+_PULL_EXPIRES = 20.0  # seconds a pull request stays open on the server
+_IDLE_HEARTBEAT = 5.0  # the server proves the pull is alive this often
+
+
+class Delivery:
+    """One delivery of a stream message to a handler."""
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        meta = msg.metadata
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] = dict(msg.headers or {})
+        self.stream_seq: int = meta.sequence.stream
+        self.num_delivered: int = meta.num_delivered
+        self.published_at: float = meta.timestamp.timestamp() if meta.timestamp else time.time()
+
+    async def in_progress(self) -> None:
+        """Tell the server this message is still being worked on (resets ack_wait)."""
+        with contextlib.suppress(Exception):
+            await self._msg.in_progress()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Consumer:
+    """Runs ``handler`` for every message of a durable pull consumer."""
+
+    def __init__(
+        self, bus: Bus, spec: ConsumerSpec, handler: Handler, *, concurrency: int = 64
+    ) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.handler = handler
+        self.concurrency = concurrency
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._credit = 0  # messages requested and not yet received
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        self._last_seen = time.monotonic()
+        self._stopping = asyncio.Event()
+        self.handled = 0
+
+    def stop(self) -> None:
+        """Take no new messages; in-flight handlers go on (see ``run``)."""
+        self._stopping.set()
+
+    async def run(self, grace: float = 10.0) -> None:
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=self._on_message)
+        pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.spec.durable}"
+        try:
+            while not self._stopping.is_set():
+                await self._top_up(pull_subject, inbox)
+                try:
+                    msg = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                except TimeoutError:
+                    # No heartbeat for a while: the pull died with a server restart.
+                    if time.monotonic() - self._last_seen > 2 * _IDLE_HEARTBEAT + 1:
+                        self._credit = 0
+                        self._last_seen = time.monotonic()
+                    continue
+                if msg is None:
+                    continue
+                if self._stopping.is_set():
+                    break  # not started: it is redelivered to whoever runs next
+                task = asyncio.create_task(self._handle(Delivery(msg), msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            await self._finish(grace)
+
+    async def _finish(self, grace: float) -> None:
+        """Let in-flight handlers end within ``grace`` seconds, then cancel the rest: their
+        messages stay unacknowledged and are redelivered."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+    async def _top_up(self, pull_subject: str, inbox: str) -> None:
+        room = self.concurrency - len(self._tasks) - self._queue.qsize() - self._credit
+        # Ask in chunks, not for every freed slot, to keep pull requests few.
+        if room >= max(1, min(self.concurrency // 4, 64)) or (self._credit == 0 and room > 0):
+            request = {
+                "batch": room,
+                "expires": int(_PULL_EXPIRES * 1e9),
+                "idle_heartbeat": int(_IDLE_HEARTBEAT * 1e9),
+            }
+            try:
+                await self.bus.nc.publish(pull_subject, json.dumps(request).encode(), reply=inbox)
+            except Exception as e:
+                log.debug("pull request failed: %s", e)
+                await asyncio.sleep(0.5)
+                return
+            self._credit += room
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        status = (msg.headers or {}).get("Status")
+        if status:
+            if status in ("408", "409", "404"):
+                # The pull ended (expired, or the server refused part of it): its remaining
+                # credit is gone; Nats-Pending-Messages says how much.
+                pending = (msg.headers or {}).get("Nats-Pending-Messages")
+                self._credit = max(0, self._credit - int(pending)) if pending else 0
+                self._queue.put_nowait(None)  # wake the loop to pull again at once
+            return
+        self._credit = max(0, self._credit - 1)
+        self._queue.put_nowait(msg)
+
+    async def _handle(self, delivery: Delivery, msg: Msg) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(delivery))
+        try:
+            await self.handler(delivery)
+        except Retry as e:
+            await _quietly(msg.nak(delay=e.delay))
+        except Reject as e:
+            await self._dead_letter(delivery, str(e))
+            await _quietly(msg.term())
+        except (Abandon, asyncio.CancelledError):
+            pass  # redelivered after ack_wait
+        except Exception as e:
+            log.exception(
+                "handler failed on %s (delivery %d)", delivery.subject, delivery.num_delivered
+            )
+            last = 0 < self.spec.max_deliver <= delivery.num_delivered
+            if last:
+                await self._dead_letter(delivery, f"{type(e).__name__}: {e}")
+                await _quietly(msg.term())
+            else:
+                await _quietly(msg.nak(delay=self._backoff(delivery.num_delivered)))
+        else:
+            await _quietly(msg.ack())
+        finally:
+            heartbeat.cancel()
+            self.handled += 1
+
+    def _backoff(self, num_delivered: int) -> float:
+        if self.spec.backoff:
+            return self.spec.backoff[min(num_delivered, len(self.spec.backoff)) - 1]
+        return min(2.0**num_delivered, 60.0)
+
+    async def _heartbeat(self, delivery: Delivery) -> None:
+        period = max(self.spec.ack_wait / 3, 0.5)
+        while True:
+            await asyncio.sleep(period)
+            await delivery.in_progress()
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        subject = f"{DEAD_LETTER_PREFIX}.{self.spec.stream}.{self.spec.durable}"
+        headers = {
+            "Volumed-Reason": reason[:1000],
+            "Volumed-Subject": delivery.subject,
+            "Volumed-Stream-Seq": str(delivery.stream_seq),
+            "Volumed-Deliveries": str(delivery.num_delivered),
+        }
+        try:
+            await self.bus.js.publish(subject, delivery.data, headers=headers)
+        except Exception as e:  # the term still happens: a poison message must not loop
+            log.error(
+                "could not dead-letter %s seq %d: %s", delivery.subject, delivery.stream_seq, e
+            )
+        log.warning("dead-lettered %s seq %d: %s", delivery.subject, delivery.stream_seq, reason)
+
+
+async def _quietly(aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception as e:
+        log.debug("ack/nak failed (the message will be redelivered): %s", e)

@@ -1,0 +1,39 @@
+"""What a message handler raises to tell the bus how its message ended.
+
+The ack decision is made in one place (bus.consumer) from these: a handler that returns
+normally has its message acknowledged; it never acks by hand.
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Root of the bus's own errors."""
+
+
+class Retry(BusError):
+    """Transient failure: redeliver this message after ``delay`` seconds (nak with delay)."""
+
+    def __init__(self, reason: str, delay: float = 1.0) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Reject(BusError):
+    """Permanent failure: never redeliver (term); the message goes to the dead letters."""
+
+
+class Abandon(BusError):
+    """Leave the message unacknowledged: another delivery (after ack_wait) will take it.
+
+    Used when this process cannot handle it now, e.g. it is already handling the same
+    operation from an earlier delivery.
+    """
+
+
+class NotFound(BusError):
+    """A query names something that does not exist (micro error 404)."""
+
+
+class BadRequest(BusError):
+    """A query is malformed (micro error 400)."""

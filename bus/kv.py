@@ -1,0 +1,72 @@
+"""A typed view of one JetStream KV bucket, values as msgspec Structs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+T = TypeVar("T")
+
+
+class Conflict(Exception):
+    """A create found the key present, or an update found it changed since it was read."""
+
+
+class Bucket(Generic[T]):
+    """get/create/update with revisions, so that writers can compare-and-set."""
+
+    def __init__(self, kv: KeyValue, value_type: type[T]) -> None:
+        self._kv = kv
+        self._encoder = msgspec.json.Encoder()
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(value_type)
+
+    async def get(self, key: str) -> tuple[T, int] | None:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return self._decoder.decode(entry.value), entry.revision
+
+    async def create(self, key: str, value: T) -> int:
+        """Store ``value`` only if ``key`` does not exist; raise Conflict otherwise."""
+        try:
+            return await self._kv.create(key, self._encoder.encode(value))
+        except KeyWrongLastSequenceError as e:
+            raise Conflict(key) from e
+        except Exception as e:
+            # nats-py raises a plain APIError (code 10071) on some servers.
+            if "wrong last sequence" in str(e):
+                raise Conflict(key) from e
+            raise
+
+    async def update(self, key: str, value: T, revision: int) -> int:
+        """Store ``value`` only if ``key`` is still at ``revision``; raise Conflict otherwise."""
+        try:
+            return await self._kv.update(key, self._encoder.encode(value), last=revision)
+        except KeyWrongLastSequenceError as e:
+            raise Conflict(key) from e
+        except Exception as e:
+            if "wrong last sequence" in str(e):
+                raise Conflict(key) from e
+            raise
+
+    async def put(self, key: str, value: T) -> int:
+        return await self._kv.put(key, self._encoder.encode(value))
+
+    async def keys(self) -> list[str]:
+        try:
+            return list(await self._kv.keys())
+        except NoKeysError:
+            return []
+
+    async def items(self) -> AsyncIterator[tuple[str, T]]:
+        for key in await self.keys():
+            got = await self.get(key)
+            if got is not None:
+                yield key, got[0]

@@ -1,0 +1,60 @@
+"""NATS micro services: discoverable endpoints with JSON in and out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service, ServiceConfig
+
+from bus.connection import Bus
+from bus.errors import BadRequest, NotFound
+
+log = logging.getLogger("volumed.bus.service")
+
+EndpointHandler = Callable[[bytes], Awaitable[Any]]
+
+
+async def serve(
+    bus: Bus,
+    name: str,
+    version: str,
+    description: str,
+    endpoints: dict[str, tuple[str, EndpointHandler]],
+) -> Service:
+    """Register ``endpoints`` ({name: (subject, handler)}) as the micro service ``name``.
+
+    A handler takes the request body and returns a Struct or dict (sent as JSON); it raises
+    NotFound (→ 404) or BadRequest (→ 400); anything else answers 500 without details.
+    Endpoints share the service's queue group, so several processes split the load.
+    """
+    service = await add_service(
+        bus.nc, ServiceConfig(name=name, version=version, description=description)
+    )
+    encoder = msgspec.json.Encoder()
+
+    def wrap(handler: EndpointHandler) -> Callable[[Request], Awaitable[None]]:
+        async def on_request(req: Request) -> None:
+            try:
+                result = await handler(req.data)
+            except NotFound as e:
+                await req.respond_error("404", str(e))
+            except BadRequest as e:
+                await req.respond_error("400", str(e))
+            except Exception:
+                log.exception("endpoint %s failed", req.subject)
+                await req.respond_error("500", "internal error; see the volumed log")
+            else:
+                await req.respond(encoder.encode(result))
+
+        return on_request
+
+    for endpoint_name, (subject, handler) in endpoints.items():
+        await service.add_endpoint(
+            EndpointConfig(name=endpoint_name, subject=subject, handler=wrap(handler))
+        )
+    return service

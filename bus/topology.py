@@ -1,0 +1,153 @@
+"""Every subject, stream, consumer and KV bucket volumed uses, declared once as data.
+
+Provisioning (bus.connection.Bus.provision) creates what is missing and leaves what exists;
+nothing else in the code base names a stream or a durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Public subjects (contract §2-§4).
+COMMAND_PREFIX = "volume.cmd"
+COMMAND_TYPES = ("create", "attach", "detach", "delete", "cancel")
+EVENTS_PREFIX = "volume.events"
+API_PREFIX = "volume.api"
+
+# Internal subjects: "volumed." so that they never collide with the public "volume." space.
+DEVICE_PREFIX = "volumed.device"  # volumed.device.<vm_id>
+CORRELATE_SUBJECT = "volumed.correlate.request"
+CORRELATE_RESULT_PREFIX = "volumed.correlate.result"  # .<operation_id>
+RELEASE_SUBJECT = "volumed.correlate.release"
+RELEASE_RESULT_PREFIX = "volumed.correlate.released"  # .<operation_id>
+CONFIG_SUBJECT = "volumed.internal.cloudstack_config"
+DEAD_LETTER_PREFIX = "volumed.dead"  # .<stream>.<consumer>
+
+
+def command_subject(op_type: str) -> str:
+    return f"{COMMAND_PREFIX}.{op_type}"
+
+
+def event_subject(operation_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{operation_id}"
+
+
+def device_subject(vm_id: str) -> str:
+    return f"{DEVICE_PREFIX}.{vm_id}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age: float = 0.0  # seconds; 0 = forever
+    # Seconds of JetStream's own Nats-Msg-Id dedupe; 0 = the server default (2 min).
+    duplicate_window: float = 0.0
+    storage: Literal["file", "memory"] = "file"
+    max_msgs_per_subject: int = -1
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str | None = None
+    ack_wait: float = 30.0
+    max_deliver: int = -1
+    backoff: tuple[float, ...] = ()
+    max_ack_pending: int = 20_000
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    history: int = 1
+    ttl: float = 0.0  # seconds; 0 = forever
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Topology:
+    streams: tuple[StreamSpec, ...] = field(default_factory=tuple)
+    consumers: tuple[ConsumerSpec, ...] = field(default_factory=tuple)
+    buckets: tuple[BucketSpec, ...] = field(default_factory=tuple)
+
+
+DAY = 86_400.0
+
+COMMANDS = StreamSpec(
+    name="VOLUMED_COMMANDS",
+    subjects=tuple(command_subject(t) for t in COMMAND_TYPES),
+    max_age=7 * DAY,
+    # Idempotency is volumed's own, durable, by operation id (the operations bucket), and a
+    # re-sent command must reach the executor so that it can publish the latest event again.
+    # JetStream's dedupe would swallow it silently, so its window is kept minimal.
+    duplicate_window=0.1,  # the least the server accepts
+    description="volume commands as users published them",
+)
+EVENTS = StreamSpec(
+    name="VOLUMED_EVENTS",
+    subjects=(f"{EVENTS_PREFIX}.>",),
+    max_age=30 * DAY,
+    description="every operation's progress, volume.events.<operation_id>",
+)
+DEVICES = StreamSpec(
+    name="VOLUMED_DEVICES",
+    subjects=(f"{DEVICE_PREFIX}.>",),
+    max_age=DAY,
+    description="block devices appearing and disappearing, per VM",
+)
+CORRELATION = StreamSpec(
+    name="VOLUMED_CORRELATION",
+    subjects=("volumed.correlate.>",),
+    max_age=DAY,
+    description="attach/detach hand-offs between executor and correlator",
+)
+DEAD_LETTERS = StreamSpec(
+    name="VOLUMED_DEAD_LETTERS",
+    subjects=(f"{DEAD_LETTER_PREFIX}.>",),
+    max_age=30 * DAY,
+    description="messages that could not be processed, with the reason",
+)
+
+EXECUTOR = ConsumerSpec(
+    stream=COMMANDS.name,
+    durable="executor",
+    # Heartbeats (in_progress) keep a long CloudStack job's message; a silent executor has
+    # died and its commands go to another after this.
+    ack_wait=30.0,
+    # Bounded: a command that keeps failing is dead-lettered, never redelivered forever.
+    max_deliver=8,
+    backoff=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+    description="executors share the command stream",
+)
+PERSISTENCE = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="persistence",
+    ack_wait=30.0,
+    # Unbounded: a database outage must delay events, never drop them. Undecodable events
+    # are terminated and dead-lettered by the handler instead.
+    max_deliver=-1,
+    description="the database writers share the event stream",
+)
+
+OPERATIONS_BUCKET = BucketSpec(
+    name="volumed_operations",
+    history=1,
+    description="operation records: the idempotency claim and what a restart resumes from",
+)
+HEALTH_BUCKET = BucketSpec(
+    name="volumed_health",
+    history=1,
+    ttl=120.0,
+    description="each actor's latest heartbeat and own checks",
+)
+
+TOPOLOGY = Topology(
+    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS),
+    consumers=(EXECUTOR, PERSISTENCE),
+    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET),
+)

@@ -1,0 +1,130 @@
+"""User commands, as published on ``volume.cmd.<type>`` (contract §2).
+
+Unknown fields are ignored (msgspec's default) so that newer clients work with older
+daemons; constraints live in the field types so a rejection names the field and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from schemas.common import GIB, CloudStackId, OperationId, OpType, VolumeName
+
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=255)]
+MetadataValue = Annotated[str, Meta(max_length=4096)]
+
+
+class CreateCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    name: VolumeName
+    size: Annotated[int, Meta(gt=0, multiple_of=GIB, description="bytes, a whole number of GiB")]
+    disk_offering_id: CloudStackId
+    zone_id: CloudStackId
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=64)] | None = None
+
+
+class AttachCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    volume_id: CloudStackId
+    vm_id: CloudStackId
+    as_root: bool = False
+
+
+class DetachCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    volume_id: CloudStackId
+
+
+class DeleteCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    volume_id: CloudStackId
+
+
+class CancelCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    target: OperationId
+
+
+Command = CreateCommand | AttachCommand | DetachCommand | DeleteCommand | CancelCommand
+
+COMMAND_TYPES: dict[str, type[Command]] = {
+    "create": CreateCommand,
+    "attach": AttachCommand,
+    "detach": DetachCommand,
+    "delete": DeleteCommand,
+    "cancel": CancelCommand,
+}
+
+# One decoder per command type, built once.
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(cls) for name, cls in COMMAND_TYPES.items()
+}
+
+
+class InvalidCommand(ValueError):
+    """The command cannot be accepted; ``str(self)`` names the field and the reason."""
+
+
+def decode_command(op_type: str, body: bytes) -> Command:
+    """Decode and validate a command body, or raise InvalidCommand with a readable reason."""
+    decoder = _DECODERS.get(op_type)
+    if decoder is None:
+        raise InvalidCommand(f"unknown command type {op_type!r}")
+    if not body.strip():
+        raise InvalidCommand("the command body is empty: a JSON object was expected")
+    try:
+        command: Command = decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise InvalidCommand(_humanize(str(e))) from None
+    except msgspec.DecodeError as e:
+        raise InvalidCommand(f"the command body is not valid JSON: {e}") from None
+    return command
+
+
+_PATTERN_WORDS = {
+    "operation_id": "1 to 64 characters of A-Z a-z 0-9 _ -",
+    "target": "an operation id: 1 to 64 characters of A-Z a-z 0-9 _ -",
+    "name": "1 to 255 printable characters without '~'",
+}
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+
+
+def _humanize(msgspec_error: str) -> str:
+    """Turn msgspec's "Expected X - at `$.field`" into "field: <reason in words>"."""
+    missing = _MISSING.match(msgspec_error)
+    if missing:
+        return f"{missing['field']}: this field is required"
+    message, sep, where = msgspec_error.rpartition(" - at `")
+    if not sep:
+        if msgspec_error.startswith("Expected `object`"):
+            return "the command body must be a JSON object"
+        return msgspec_error
+    path = where.rstrip("`").removeprefix("$").lstrip(".") or "body"
+    field = path.split(".")[0].split("[")[0]
+    missing = _MISSING.match(message)
+    if missing:
+        return f"{path}.{missing['field']}: this field is required"
+    if "matching regex" in message:
+        words = _PATTERN_WORDS.get(field, "a CloudStack id: letters, digits, '.', '_' and '-'")
+        return f"{path}: must be {words}"
+    if field == "size" and ("multiple of" in message or ">" in message):
+        return f"{path}: must be a positive whole number of GiB, in bytes (a multiple of {GIB})"
+    return f"{path}: {message[0].lower()}{message[1:]}"
+
+
+def operation_type_of(command: Command) -> OpType:
+    for name, cls in COMMAND_TYPES.items():
+        if isinstance(command, cls):
+            return name  # type: ignore[return-value]
+    raise TypeError(type(command))
+
+
+def volume_of(command: Command) -> str | None:
+    """The volume a command acts on (None for create and cancel): the key of its order lane."""
+    if isinstance(command, AttachCommand | DetachCommand | DeleteCommand):
+        return command.volume_id
+    return None

@@ -1,0 +1,72 @@
+"""Types and helpers shared by every message module."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Literal
+
+from msgspec import Meta
+
+OpType = Literal["create", "attach", "detach", "delete", "cancel"]
+Status = Literal["pending", "executing", "completed", "failed", "cancelled", "rejected"]
+ErrorCode = Literal[
+    "invalid_request",
+    "not_found",
+    "conflict",
+    "unauthorized",
+    "cloudstack_unavailable",
+    "cloudstack_error",
+    "device_timeout",
+    "ambiguous_device",
+    "not_cancellable",
+    "internal",
+]
+
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
+
+# Forward-only status order: a record never moves to a lower rank.
+STATUS_RANK: dict[str, int] = {
+    "pending": 0,
+    "executing": 1,
+    "completed": 2,
+    "failed": 2,
+    "cancelled": 2,
+    "rejected": 2,
+}
+
+OPERATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_OPERATION_ID_RE = re.compile(OPERATION_ID_PATTERN)
+
+OperationId = Annotated[
+    str,
+    Meta(pattern=OPERATION_ID_PATTERN, description="1 to 64 characters of A-Z a-z 0-9 _ -"),
+]
+# CloudStack ids are uuids (or numbers on old installs); anything else can only be a typo,
+# and characters such as '~' or spaces would also break the cs client's request signature.
+CloudStackId = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="a CloudStack id"),
+]
+# '~' is excluded because the cs client leaves it unencoded while CloudStack's Java side
+# encodes it, so the request signature would never match.
+VolumeName = Annotated[
+    str,
+    Meta(pattern=r"^[^~\x00-\x1f\x7f]{1,255}$", description="printable, no ~"),
+]
+
+GIB = 1024**3
+
+
+def is_operation_id(value: str | None) -> bool:
+    return value is not None and _OPERATION_ID_RE.fullmatch(value) is not None
+
+
+def now_rfc3339() -> str:
+    """Current UTC time as RFC 3339 with microseconds and a 'Z' suffix."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def serial_of(volume_id: str) -> str:
+    """The disk serial CloudStack gives a volume on KVM: its id without dashes, 20 chars."""
+    return volume_id.replace("-", "")[:20]

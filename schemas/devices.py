@@ -1,0 +1,36 @@
+"""Block devices as the watcher reports them (contract §6)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+DeviceEventKind = Literal["added", "removed", "inventory"]
+
+
+class DeviceInfo(Struct, kw_only=True, frozen=True):
+    name: str  # kernel name, e.g. "vdb"
+    path: str  # $VOLUMED_DEV/<name>
+    size: int  # bytes (sysfs `size` is in 512-byte sectors)
+    serial: str | None = None  # sysfs `serial`, when the file exists
+    by_id_path: str | None = None  # $VOLUMED_DEV/disk/by-id/<link> that points at this device
+    controller: str | None = None  # e.g. "virtio4", from the `device` link
+    appeared_at: float = 0.0  # time.time() when the device was first seen
+
+
+class DeviceEvent(Struct, kw_only=True, frozen=True):
+    """A change of the host's block devices.
+
+    ``inventory`` lists every device present when the watcher starts (or after a rescan
+    that found the state had drifted); those are not "added". ``at`` is time.time() of the
+    observation; ``source`` says whether a uevent or a rescan saw it.
+    """
+
+    kind: DeviceEventKind
+    vm_id: str
+    at: float
+    source: Literal["uevent", "rescan", "start"]
+    device: DeviceInfo | None = None
+    devices: tuple[DeviceInfo, ...] = ()
+    watcher: str = ""  # instance id of the reporting watcher

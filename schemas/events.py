@@ -1,0 +1,38 @@
+"""Operation events on ``volume.events.<operation_id>`` (contract §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct
+
+from schemas.common import ErrorCode, OpType, Status
+
+
+class ErrorInfo(Struct, kw_only=True):
+    code: ErrorCode
+    message: str
+
+
+class OperationEvent(Struct, kw_only=True, omit_defaults=False):
+    """One step of an operation. The first nine fields are the public contract.
+
+    Extra fields (allowed by the contract) carry what the persistence writer stores:
+    ``request`` on the first event, ``response`` (CloudStack's answer) on the terminal one,
+    ``size`` of an attached volume for its device mapping.
+    """
+
+    operation_id: str
+    type: OpType
+    status: Status
+    volume_id: str | None = None
+    vm_id: str | None = None
+    device_path: str | None = None
+    by_id_path: str | None = None
+    error: ErrorInfo | None = None
+    at: str
+    request: Any = None
+    response: Any = None
+    size: int | None = None
+    # The operation this one acts on (cancel) or the operation that caused it.
+    target: str | None = None

@@ -1,0 +1,93 @@
+"""Messages between actors that users never need to see (still plain JSON on NATS)."""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from schemas.common import OpType, Status
+from schemas.events import ErrorInfo, OperationEvent
+
+
+class OpRecord(Struct, kw_only=True):
+    """The executor's durable record of one operation, kept in a JetStream KV bucket.
+
+    Creating it is the idempotency claim (KV create fails when the key exists) and it is
+    updated compare-and-set, so an executor and a cancel never both win. It is also what a
+    restarted executor resumes from: the CloudStack job id is written before it is awaited.
+    """
+
+    operation_id: str
+    type: OpType
+    status: Status
+    stream_seq: int  # sequence of the accepted command in the command stream
+    command: bytes = b""  # the validated command as received (JSON)
+    volume_id: str | None = None
+    vm_id: str | None = None
+    job_id: str | None = None
+    # Set just before a CloudStack mutation is sent, so a restart knows it may have happened.
+    mutation_sent: str | None = None
+    last_event: OperationEvent | None = None
+    accepted_at: str = ""
+
+
+class CorrelateRequest(Struct, kw_only=True):
+    """Executor → correlator: an attach to the local VM finished in CloudStack."""
+
+    operation_id: str
+    volume_id: str
+    vm_id: str
+    size: int  # bytes, from CloudStack
+    serial: str  # the serial the device will have if the hypervisor sets one
+    started_at: float  # time.time() just before the attach was sent
+
+
+class CorrelateResult(Struct, kw_only=True):
+    operation_id: str
+    volume_id: str
+    device_path: str | None = None
+    by_id_path: str | None = None
+    size: int | None = None
+    error: ErrorInfo | None = None
+
+
+class ReleaseRequest(Struct, kw_only=True):
+    """Executor → correlator: a volume was detached from the local VM; wait for its device
+    to go and forget the mapping."""
+
+    operation_id: str
+    volume_id: str
+    device_path: str | None = None
+
+
+class ReleaseResult(Struct, kw_only=True):
+    operation_id: str
+    volume_id: str
+    gone: bool
+    message: str = ""
+
+
+class Heartbeat(Struct, kw_only=True):
+    """An actor's own health checks, refreshed in the health KV bucket."""
+
+    actor: str
+    instance: str
+    at: float
+    checks: dict[str, CheckResult]
+
+
+class CheckResult(Struct, kw_only=True):
+    status: Status | str
+    detail: str = ""
+
+
+class CloudStackCredentials(Struct, kw_only=True):
+    """Persistence → executor: the active ossea_configs row (or its absence)."""
+
+    endpoint: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    vm_id: str | None = None
+    error: str | None = None
+
+    def __repr__(self) -> str:  # never let the secret reach a log line
+        return f"CloudStackCredentials(endpoint={self.endpoint!r}, key={self.key!r}, secret=***)"

