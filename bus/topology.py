@@ -17,10 +17,12 @@ API_PREFIX = "volume.api"
 
 # Internal subjects: "volumed." so that they never collide with the public "volume." space.
 DEVICE_PREFIX = "volumed.device"  # volumed.device.<vm_id>
-CORRELATE_SUBJECT = "volumed.correlate.request"
-CORRELATE_RESULT_PREFIX = "volumed.correlate.result"  # .<operation_id>
-RELEASE_SUBJECT = "volumed.correlate.release"
-RELEASE_RESULT_PREFIX = "volumed.correlate.released"  # .<operation_id>
+# executor → correlator of a VM: volumed.correlate.<vm_id>.attach (CorrelateRequest) and
+# .detach (ReleaseRequest); correlator → executor: volumed.correlated.<operation_id>.attach
+# (CorrelateResult) and .detach (ReleaseResult). Both in the CORRELATION stream, so either
+# side can pick up where it was after a restart.
+CORRELATE_PREFIX = "volumed.correlate"
+CORRELATED_PREFIX = "volumed.correlated"
 CONFIG_SUBJECT = "volumed.internal.cloudstack_config"
 DEAD_LETTER_PREFIX = "volumed.dead"  # .<stream>.<consumer>
 
@@ -35,6 +37,22 @@ def event_subject(operation_id: str) -> str:
 
 def device_subject(vm_id: str) -> str:
     return f"{DEVICE_PREFIX}.{vm_id}"
+
+
+def correlate_request_subject(vm_id: str) -> str:
+    return f"{CORRELATE_PREFIX}.{vm_id}.attach"
+
+
+def release_request_subject(vm_id: str) -> str:
+    return f"{CORRELATE_PREFIX}.{vm_id}.detach"
+
+
+def correlate_result_subject(operation_id: str) -> str:
+    return f"{CORRELATED_PREFIX}.{operation_id}.attach"
+
+
+def release_result_subject(operation_id: str) -> str:
+    return f"{CORRELATED_PREFIX}.{operation_id}.detach"
 
 
 @dataclass(frozen=True)
@@ -102,7 +120,7 @@ DEVICES = StreamSpec(
 )
 CORRELATION = StreamSpec(
     name="VOLUMED_CORRELATION",
-    subjects=("volumed.correlate.>",),
+    subjects=(f"{CORRELATE_PREFIX}.>", f"{CORRELATED_PREFIX}.>"),
     max_age=DAY,
     description="attach/detach hand-offs between executor and correlator",
 )
@@ -134,6 +152,21 @@ PERSISTENCE = ConsumerSpec(
     description="the database writers share the event stream",
 )
 
+
+
+def correlator_consumer(vm_id: str) -> ConsumerSpec:
+    """The correlator of one VM takes the attach and detach hand-offs for that VM only."""
+    return ConsumerSpec(
+        stream=CORRELATION.name,
+        durable=f"correlator_{vm_id}".replace(".", "_"),
+        filter_subject=f"{CORRELATE_PREFIX}.{vm_id}.*",
+        ack_wait=30.0,
+        max_deliver=8,
+        backoff=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+        description=f"device correlation for VM {vm_id}",
+    )
+
+
 OPERATIONS_BUCKET = BucketSpec(
     name="volumed_operations",
     history=1,
@@ -146,8 +179,14 @@ HEALTH_BUCKET = BucketSpec(
     description="each actor's latest heartbeat and own checks",
 )
 
+DEVICES_BUCKET = BucketSpec(
+    name="volumed_devices",
+    history=1,
+    description="each VM's block devices as its watcher last saw them (key: vm id)",
+)
+
 TOPOLOGY = Topology(
     streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS),
     consumers=(EXECUTOR, PERSISTENCE),
-    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET),
+    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET, DEVICES_BUCKET),
 )
