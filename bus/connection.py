@@ -206,6 +206,14 @@ class Bus:
     async def respond(self, reply: str, message: Any) -> None:
         await self.nc.publish(reply, encode(message))
 
+    async def last_message(self, stream: str, subject: str) -> bytes | None:
+        """The newest message stored on ``subject`` in ``stream``, if any."""
+        try:
+            msg = await self.js.get_last_msg(stream, subject)
+        except NotFoundError:
+            return None
+        return msg.data
+
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
         return Bucket(await self.js.key_value(spec.name), value_type)
 
@@ -214,3 +222,4 @@ class Bus:
         start = time.perf_counter()
         await self.js.account_info()
         return time.perf_counter() - start
+

@@ -24,8 +24,13 @@ class OpRecord(Struct, kw_only=True):
     volume_id: str | None = None
     vm_id: str | None = None
     job_id: str | None = None
-    # Set just before a CloudStack mutation is sent, so a restart knows it may have happened.
-    mutation_sent: str | None = None
+    # Which step the operation is in ("", "detach-first", "rollback", ...): job_id and
+    # mutation_sent belong to this step.
+    phase: str = ""
+    # Set (to time.time()) just before a CloudStack mutation is sent, so that a restart or a
+    # lost answer knows it may have happened and looks before sending it again.
+    mutation_sent: float | None = None
+    attach_started_at: float | None = None
     last_event: OperationEvent | None = None
     accepted_at: str = ""
 

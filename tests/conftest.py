@@ -160,3 +160,92 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):  #
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+# -- volumed in-process, against the simulator --------------------------------------------
+
+
+@dataclass
+class Harness:
+    """A user of volumed: publishes commands and watches events through its own connection."""
+
+    bus: object
+    sim: object
+    settings: object
+    supervisor: object
+    events: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+
+    async def send(self, op_type: str, body: object, headers: dict[str, str] | None = None,
+                   raw: bytes | None = None) -> None:
+        import json
+
+        data = raw if raw is not None else json.dumps(body).encode()
+        await self.bus.js.publish(f"volume.cmd.{op_type}", data, headers=headers)  # type: ignore[attr-defined]
+
+    def statuses(self, op_id: str) -> list[object]:
+        return [e["status"] for e in self.events.get(op_id, [])]
+
+    async def terminal(self, op_id: str, timeout: float = 15.0) -> dict[str, object]:
+        terminal = {"completed", "failed", "cancelled", "rejected"}
+
+        def find() -> dict[str, object] | None:
+            for e in self.events.get(op_id, []):
+                if e["status"] in terminal:
+                    return e
+            return None
+
+        return await wait_for(find, timeout)  # type: ignore[no-any-return]
+
+    async def query(self, endpoint: str, body: object) -> tuple[dict[str, object], str | None]:
+        """Ask the volumed micro service; return the JSON reply and the error code header."""
+        import json
+
+        msg = await self.bus.nc.request(f"volume.api.{endpoint}", json.dumps(body).encode(),  # type: ignore[attr-defined]
+                                        timeout=5)
+        code = (msg.headers or {}).get("Nats-Service-Error-Code")
+        return (json.loads(msg.data) if msg.data else {}), code
+
+    async def row(self, database: Database, op_id: str, status: str | None = None,
+                  timeout: float = 10.0) -> dict[str, object]:
+        async def find() -> dict[str, object] | None:
+            try:
+                rows = await database.query("SELECT * FROM volume_operations WHERE id=%s", op_id)
+            except Exception:
+                return None
+            if rows and (status is None or rows[0]["status"] == status):
+                return rows[0]
+            return None
+
+        return await wait_for(find, timeout)  # type: ignore[no-any-return]
+
+
+async def start_volumed(settings, actors, sim):  # type: ignore[no-untyped-def]
+    """Run a Supervisor in this event loop plus a user connection collecting every event."""
+    import json
+
+    from actors.supervisor import Supervisor
+    from bus import Bus
+
+    supervisor = Supervisor(settings, actors)
+    task = asyncio.create_task(supervisor.run())
+    ready = asyncio.create_task(supervisor.ready.wait())
+    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    user = await Bus.connect(settings.nats_url, "test-user")
+    harness = Harness(bus=user, sim=sim, settings=settings, supervisor=supervisor)
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        event = json.loads(msg.data)
+        harness.events.setdefault(event["operation_id"], []).append(event)
+
+    await user.nc.subscribe("volume.events.>", cb=on_event)
+    return harness, task
+
+
+async def stop_volumed(harness: Harness, task: asyncio.Task[None]) -> None:
+    harness.supervisor.stop()  # type: ignore[attr-defined]
+    try:
+        await asyncio.wait_for(task, 30)
+    finally:
+        await harness.bus.close()  # type: ignore[attr-defined]

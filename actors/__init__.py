@@ -1,0 +1,1 @@
+"""The actors: executor, watcher, correlator, persistence, and the supervisor that runs them."""

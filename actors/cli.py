@@ -1,0 +1,59 @@
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from actors.logs import SECRETS, setup_logging
+from actors.supervisor import ACTORS, run_until_signalled
+from schemas.config import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulator"]:
+        from simulator.cli import main as simulator_main
+
+        return simulator_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="volumed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run actors until SIGTERM/SIGINT (all by default)")
+    run.add_argument(
+        "actors",
+        nargs="*",
+        choices=[[], *ACTORS],
+        metavar="ACTOR",
+        help=f"any of: {', '.join(ACTORS)}",
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with the same keys as the environment, lower case, without VOLUMED_",
+    )
+    sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"volumed: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    SECRETS.add(*settings.secrets())
+    logging.getLogger("volumed").info("settings: %s", settings)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
+        pass
+    asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The executor: takes volume commands from the command stream and carries them out.
+
+For each command message, in stream order:
+1. Work out its operation id (body, else Nats-Msg-Id, else one derived from the message).
+2. Join the lane of its volume (synchronously, so lanes keep acceptance order).
+3. Claim the id in the operations bucket (KV create). A claim that exists is a re-sent
+   command (another stream sequence: publish its latest event again, do nothing) or a
+   redelivery of this very message after a crash (same sequence: resume it).
+4. Publish `pending` (or `rejected` for an invalid command), wait for the lane, move the
+   record pending → executing compare-and-set (a cancel may have won), publish `executing`,
+   run the operation, publish exactly one terminal event.
+The message is acknowledged only when the operation is terminal; until then the consumer
+heartbeats it, so a crash hands it to the next executor, which resumes from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from actors.executor import operations
+from actors.executor.cloudstack import CloudStack, CloudStackError
+from actors.executor.devices import BusDevices
+from actors.executor.lanes import Lanes, Slot
+from actors.executor.operations import Devices, OperationFailed, Outcome
+from actors.logs import SECRETS
+from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery
+from bus.topology import (
+    CONFIG_SUBJECT,
+    EXECUTOR,
+    HEALTH_BUCKET,
+    OPERATIONS_BUCKET,
+    event_subject,
+)
+from schemas.commands import (
+    AttachCommand,
+    CancelCommand,
+    Command,
+    CreateCommand,
+    DeleteCommand,
+    DetachCommand,
+    InvalidCommand,
+    decode_command,
+    volume_of,
+)
+from schemas.common import TERMINAL, OpType, Status, is_operation_id, now_rfc3339
+from schemas.config import Settings
+from schemas.events import ErrorInfo, OperationEvent
+from schemas.internal import CheckResult, CloudStackCredentials, Heartbeat, OpRecord
+
+log = logging.getLogger("volumed.executor")
+
+HEARTBEAT_INTERVAL = 5.0
+_CREDENTIALS_TTL = 1.0  # "fresh for each operation", without a query per HTTP request
+
+
+class ExecutorActor:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        instance: str,
+        cloud: CloudStack | None = None,
+        devices: Devices | None = None,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.instance = instance
+        self.cloud = cloud or CloudStack(self._credentials, timeout=settings.cloudstack_timeout)
+        self.devices: Devices = devices or BusDevices(bus)
+        self.lanes = Lanes()
+        self._inflight: dict[str, int] = {}  # operation id → stream sequence being handled
+        self._creds: tuple[float, CloudStackCredentials] | None = None
+        self._local_gate = asyncio.Lock()
+        self._serials_proven = False
+        self._ops: Bucket[OpRecord] | None = None
+        self._consumer: Consumer | None = None
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
+        self._consumer = Consumer(
+            self.bus, EXECUTOR, self.handle, concurrency=self.settings.executor_concurrency
+        )
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        try:
+            await self._consumer.run()
+        finally:
+            heartbeat.cancel()
+            await self.cloud.close()
+
+    def stop(self) -> None:
+        if self._consumer:
+            self._consumer.stop()
+
+    # -- credentials and identity ---------------------------------------------------------------
+
+    async def _credentials(self) -> CloudStackCredentials:
+        s = self.settings
+        if s.cloudstack_endpoint and s.cloudstack_key and s.cloudstack_secret:
+            return CloudStackCredentials(
+                endpoint=s.cloudstack_endpoint,
+                key=s.cloudstack_key,
+                secret=s.cloudstack_secret,
+                vm_id=s.vm_id,
+            )
+        now = time.monotonic()
+        if self._creds and now - self._creds[0] < _CREDENTIALS_TTL:
+            return self._creds[1]
+        try:
+            data = await self.bus.request(CONFIG_SUBJECT, b"{}", timeout=5.0)
+            creds = msgspec.json.decode(data, type=CloudStackCredentials)
+        except Exception as e:
+            creds = CloudStackCredentials(
+                error=f"the persistence actor did not answer for ossea_configs ({type(e).__name__})"
+            )
+        # Environment values win over the row, key by key.
+        creds.endpoint = s.cloudstack_endpoint or creds.endpoint
+        creds.key = s.cloudstack_key or creds.key
+        creds.secret = s.cloudstack_secret or creds.secret
+        SECRETS.add(creds.secret)
+        self._creds = (now, creds)
+        return creds
+
+    async def local_vm_id(self) -> str | None:
+        if self.settings.vm_id:
+            return self.settings.vm_id
+        return (await self._credentials()).vm_id
+
+    # -- one message ---------------------------------------------------------------------------
+
+    def operation_id_of(self, d: Delivery) -> str:
+        try:
+            body = msgspec.json.decode(d.data)
+        except msgspec.DecodeError:
+            body = None
+        if isinstance(body, dict) and is_operation_id(body.get("operation_id")):
+            return str(body["operation_id"])
+        header = d.headers.get("Nats-Msg-Id")
+        if is_operation_id(header):
+            return str(header)
+        # Derived from the message itself, so a redelivery gets the same id.
+        digest = hashlib.sha256(f"{d.stream_seq}:{d.published_at:.6f}".encode()).hexdigest()
+        return f"op-{digest[:24]}"
+
+    async def handle(self, d: Delivery) -> None:
+        op_type = d.subject.rsplit(".", 1)[-1]
+        op_id = self.operation_id_of(d)
+        command: Command | None = None
+        invalid = ""
+        try:
+            command = decode_command(op_type, d.data)
+        except InvalidCommand as e:
+            invalid = str(e)
+        slot = self.lanes.join(volume_of(command) if command else None)
+        try:
+            if self._inflight.get(op_id) == d.stream_seq:
+                raise Abandon(f"{op_id} is still being handled here")
+            self._inflight.setdefault(op_id, d.stream_seq)
+            try:
+                await self._process(d, op_type, op_id, command, invalid, slot)
+            except Exception as e:
+                if 0 < EXECUTOR.max_deliver <= d.num_delivered:
+                    # The last delivery: end the operation rather than leave it open for ever.
+                    log.exception("operation %s failed for good", op_id)
+                    await self._fail_for_good(op_id, f"{type(e).__name__}: {e}")
+                    return
+                raise
+            finally:
+                if self._inflight.get(op_id) == d.stream_seq:
+                    del self._inflight[op_id]
+        finally:
+            slot.leave()
+
+    async def _process(
+        self,
+        d: Delivery,
+        op_type: str,
+        op_id: str,
+        command: Command | None,
+        invalid: str,
+        slot: Slot,
+    ) -> None:
+        assert self._ops is not None
+        run = OperationRun(self, op_id)
+        record = OpRecord(
+            operation_id=op_id,
+            type=_op_type(op_type),
+            status="rejected" if invalid else "pending",
+            stream_seq=d.stream_seq,
+            command=d.data if command else b"",
+            volume_id=volume_of(command) if command else None,
+            vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
+            accepted_at=now_rfc3339(),
+        )
+        record.last_event = run.event_for(
+            record,
+            record.status,
+            request=_request_of(d.data),
+            error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
+            target=command.target if isinstance(command, CancelCommand) else None,
+        )
+        try:
+            run.revision = await self._ops.create(op_id, record)
+            run.record = record
+        except Conflict:
+            got = await self._ops.get(op_id)
+            if got is None:  # deleted in between: treat as new next time
+                raise
+            existing, run.revision = got
+            if existing.stream_seq != d.stream_seq:
+                # The same operation id again: nothing new, only its latest event again.
+                if existing.last_event is not None:
+                    await self.bus.publish(event_subject(op_id), existing.last_event)
+                return
+            run.record = existing  # this very command, redelivered: resume where it was
+            log.info(
+                "resuming operation %s (%s, status %s, phase %r)",
+                op_id,
+                existing.type,
+                existing.status,
+                existing.phase,
+            )
+        await run.publish_last()
+        if run.record.status in TERMINAL or command is None:
+            return
+        async with slot.turn():
+            if run.record.status == "pending" and not await run.start():
+                return  # cancelled while it waited
+            await run.execute(command)
+
+    async def _fail_for_good(self, op_id: str, reason: str) -> None:
+        assert self._ops is not None
+        got = await self._ops.get(op_id)
+        if got is None or got[0].status in TERMINAL:
+            return
+        run = OperationRun(self, op_id)
+        run.record, run.revision = got
+        await run.finish(
+            "failed",
+            error=ErrorInfo(
+                code="internal", message=f"volumed could not process this operation: {reason}"
+            ),
+        )
+
+    # -- cancel --------------------------------------------------------------------------------
+
+    async def cancel(self, target_id: str) -> OperationEvent:
+        """Cancel ``target_id`` if it has not started; return the target's cancelled event."""
+        assert self._ops is not None
+        for _ in range(20):
+            got = await self._ops.get(target_id)
+            if got is None:
+                raise OperationFailed("not_found", f"no operation {target_id} is known")
+            target, revision = got
+            if target.status != "pending":
+                what = "is executing" if target.status == "executing" else f"is {target.status}"
+                raise OperationFailed(
+                    "not_cancellable",
+                    f"operation {target_id} {what}; it can no longer be cancelled",
+                )
+            run = OperationRun(self, target_id)
+            run.record, run.revision = target, revision
+            try:
+                await run.finish("cancelled")
+            except Conflict:
+                continue  # it moved meanwhile: look again
+            assert target.last_event is not None
+            return target.last_event
+        raise OperationFailed("internal", f"operation {target_id} kept changing; try again")
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        bucket = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
+        while True:
+            check = await self.probe_cloudstack()
+            try:
+                await bucket.put(
+                    f"executor.{self.instance}",
+                    Heartbeat(
+                        actor="executor",
+                        instance=self.instance,
+                        at=time.time(),
+                        checks={"cloudstack": check},
+                    ),
+                )
+            except Exception as e:
+                log.debug("heartbeat not stored: %s", e)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def probe_cloudstack(self) -> CheckResult:
+        start = time.perf_counter()
+        try:
+            await self.cloud.call("listCapabilities")
+        except CloudStackError as e:
+            return CheckResult(status="down", detail=f"{e.code}: {e.message}")
+        except Exception as e:
+            return CheckResult(status="down", detail=f"{type(e).__name__}")
+        return CheckResult(
+            status="ok",
+            detail=f"listCapabilities answered in {1000 * (time.perf_counter() - start):.0f} ms",
+        )
+
+    # -- for operations ------------------------------------------------------------------------
+
+    def local_attach_gate(self) -> asyncio.Lock | None:
+        # Until the host has shown that its devices carry serials, attaches to it go one at a
+        # time: a device without a serial can then only be the volume of the one open attach.
+        return None if self._serials_proven else self._local_gate
+
+    def note_proof(self, proof: str) -> None:
+        self._serials_proven = proof == "serial"
+
+
+class OperationRun:
+    """One operation's record and events while the executor works on it."""
+
+    def __init__(self, executor: ExecutorActor, operation_id: str) -> None:
+        self.executor = executor
+        self.settings = executor.settings
+        self.cloud = executor.cloud
+        self.devices = executor.devices
+        self.operation_id = operation_id
+        self.record: OpRecord = OpRecord(
+            operation_id=operation_id, type="create", status="pending", stream_seq=0
+        )
+        self.revision = 0
+
+    # Context protocol for operations.py
+    async def save(self) -> None:
+        assert self.executor._ops is not None
+        self.revision = await self.executor._ops.update(
+            self.operation_id, self.record, self.revision
+        )
+
+    async def local_vm_id(self) -> str | None:
+        return await self.executor.local_vm_id()
+
+    def local_attach_gate(self) -> asyncio.Lock | None:
+        return self.executor.local_attach_gate()
+
+    def note_proof(self, proof: str) -> None:
+        self.executor.note_proof(proof)
+
+    def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
+        return OperationEvent(
+            operation_id=rec.operation_id,
+            type=rec.type,
+            status=status,
+            volume_id=rec.volume_id,
+            vm_id=rec.vm_id,
+            at=now_rfc3339(),
+            **extra,
+        )
+
+    async def publish_last(self) -> None:
+        """Publish the record's latest event (again, after a restart: JetStream drops the
+        copy if the first one got through)."""
+        event = self.record.last_event
+        if event is not None:
+            await self.executor.bus.publish(
+                event_subject(self.operation_id),
+                event,
+                msg_id=f"{self.operation_id}:{event.status}",
+            )
+
+    async def start(self) -> bool:
+        """pending → executing, compare-and-set. False if a cancel got there first."""
+        assert self.executor._ops is not None
+        while True:
+            self.record.status = "executing"
+            self.record.last_event = self.event_for(self.record, "executing")
+            try:
+                await self.save()
+                break
+            except Conflict:
+                got = await self.executor._ops.get(self.operation_id)
+                if got is None:
+                    return False
+                self.record, self.revision = got
+                if self.record.status != "pending":
+                    return False
+        await self.publish_last()
+        return True
+
+    async def finish(
+        self,
+        status: Status,
+        *,
+        error: ErrorInfo | None = None,
+        outcome: Outcome | None = None,
+        target: str | None = None,
+    ) -> None:
+        rec = self.record
+        extra: dict[str, Any] = {"error": error, "target": target}
+        if outcome is not None:
+            rec.volume_id = outcome.volume_id or rec.volume_id
+            rec.vm_id = outcome.vm_id or rec.vm_id
+            extra |= {
+                "device_path": outcome.device_path,
+                "by_id_path": outcome.by_id_path,
+                "size": outcome.size,
+                "response": outcome.response or None,
+            }
+        rec.status = status
+        rec.last_event = self.event_for(rec, status, **extra)
+        await self.save()
+        await self.publish_last()
+
+    async def execute(self, command: Command) -> None:
+        try:
+            if isinstance(command, CancelCommand):
+                cancelled = await self.executor.cancel(command.target)
+                await self.finish(
+                    "completed",
+                    target=command.target,
+                    outcome=Outcome(response={"cancelled": cancelled.operation_id}),
+                )
+                return
+            outcome = await _dispatch(self, command)
+        except OperationFailed as e:
+            self.record.volume_id = e.volume_id or self.record.volume_id
+            self.record.vm_id = e.vm_id or self.record.vm_id
+            await self.finish(
+                "failed",
+                error=ErrorInfo(code=e.code, message=e.message),
+                target=getattr(command, "target", None),
+            )
+            return
+        except CloudStackError as e:
+            await self.finish("failed", error=ErrorInfo(code=e.code, message=e.message))
+            return
+        await self.finish("completed", outcome=outcome)
+
+
+async def _dispatch(run: OperationRun, command: Command) -> Outcome:
+    if isinstance(command, CreateCommand):
+        return await operations.create(run, command)
+    if isinstance(command, AttachCommand):
+        return await operations.attach(run, command)
+    if isinstance(command, DetachCommand):
+        return await operations.detach(run, command)
+    if isinstance(command, DeleteCommand):
+        return await operations.delete(run, command)
+    raise OperationFailed("internal", f"no executor for {type(command).__name__}")
+
+
+def _op_type(name: str) -> OpType:
+    allowed: tuple[OpType, ...] = ("create", "attach", "detach", "delete", "cancel")
+    for t in allowed:
+        if t == name:
+            return t
+    return "create"  # unreachable: the stream only captures the five command subjects
+
+
+def _request_of(data: bytes) -> Any:
+    """The command as received, for the record: JSON when it parses, else its text."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data[:4096].decode("utf-8", "replace")

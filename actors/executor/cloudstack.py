@@ -1,0 +1,234 @@
+"""The executor's door to CloudStack: one request at a time, errors mapped to the contract.
+
+Only this module knows the `cs` client and CloudStack's error shapes. It never retries a
+mutation by itself: whether a retry is safe depends on the operation (see operations.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from cs import AIOCloudStack, CloudStackApiException, CloudStackException
+
+from schemas.common import ErrorCode
+from schemas.internal import CloudStackCredentials
+
+log = logging.getLogger("volumed.executor.cloudstack")
+
+# CloudStack's own async job states (queryAsyncJobResult.jobstatus).
+JOB_PENDING, JOB_SUCCEEDED, JOB_FAILED = 0, 1, 2
+
+
+class CloudStackError(Exception):
+    """A CloudStack failure in the contract's terms. ``transient`` ones may be retried."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        transient: bool = False,
+        maybe_applied: bool = False,
+        job_failed: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.transient = transient
+        # An async job ran and failed: nothing of this attempt is running any more.
+        self.job_failed = job_failed
+        # The request may have reached CloudStack (its answer was lost): look before resending.
+        self.maybe_applied = maybe_applied
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    # createVolume answers with the new volume's id at once, before the job ends.
+    volume_id: str | None = None
+
+
+CredentialsSource = Callable[[], Awaitable[CloudStackCredentials]]
+
+
+class CloudStack:
+    """A CloudStack endpoint reached through `cs`'s async client, sharing one HTTP pool."""
+
+    def __init__(self, credentials: CredentialsSource, *, timeout: float = 30.0) -> None:
+        self._credentials = credentials
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+        return self._session
+
+    async def call(self, command: str, **params: Any) -> Any:
+        """Send one request; return its unwrapped answer or raise CloudStackError."""
+        creds = await self._credentials()
+        if creds.error or not (creds.endpoint and creds.key and creds.secret):
+            raise CloudStackError(
+                "unauthorized",
+                "no CloudStack credentials: set CLOUDSTACK_ENDPOINT, CLOUDSTACK_KEY and "
+                "CLOUDSTACK_SECRET, or activate a row of ossea_configs"
+                + (f" ({creds.error})" if creds.error else ""),
+            )
+        client = AIOCloudStack(
+            # POST, never GET: aiohttp silently re-sends a GET whose kept-alive connection
+            # broke, and CloudStack mutations are GETs too — that would create twice.
+            method="post",
+            endpoint=creds.endpoint,
+            key=creds.key,
+            secret=creds.secret,
+            timeout=int(self._timeout),
+            session=self._http(),
+            fetch_result=False,
+        )
+        try:
+            return await getattr(client, command)(**params)
+        except CloudStackApiException as e:
+            raise map_api_error(command, e.error) from None
+        except CloudStackException as e:
+            # Not an API answer (a proxy's HTML page, a timeout): the request may have passed.
+            raise CloudStackError(
+                "cloudstack_unavailable",
+                f"{command}: CloudStack did not answer properly ({_first_arg(e)})",
+                transient=True,
+                maybe_applied=_is_mutation(command),
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise CloudStackError(
+                "cloudstack_unavailable",
+                f"{command}: cannot reach CloudStack at {_endpoint_host(creds.endpoint)} "
+                f"({type(e).__name__}{': ' + str(e) if str(e) else ''})",
+                transient=True,
+                maybe_applied=_is_mutation(command),
+            ) from None
+
+    async def start(self, command: str, **params: Any) -> Job:
+        """Send an async command; return its job (never waits for it)."""
+        answer = await self.call(command, **params)
+        job_id = answer.get("jobid") if isinstance(answer, dict) else None
+        if not job_id:
+            raise CloudStackError("cloudstack_error", f"{command}: CloudStack returned no job id")
+        return Job(job_id=str(job_id), volume_id=answer.get("id"))
+
+    async def job_result(self, job_id: str) -> dict[str, Any] | None:
+        """The job's result if it has ended (raising its error if it failed), else None."""
+        answer = await self.call("queryAsyncJobResult", jobid=job_id)
+        status = answer.get("jobstatus")
+        if status == JOB_PENDING:
+            return None
+        result = answer.get("jobresult") or {}
+        if status == JOB_SUCCEEDED and not answer.get("jobresultcode"):
+            return result if isinstance(result, dict) else {}
+        cmd = str(answer.get("cmd", "")).rsplit(".", 1)[-1] or "job"
+        error = map_api_error(cmd, result, job=True)
+        error.job_failed = True
+        raise error
+
+    async def wait(self, job_id: str, *, max_interval: float, deadline: float) -> dict[str, Any]:
+        """Poll a job until it ends. Starts fast (most jobs end in milliseconds in a quiet
+        cloud, or in seconds in a real one) and backs off to ``max_interval``."""
+        interval = 0.005
+        while True:
+            try:
+                result = await self.job_result(job_id)
+            except CloudStackError as e:
+                if e.job_failed or not e.transient:
+                    raise
+                result = None  # polling is read-only: a lost answer is simply asked again
+                log.debug("polling job %s: %s", job_id, e.message)
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise CloudStackError(
+                    "cloudstack_error",
+                    f"CloudStack job {job_id} has not finished within the job timeout; "
+                    "it may still finish later: check the volume in CloudStack",
+                )
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, max_interval)
+
+    async def volume(self, volume_id: str) -> dict[str, Any] | None:
+        """The volume as CloudStack has it now, or None if it does not exist."""
+        try:
+            answer = await self.call("listVolumes", id=volume_id, listall=True)
+        except CloudStackError as e:
+            if e.code == "not_found":
+                return None
+            raise
+        volumes = answer.get("volume") or [] if isinstance(answer, dict) else []
+        return volumes[0] if volumes else None
+
+    async def volumes_named(self, name: str) -> list[dict[str, Any]]:
+        answer = await self.call("listVolumes", name=name, listall=True)
+        found = answer.get("volume") or [] if isinstance(answer, dict) else []
+        # listVolumes matches names by substring: keep exact names only.
+        return [v for v in found if v.get("name") == name]
+
+
+_GUARDS: tuple[tuple[str, ErrorCode], ...] = (
+    ("entity does not exist", "not_found"),
+    ("unable to find", "not_found"),
+    ("not attached to any vm", "conflict"),  # "Please specify a volume that is not attached…"
+    ("not attached to a vm", "conflict"),  # "The specified volume is not attached to a VM."
+    ("maximum number of data disks", "conflict"),
+    ("already attached", "conflict"),
+)
+
+
+def map_api_error(command: str, error: Any, *, job: bool = False) -> CloudStackError:
+    """CloudStack's {errorcode, cserrorcode, errortext} → the contract's error code."""
+    error = error if isinstance(error, dict) else {}
+    code = int(error.get("errorcode") or 0)
+    text = str(error.get("errortext") or "no error text")
+    what = f"{command}{' job' if job else ''} failed: {text} (CloudStack error {code})"
+    lowered = text.lower()
+    if code == 401:
+        return CloudStackError(
+            "unauthorized",
+            f"CloudStack rejected the credentials of {command}: check the API key "
+            "and secret (CLOUDSTACK_KEY/CLOUDSTACK_SECRET or the active ossea_configs row)",
+        )
+    for needle, mapped in _GUARDS:
+        if needle in lowered:
+            return CloudStackError(mapped, what)
+    if code == 536:
+        return CloudStackError("conflict", what)
+    if code == 429 or (code == 530 and "internal error" in lowered) or code in (500, 502, 503, 504):
+        # Transient: the job ended (or the request was refused), nothing is running.
+        return CloudStackError("cloudstack_unavailable", what, transient=True)
+    return CloudStackError("cloudstack_error", what)
+
+
+def _is_mutation(command: str) -> bool:
+    return not command.startswith(("list", "query"))
+
+
+def _first_arg(e: Exception) -> str:
+    return str(e.args[0]) if e.args else type(e).__name__
+
+
+def _endpoint_host(endpoint: str | None) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(endpoint or "").netloc or "?"
+    except ValueError:
+        return "?"

@@ -1,0 +1,147 @@
+"""The supervisor: owns the NATS connection and every actor task of one process.
+
+If one actor fails, all stop and the error is raised; SIGTERM/SIGINT stops them gracefully
+(no new messages, in-flight ones finished within a grace period or left unacknowledged for
+redelivery), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from bus import Bus
+from bus.topology import CONFIG_SUBJECT, TOPOLOGY
+from schemas.config import Settings
+from schemas.internal import CloudStackCredentials
+
+log = logging.getLogger("volumed.supervisor")
+
+ACTORS = ("persistence", "executor", "correlator", "watcher")
+GRACE = 10.0
+
+
+class Actor(Protocol):
+    async def run(self) -> None: ...
+
+
+async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
+    """VOLUMED_VM_ID, else ossea_configs.oma_vm_id through the persistence actor (waiting
+    for it: the watcher and correlator cannot know their VM without it)."""
+    if settings.vm_id:
+        return settings.vm_id
+    delay = 0.2
+    while True:
+        try:
+            data = await bus.request(CONFIG_SUBJECT, b"{}", timeout=2.0)
+            creds = msgspec.json.decode(data, type=CloudStackCredentials)
+            if creds.vm_id:
+                return creds.vm_id
+            reason = creds.error or "the active ossea_configs row has no oma_vm_id"
+        except Exception as e:
+            reason = f"no answer from the persistence actor ({type(e).__name__})"
+        log.warning("local VM id unknown: %s; set VOLUMED_VM_ID. Retrying.", reason)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | None) -> Actor:
+    # Imported here so that `volumed run executor` does not load the watcher's netlink code.
+    if name == "executor":
+        from actors.executor import ExecutorActor
+
+        return ExecutorActor(bus, settings, instance)
+    if name == "persistence":
+        from actors.persistence import PersistenceActor
+
+        return PersistenceActor(bus, settings, instance=instance)
+    assert vm_id is not None
+    if name == "watcher":
+        from actors.watcher import WatcherActor
+
+        return WatcherActor(bus, settings, vm_id, instance)
+    if name == "correlator":
+        from actors.correlator import CorrelatorActor
+
+        return CorrelatorActor(bus, settings, vm_id, instance)
+    raise ValueError(f"unknown actor {name!r}; choose from {', '.join(ACTORS)}")
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, actors: Sequence[str] = ACTORS) -> None:
+        unknown = [a for a in actors if a not in ACTORS]
+        if unknown:
+            raise ValueError(
+                f"unknown actor(s) {', '.join(unknown)}; choose from {', '.join(ACTORS)}"
+            )
+        self.settings = settings
+        self.names = list(dict.fromkeys(actors))
+        self.instance = settings.instance_name
+        self.actors: dict[str, Actor] = {}
+        self.bus: Bus | None = None
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        bus = await Bus.connect(self.settings.nats_url, name=f"volumed-{self.instance}")
+        self.bus = bus
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            await bus.provision(TOPOLOGY, replicas=self.settings.stream_replicas)
+            # Persistence first: the others may need it to learn their VM id.
+            for name in sorted(self.names, key=ACTORS.index):
+                vm_id = None
+                if name in ("watcher", "correlator"):
+                    vm_id = await resolve_vm_id(bus, self.settings)
+                actor = build(name, bus, self.settings, self.instance, vm_id)
+                self.actors[name] = actor
+                tasks[name] = asyncio.create_task(actor.run(), name=name)
+            log.info("volumed running: %s (instance %s)", ", ".join(self.names), self.instance)
+            self.ready.set()
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait(
+                [stop, *tasks.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+            stop.cancel()
+            failed = [t for t in done if t is not stop]
+            for t in failed:
+                if t.exception() is not None:
+                    log.error("actor %s failed: %r; stopping all", t.get_name(), t.exception())
+        finally:
+            await self._shutdown(tasks)
+            await bus.close()
+        for t in tasks.values():
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        """Two phases: ask actors that can to stop taking work and wait, then cancel."""
+        for name in ("executor", "correlator", "watcher", "persistence"):
+            actor: Any = self.actors.get(name)
+            if actor is not None and hasattr(actor, "stop"):
+                actor.stop()
+        pending = [t for t in tasks.values() if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=GRACE)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+
+
+async def run_until_signalled(settings: Settings, actors: Sequence[str]) -> None:
+    supervisor = Supervisor(settings, actors)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, supervisor.stop)
+    await supervisor.run()
