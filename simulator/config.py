@@ -1,0 +1,96 @@
+"""What the simulated CloudStack looks like: its seeded world, its timing and its fake devices."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+NonNegative = Annotated[float, Meta(ge=0)]
+
+
+class DiskOfferingConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One disk offering of the zone."""
+
+    id: str | None = None
+    """CloudStack id; None: a uuid derived from the seed."""
+    name: str = "Custom"
+    disk_size_gb: Annotated[int, Meta(ge=0)] = 0
+    """Fixed size in GB; 0 makes a customized offering (createVolume must pass size)."""
+
+
+class VMConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One virtual machine that volumes can be attached to."""
+
+    id: str | None = None
+    """CloudStack id; None: a uuid derived from the seed."""
+    name: str | None = None
+    """None: sim-vm-<n>."""
+    state: Literal["Running", "Stopped"] = "Running"
+    root_disk: bool = True
+    """Give the VM a ROOT volume at deviceid 0 (as every real VM has)."""
+
+
+def _default_offerings() -> tuple[DiskOfferingConfig, ...]:
+    return (
+        DiskOfferingConfig(name="Custom", disk_size_gb=0),
+        DiskOfferingConfig(name="Small", disk_size_gb=5),
+    )
+
+
+def _default_vms() -> tuple[VMConfig, ...]:
+    return (VMConfig(), VMConfig(), VMConfig())
+
+
+class SimConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Everything the simulator is told; the same keys are read from a TOML file."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    """0: an ephemeral port."""
+    seed: int = 0
+    """Seeds every id and key not given explicitly, so the same config gives the same world."""
+    api_key: str | None = None
+    """The account's api key; None: derived from the seed."""
+    secret_key: str | None = None
+    """The account's secret key; None: derived from the seed. Never logged."""
+    account: str = "admin"
+    zone_id: str | None = None
+    zone_name: str = "sim-zone-1"
+    disk_offerings: tuple[DiskOfferingConfig, ...] = msgspec.field(
+        default_factory=_default_offerings
+    )
+    vms: tuple[VMConfig, ...] = msgspec.field(default_factory=_default_vms)
+    local_vm_id: str | None = None
+    """The VM the daemon runs on (attaches to it hot-plug devices); None: the first VM."""
+    max_data_disks: Annotated[int, Meta(ge=1, le=64)] = 6
+    """Data disks one VM may have attached (CloudStack's hypervisor capability)."""
+    job_latency: NonNegative = 0.0
+    """Seconds an async job stays pending before its change is applied."""
+    command_latency: dict[str, NonNegative] = msgspec.field(default_factory=dict)
+    """Per-command override of job_latency, e.g. {"attachVolume": 0.5}."""
+    call_log_size: Annotated[int, Meta(ge=1)] = 100_000
+    """Calls kept in the call log (oldest dropped first); also the finished jobs kept."""
+    sysfs_root: str | None = None
+    """Fake sysfs root: attaches to the local VM appear as <sysfs_root>/block/vdX; None: off."""
+    dev_root: str | None = None
+    """Fake /dev: device nodes <dev_root>/vdX and links <dev_root>/disk/by-id/; None: off."""
+    serials: bool = True
+    """Give hot-plugged devices the volume's serial (KVM) or none (other hypervisors)."""
+    hotplug_delay: NonNegative = 0.0
+    """Seconds between an attach job completing and its device appearing."""
+    unplug_delay: NonNegative = 0.0
+    """Seconds between a detach job completing and its device going."""
+    cloudstack_version: str = "4.19.1.0"
+    """Reported by listCapabilities."""
+
+
+def load_config(path: str | Path, **overrides: Any) -> SimConfig:
+    """Read a TOML file (keys as in SimConfig, unknown keys rejected), then apply overrides."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(data, SimConfig)
