@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
@@ -31,7 +31,7 @@ class VmVolumesQuery(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class HealthQuery(Struct, kw_only=True):
-    pass
+    """Any JSON object (fields are ignored): health takes no parameters."""
 
 
 class Operation(Struct, kw_only=True, omit_defaults=False):
@@ -49,6 +49,7 @@ class Operation(Struct, kw_only=True, omit_defaults=False):
     created_at: str | None
     updated_at: str | None
     completed_at: str | None
+    target: str | None = None  # the operation a cancel acts on
 
 
 class Mapping(Struct, kw_only=True, omit_defaults=False):
@@ -56,15 +57,27 @@ class Mapping(Struct, kw_only=True, omit_defaults=False):
     vm_id: str
     device_path: str | None
     by_id_path: str | None
-    size: int | None
+    size: int | None  # bytes
     last_sync: str | None
+    operation_id: str | None = None  # the attach that created the mapping
+
+
+HealthStatus = Literal["ok", "degraded", "down"]
 
 
 class Check(Struct, kw_only=True):
-    status: str  # ok | degraded | down
+    status: HealthStatus
     detail: str
 
 
 class Health(Struct, kw_only=True):
-    status: str
+    status: HealthStatus
     checks: dict[str, Check]
+
+
+class Operations(Struct, kw_only=True):
+    operations: list[Operation]
+
+
+class VmVolumes(Struct, kw_only=True):
+    volumes: list[Mapping]

@@ -14,7 +14,7 @@ from schemas.config import Settings
 from simulator import Fault, SimConfig, Simulator
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
 
-ACTORS = ["executor"]
+ACTORS = ["persistence", "executor"]
 
 
 def settings_for(nats: NatsServer, database: Database, sim: Simulator, **over: object) -> Settings:

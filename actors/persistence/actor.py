@@ -1,0 +1,159 @@
+"""The persistence actor: events into the database, queries and health out of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
+from actors.persistence.batcher import Batcher
+from actors.persistence.health import HealthChecker
+from actors.persistence.records import InvalidEvent, decode_event
+from actors.persistence.store import Store, open_store
+from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
+from bus.topology import CONFIG_SUBJECT, PERSISTENCE
+from schemas.config import Settings, mask_url_password
+from schemas.internal import CloudStackCredentials
+
+log = logging.getLogger("volumed.persistence")
+
+# Handlers in flight at once; they wait for their batch, so this bounds the batch size.
+CONCURRENCY = 2048
+
+
+class PersistenceActor:
+    """Consumes every operation event into the database (the only writer), serves the
+    ``volumed`` micro service's queries, and answers CloudStack credential requests.
+
+    ``run`` goes on until cancelled: it opens the store (waiting out a database that is
+    down), then consumes; on cancellation it takes no new events, lets the batches in
+    flight commit, and closes the service and the store it opened. A store passed in is
+    the caller's to close.
+    """
+
+    def __init__(
+        self, bus: Bus, settings: Settings, store: Store | None = None, instance: str = ""
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.store = store
+        self.instance = instance or settings.instance_name
+        self.store_error = "connecting"
+        self._owns_store = store is None
+        self.batcher: Batcher | None = None
+        self.consumer: Consumer | None = None
+        self.health = HealthChecker(bus, lambda: self.store, lambda: self.store_error)
+        self.api = Api(lambda: self.store, self.health)
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish like a cancellation, but let ``run`` return normally."""
+        self._stopping.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    async def run(self) -> None:
+        service = None
+        unsubscribe: Callable[[], Awaitable[None]] | None = None
+        batcher_task: asyncio.Task[None] | None = None
+        try:
+            # Health and queries answer while the database is still being waited for.
+            service = await serve(
+                self.bus, SERVICE_NAME, SERVICE_VERSION, SERVICE_DESCRIPTION, self.api.endpoints()
+            )
+            unsubscribe = await self.bus.subscribe(
+                CONFIG_SUBJECT, self._on_config_request, queue="volumed-persistence"
+            )
+            if self.store is None:
+                self.store = await self._open_store()
+                if self.store is None:
+                    return  # stopped while waiting for the database
+            self.batcher = Batcher(self.store)
+            batcher_task = asyncio.create_task(self.batcher.run(), name="persistence-batcher")
+            self.consumer = Consumer(self.bus, PERSISTENCE, self._on_event, concurrency=CONCURRENCY)
+            if self._stopping.is_set():
+                self.consumer.stop()
+            log.info("persistence %s consuming events into %s", self.instance, self.store.where)
+            await self._consume(self.consumer)
+        finally:
+            if self.batcher is not None and batcher_task is not None:
+                await self.batcher.close(batcher_task)
+            if unsubscribe is not None:
+                with contextlib.suppress(Exception):
+                    await unsubscribe()
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    await service.stop()
+            if self._owns_store and self.store is not None:
+                await self.store.close()
+
+    async def _consume(self, consumer: Consumer) -> None:
+        """Run the consumer until it stops; on cancellation stop it and let its in-flight
+        handlers finish (they wait for the batcher, which is closed only after)."""
+        task = asyncio.create_task(consumer.run(grace=10.0), name="persistence-consumer")
+        try:
+            # Not awaited directly: a cancellation delivered into the consumer's own
+            # wait_for can be swallowed on Python 3.11, so it is told to stop instead.
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            consumer.stop()
+            await asyncio.wait({task}, timeout=15.0)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=2.0)
+            raise
+        task.result()
+
+    async def _open_store(self) -> Store | None:
+        where = mask_url_password(self.settings.db_dsn)
+        delay = 0.5
+        attempt = 0
+        while not self._stopping.is_set():
+            attempt += 1
+            try:
+                store = await open_store(self.settings.db_dsn)
+            except Exception as e:
+                self.store_error = str(e) or type(e).__name__
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "cannot open the database (%s); retrying every %.0f s",
+                        self.store_error,
+                        delay,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.store_error = ""
+            log.info("database %s open", where)
+            return store
+        return None
+
+    async def _on_event(self, delivery: Delivery) -> None:
+        try:
+            event = decode_event(delivery.subject, delivery.data)
+        except InvalidEvent as e:
+            raise Reject(str(e)) from None
+        if self.batcher is None:
+            raise Abandon("not consuming yet")
+        await self.batcher.submit(event)
+
+    async def _on_config_request(self, subject: str, data: bytes, reply: str | None) -> None:
+        if not reply:
+            return
+        store = self.store
+        if store is None:
+            answer = CloudStackCredentials(
+                error=f"the database is not available yet: {self.store_error}"
+            )
+        else:
+            try:
+                answer = await store.cloudstack_credentials()
+            except Exception as e:
+                answer = CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
+        try:
+            await self.bus.respond(reply, answer)
+        except Exception as e:
+            log.warning("cannot answer a credentials request: %s", e)

@@ -1,0 +1,132 @@
+"""The query endpoints of the ``volumed`` micro service (contract §4)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from actors.persistence.errors import StoreUnavailable
+from actors.persistence.health import HealthChecker
+from actors.persistence.store import Store
+from bus import BadRequest, NotFound
+from bus.service import EndpointHandler
+from bus.topology import API_PREFIX
+from schemas.queries import (
+    Health,
+    Mapping,
+    MappingQuery,
+    Operation,
+    OperationQuery,
+    Operations,
+    OperationsQuery,
+    VmVolumes,
+    VmVolumesQuery,
+)
+
+T = TypeVar("T")
+
+SERVICE_NAME = "volumed"
+SERVICE_VERSION = "0.1.0"
+SERVICE_DESCRIPTION = "volumed: operations, device mappings and health"
+
+_MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _reason(message: str) -> str:
+    """msgspec's "Expected X - at `$.field`" as "field: <reason>"."""
+    if m := _MISSING.match(message):
+        return f"{m['field']}: this field is required"
+    if m := _UNKNOWN.match(message):
+        return f"{m['field']}: unknown field"
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        if message.startswith("Expected `object`"):
+            return "the request must be a JSON object"
+        return message
+    field = where.rstrip("`").removeprefix("$").lstrip(".") or "request"
+    if "matching regex" in text:
+        return f"{field}: not a valid id (letters, digits, '.', '_' and '-')"
+    return f"{field}: {text[0].lower()}{text[1:]}"
+
+
+class Api:
+    """Decodes requests, asks the store, and answers with the contract's shapes."""
+
+    def __init__(self, store: Callable[[], Store | None], health: HealthChecker) -> None:
+        self._store = store
+        self._health = health
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+    def endpoints(self) -> dict[str, tuple[str, EndpointHandler]]:
+        handlers: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+            "operation": self.operation,
+            "operations": self.operations,
+            "mapping": self.mapping,
+            "vm_volumes": self.vm_volumes,
+            "health": self.health,
+        }
+        return {name: (f"{API_PREFIX}.{name}", h) for name, h in handlers.items()}
+
+    def _decode(self, body: bytes, kind: type[T], *, empty: bool = False) -> T:
+        if not body.strip():
+            if not empty:
+                raise BadRequest("the request body is empty: a JSON object was expected")
+            body = b"{}"
+        decoder = self._decoders.get(kind)
+        if decoder is None:
+            decoder = self._decoders[kind] = msgspec.json.Decoder(kind)
+        try:
+            result: T = decoder.decode(body)
+        except msgspec.ValidationError as e:
+            raise BadRequest(_reason(str(e))) from None
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"the request is not valid JSON: {e}") from None
+        return result
+
+    def _db(self) -> Store:
+        store = self._store()
+        if store is None:
+            raise StoreUnavailable("the database is not connected yet")
+        return store
+
+    async def operation(self, body: bytes) -> Operation:
+        q = self._decode(body, OperationQuery)
+        found = await self._db().operation(q.operation_id)
+        if found is None:
+            raise NotFound(f"no operation {q.operation_id!r}")
+        return found
+
+    async def operations(self, body: bytes) -> Operations:
+        q = self._decode(body, OperationsQuery, empty=True)
+        return Operations(operations=await self._db().operations(q))
+
+    async def mapping(self, body: bytes) -> Mapping:
+        q = self._decode(body, MappingQuery)
+        if (q.volume_id is None) == (q.device_path is None):
+            raise BadRequest("give exactly one of volume_id and device_path")
+        if q.volume_id is not None:
+            found = await self._db().mapping_by_volume(q.volume_id)
+            what = f"volume {q.volume_id!r}"
+        else:
+            assert q.device_path is not None
+            found = await self._db().mapping_by_device(q.device_path)
+            what = f"device {q.device_path!r}"
+        if found is None:
+            raise NotFound(f"no device mapping for {what}: it is not attached")
+        return found
+
+    async def vm_volumes(self, body: bytes) -> VmVolumes:
+        q = self._decode(body, VmVolumesQuery)
+        return VmVolumes(volumes=await self._db().vm_volumes(q.vm_id))
+
+    async def health(self, body: bytes) -> Health:
+        if body.strip():
+            try:
+                msgspec.json.decode(body)
+            except msgspec.DecodeError as e:
+                raise BadRequest(f"the request is not valid JSON: {e}") from None
+        return await self._health.check()

@@ -1,0 +1,409 @@
+"""Connections to MariaDB (aiomysql pool) and SQLite (one worker thread).
+
+Each backend offers the same three statements (fetch, execute, executemany) inside
+``transaction()`` or ``connection()`` (autocommit), and turns driver errors into the
+store's errors: StoreUnavailable when waiting may help, StoreRefused when it cannot.
+The SQL itself lives in the store and the schema, written once for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aiomysql
+import pymysql
+
+from actors.persistence.errors import (
+    StoreClosed,
+    StoreConflict,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+)
+from actors.persistence.schema import MYSQL, SQLITE, TABLES, Dialect
+from schemas.config import mask_url_password, url_password
+
+log = logging.getLogger("volumed.persistence.db")
+T = TypeVar("T")
+
+Row = dict[str, Any]
+
+
+class Connection(Protocol):
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class Backend(Protocol):
+    dialect: Dialect
+    where: str
+    """The DSN without its password, for messages."""
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Connection]: ...
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[Connection]: ...
+
+    async def close(self) -> None: ...
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+# -- MariaDB ------------------------------------------------------------------------------
+
+# Client errors (2xxx) are all about the connection; these server errors are transient too:
+# too many connections, server shutdown, connection killed, idle disconnect, read-only.
+_MYSQL_TRANSIENT = {1040, 1053, 1077, 1290, 1836, 1927, 4031}
+_MYSQL_CONFLICT = {1205, 1213}  # lock wait timeout, deadlock
+_MYSQL_MISSING_TABLE = 1146
+_MYSQL_UNKNOWN_COLUMN = 1054
+_DB_NAME = re.compile(r"^[A-Za-z0-9_$]{1,64}$")
+
+
+class MySQLBackend:
+    """An aiomysql pool. A connection that failed is closed, so the pool makes a new one:
+    after a database restart the next statement reconnects."""
+
+    dialect = MYSQL
+
+    def __init__(self, pool: Any, where: str, secret: str | None) -> None:
+        self._pool = pool
+        self.where = where
+        self._secret = secret
+        self._closed = False
+
+    @classmethod
+    async def open(cls, dsn: str, *, connect_timeout: float = 5.0) -> MySQLBackend:
+        where = mask_url_password(dsn)
+        secret = url_password(dsn)
+        parts = urlsplit(dsn)
+        database = parts.path.lstrip("/") or "volumed"
+        if not _DB_NAME.fullmatch(database):
+            raise StoreRefused(f"{where}: the database name must be letters, digits, _ or $")
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            raise StoreRefused(f"{where}: the port is not a number") from None
+        params: dict[str, Any] = {
+            "host": parts.hostname or "127.0.0.1",
+            "port": port,
+            "user": unquote(parts.username or "root"),
+            "password": secret or "",
+            "connect_timeout": connect_timeout,
+            "charset": "utf8mb4",
+            "autocommit": True,
+        }
+        wrap = _MySQLErrors(where, secret)
+        try:
+            await cls._create_database(params, database, where)
+            pool = await aiomysql.create_pool(
+                minsize=1, maxsize=10, db=database, pool_recycle=3600, **params
+            )
+        except Exception as e:
+            raise wrap(e) from None
+        backend = cls(pool, where, secret)
+        try:
+            async with backend.connection() as conn:
+                # Only the missing ones: "IF NOT EXISTS" on an existing table is a warning,
+                # and every warning costs a SHOW WARNINGS round trip and a Python warning.
+                present = {
+                    r["name"]
+                    for r in await conn.fetch(
+                        "SELECT TABLE_NAME AS name FROM information_schema.TABLES "
+                        "WHERE TABLE_SCHEMA = DATABASE()"
+                    )
+                }
+                for table in TABLES:
+                    if table.name not in present:
+                        for statement in MYSQL.table_ddl(table):
+                            await conn.execute(statement)
+        except BaseException:
+            await backend.close()
+            raise
+        return backend
+
+    @staticmethod
+    async def _create_database(params: dict[str, Any], database: str, where: str) -> None:
+        conn = await aiomysql.connect(**params)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database,)
+                )
+                if await cur.fetchall():
+                    return
+                await cur.execute(
+                    f"CREATE DATABASE IF NOT EXISTS `{database}` "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                )
+        except pymysql.err.MySQLError as e:
+            # Not allowed to create databases: it must exist already (checked next).
+            log.info("cannot create database %s (%s); using it as it is", where, e.args[-1])
+        finally:
+            conn.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        if self._closed:
+            raise StoreClosed(f"the store for {self.where} is closed")
+        wrap = _MySQLErrors(self.where, self._secret)
+        try:
+            raw = await self._pool.acquire()
+        except Exception as e:
+            raise wrap(e) from None
+        try:
+            yield _MySQLConnection(raw, wrap)
+        except BaseException as e:
+            # A connection in an unknown state (cancelled mid-statement, server gone) is
+            # dropped rather than handed to the next user.
+            if not isinstance(e, StoreRefused):
+                raw.close()
+            raise
+        finally:
+            self._pool.release(raw)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self.connection() as conn:
+            assert isinstance(conn, _MySQLConnection)
+            await conn.call(conn.raw.begin())
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.raw.rollback()
+                raise
+            await conn.call(conn.raw.commit())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        try:
+            await asyncio.wait_for(self._pool.wait_closed(), 5)
+        except Exception:
+            self._pool.terminate()
+
+
+class _MySQLErrors:
+    def __init__(self, where: str, secret: str | None) -> None:
+        self.where = where
+        self.secret = secret
+
+    def __call__(self, e: BaseException) -> StoreError:
+        if isinstance(e, StoreError):
+            return e
+        text = _scrub(f"{self.where}: {_describe(e)}", self.secret)
+        code = e.args[0] if isinstance(e, pymysql.err.MySQLError) and e.args else None
+        if code in _MYSQL_CONFLICT:
+            return StoreConflict(text)
+        if isinstance(e, pymysql.err.InterfaceError | OSError | TimeoutError) or (
+            isinstance(code, int) and (2000 <= code < 3000 or code in _MYSQL_TRANSIENT)
+        ):
+            return StoreUnavailable(text)
+        if isinstance(e, pymysql.err.OperationalError) and code is None:
+            return StoreUnavailable(text)
+        return StoreRefused(
+            text, missing_table=code == _MYSQL_MISSING_TABLE, schema=code == _MYSQL_UNKNOWN_COLUMN
+        )
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, pymysql.err.MySQLError) and len(e.args) >= 2:
+        return f"{e.args[1]} (error {e.args[0]})"
+    return str(e) or type(e).__name__
+
+
+class _MySQLConnection:
+    def __init__(self, raw: Any, wrap: _MySQLErrors) -> None:
+        self.raw = raw
+        self._wrap = wrap
+
+    async def call(self, aw: Any) -> Any:
+        try:
+            return await aw
+        except Exception as e:
+            raise self._wrap(e) from None
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        try:
+            async with self.raw.cursor() as cur:
+                await cur.execute(sql, tuple(args) or None)
+                names = [d[0] for d in cur.description or ()]
+                return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+        except Exception as e:
+            raise self._wrap(e) from None
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        try:
+            async with self.raw.cursor() as cur:
+                await cur.execute(sql, tuple(args) or None)
+                return int(cur.rowcount)
+        except Exception as e:
+            raise self._wrap(e) from None
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            async with self.raw.cursor() as cur:
+                # aiomysql sends an INSERT ... VALUES as one multi-row statement.
+                await cur.executemany(sql, [tuple(r) for r in rows])
+        except Exception as e:
+            raise self._wrap(e) from None
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o", "readonly")
+
+
+class SQLiteBackend:
+    """The stdlib sqlite3 module on one dedicated thread (WAL mode). One connection, so one
+    statement sequence at a time: the lock keeps a read out of an open transaction."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: str, where: str) -> None:
+        self.path = path
+        self.where = where
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="volumed-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, dsn: str) -> SQLiteBackend:
+        path = dsn.removeprefix("sqlite://")
+        if path in ("/:memory:", ":memory:"):
+            path = ":memory:"
+        if not path:
+            raise StoreRefused(f"{dsn}: expected sqlite:///path/file.db")
+        backend = cls(path, dsn)
+        try:
+            await backend._run(backend._connect)
+        except BaseException:
+            await backend.close()
+            raise
+        return backend
+
+    def _connect(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        for statement in SQLITE.ddl():
+            db.execute(statement)
+        self._db = db
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, fn, *args)
+        except sqlite3.Error as e:
+            text = f"{self.where}: {e}"
+            lowered = str(e).lower()
+            if isinstance(e, sqlite3.OperationalError) and any(
+                w in lowered for w in _SQLITE_TRANSIENT
+            ):
+                raise StoreUnavailable(text) from None
+            raise StoreRefused(
+                text,
+                missing_table="no such table" in lowered,
+                schema="no such column" in lowered or "has no column" in lowered,
+            ) from None
+
+    def _require(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreClosed(f"the store for {self.where} is closed")
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        if self._closed:
+            raise StoreClosed(f"the store for {self.where} is closed")
+        async with self._lock:
+            yield _SQLiteConnection(self)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self.connection() as conn:
+            # IMMEDIATE takes the write lock now: no other writer between read and write.
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
+        self._thread.shutdown(wait=False)
+
+
+def _adapt(args: Sequence[Any]) -> tuple[Any, ...]:
+    # Stored as text that sorts in time order (same format for every value).
+    return tuple(
+        a.isoformat(sep=" ", timespec="microseconds") if isinstance(a, dt.datetime) else a
+        for a in args
+    )
+
+
+class _SQLiteConnection:
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self._backend = backend
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        def run() -> list[Row]:
+            cur = self._backend._require().execute(sql, _adapt(args))
+            names = [d[0] for d in cur.description or ()]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+        return await self._backend._run(run)
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        def run() -> int:
+            return self._backend._require().execute(sql, _adapt(args)).rowcount
+
+        return await self._backend._run(run)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        def run() -> None:
+            self._backend._require().executemany(sql, [_adapt(r) for r in rows])
+
+        await self._backend._run(run)
+
+
+async def open_backend(dsn: str) -> Backend:
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme in ("mysql", "mariadb"):
+        return await MySQLBackend.open(dsn)
+    if scheme == "sqlite":
+        return await SQLiteBackend.open(dsn)
+    raise StoreRefused(
+        f"{mask_url_password(dsn)}: unsupported database; "
+        "use mysql://user:password@host:port/database or sqlite:///path/file.db"
+    )

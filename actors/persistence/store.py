@@ -1,0 +1,346 @@
+"""The database behind the persistence actor: the only code that runs SQL.
+
+``open_store(dsn)`` picks MariaDB or SQLite by the DSN's scheme; both run the same
+statements (``?`` placeholders, dialect differences in ``schema.Dialect``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from actors.persistence.backends import Backend, Connection, Row, open_backend
+from actors.persistence.errors import StoreConflict, StoreRefused, StoreUnavailable
+from actors.persistence.records import Event, OperationRow, format_time, merge, utcnow
+from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_OPERATIONS
+from schemas.internal import CloudStackCredentials
+from schemas.queries import Mapping, Operation, OperationsQuery
+
+log = logging.getLogger("volumed.persistence.store")
+
+
+class Store(Protocol):
+    """What the persistence actor needs from a database."""
+
+    where: str
+    """The DSN without its password."""
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        """Apply events (in this order) in one transaction, idempotently and forward-only."""
+        ...
+
+    async def operation(self, operation_id: str) -> Operation | None: ...
+
+    async def operations(self, query: OperationsQuery) -> list[Operation]: ...
+
+    async def mapping_by_volume(self, volume_id: str) -> Mapping | None: ...
+
+    async def mapping_by_device(self, device_path: str) -> Mapping | None: ...
+
+    async def vm_volumes(self, vm_id: str) -> list[Mapping]: ...
+
+    async def cloudstack_credentials(self) -> CloudStackCredentials:
+        """The active ossea_configs row, or ``error`` saying why there is none."""
+        ...
+
+    async def ping(self) -> float:
+        """Run a real query; return its latency in seconds."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(dsn: str) -> Store:
+    """Connect, create the database (where allowed) and the missing tables.
+
+    Raises StoreUnavailable when the server cannot be reached, StoreRefused when the DSN or
+    the server's answer rules it out; neither text contains the password.
+    """
+    return SqlStore(await open_backend(dsn))
+
+
+_OP_COLUMNS = VOLUME_OPERATIONS.column_names
+_MAP_COLUMNS = tuple(c for c in DEVICE_MAPPINGS.column_names if c != "id")
+_json_decode = msgspec.json.decode
+
+
+def _as_datetime(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
+def _required_datetime(value: Any) -> dt.datetime:
+    parsed = _as_datetime(value)
+    assert parsed is not None
+    return parsed
+
+
+def _from_json(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bytes | str):
+        return _json_decode(value)
+    return value
+
+
+def _row(r: Row) -> OperationRow:
+    return OperationRow(
+        id=r["id"],
+        type=r["type"],
+        status=r["status"],
+        status_rank=int(r["status_rank"]),
+        volume_id=r["volume_id"],
+        vm_id=r["vm_id"],
+        device_path=r["device_path"],
+        by_id_path=r["by_id_path"],
+        target=r["target"],
+        request=r["request"],
+        response=r["response"],
+        error=r["error"],
+        event_at=_required_datetime(r["event_at"]),
+        created_at=_required_datetime(r["created_at"]),
+        updated_at=_required_datetime(r["updated_at"]),
+        completed_at=_as_datetime(r["completed_at"]),
+    )
+
+
+def _operation(r: Row) -> Operation:
+    return Operation(
+        operation_id=r["id"],
+        type=r["type"],
+        status=r["status"],
+        volume_id=r["volume_id"],
+        vm_id=r["vm_id"],
+        device_path=r["device_path"],
+        by_id_path=r["by_id_path"],
+        error=_from_json(r["error"]),
+        at=format_time(_as_datetime(r["event_at"])),
+        request=_from_json(r["request"]),
+        response=_from_json(r["response"]),
+        created_at=format_time(_as_datetime(r["created_at"])),
+        updated_at=format_time(_as_datetime(r["updated_at"])),
+        completed_at=format_time(_as_datetime(r["completed_at"])),
+        target=r["target"],
+    )
+
+
+def _mapping(r: Row) -> Mapping:
+    return Mapping(
+        volume_id=r["volume_id"],
+        vm_id=r["vm_id"],
+        device_path=r["device_path"],
+        by_id_path=r["by_id_path"],
+        size=None if r["size"] is None else int(r["size"]),
+        last_sync=format_time(_as_datetime(r["last_sync"])),
+        operation_id=r["operation_id"],
+    )
+
+
+class SqlStore:
+    """The Store on either backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._db = backend
+        self.where = backend.where
+        d = backend.dialect
+        self._sql = d.sql
+        self._for_update = d.for_update
+        self._upsert_op = d.upsert_sql(VOLUME_OPERATIONS, "id", _OP_COLUMNS)
+        self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS)
+        self._op_select = f"SELECT {', '.join(_OP_COLUMNS)} FROM volume_operations"
+        self._map_select = f"SELECT {', '.join(_MAP_COLUMNS)} FROM device_mappings"
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        for attempt in range(4):
+            try:
+                async with self._db.transaction() as tx:
+                    await self._apply(tx, events)
+                return
+            except StoreConflict:
+                # Another writer holds the rows (several persistence processes): go again.
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.005 * 2**attempt)
+            except StoreRefused as e:
+                if e.schema:
+                    # A table or column dropped or altered by hand: every event would fail.
+                    # They wait in the stream for an operator instead of dead-lettering.
+                    raise StoreUnavailable(f"the schema does not match: {e}") from None
+                raise
+
+    async def _apply(self, tx: Connection, events: Sequence[Event]) -> None:
+        ids = sorted({e.raw.operation_id for e in events})
+        marks = ", ".join("?" for _ in ids)
+        found = await tx.fetch(
+            self._sql(f"{self._op_select} WHERE id IN ({marks}){self._for_update}"), ids
+        )
+        rows = {r["id"]: _row(r) for r in found}
+        changed: dict[str, OperationRow] = {}
+        effects: list[tuple[Event, OperationRow]] = []
+        now = utcnow()
+        for event in events:
+            before = rows.get(event.raw.operation_id)
+            after = merge(before, event, now)
+            if after is None:
+                continue
+            rows[after.id] = changed[after.id] = after
+            # A device mapping changes once per operation: when it first becomes completed.
+            if after.status == "completed" and (before is None or before.status != "completed"):
+                effects.append((event, after))
+        if changed:
+            await tx.executemany(
+                self._upsert_op,
+                [tuple(getattr(r, c) for c in _OP_COLUMNS) for r in changed.values()],
+            )
+        for event, row in effects:
+            if row.type == "attach":
+                await self._map(tx, event, row, now)
+            elif row.type in ("detach", "delete"):
+                await self._unmap(tx, row)
+
+    async def _map(self, tx: Connection, event: Event, row: OperationRow, now: dt.datetime) -> None:
+        if row.volume_id is None or row.vm_id is None:
+            log.warning("attach %s completed without volume_id or vm_id: no mapping", row.id)
+            return
+        attached_at = row.completed_at or event.at
+        # Events can arrive out of order (redeliveries): a detach or delete of this volume
+        # that completed after this attach means the volume is no longer attached.
+        later = await tx.fetch(
+            self._sql(
+                "SELECT id FROM volume_operations WHERE volume_id = ? "
+                "AND type IN ('detach', 'delete') AND status = 'completed' "
+                "AND completed_at > ? LIMIT 1"
+            ),
+            (row.volume_id, attached_at),
+        )
+        if later:
+            return
+        current = await tx.fetch(
+            self._sql(
+                f"SELECT attached_at FROM device_mappings WHERE volume_id = ?{self._for_update}"
+            ),
+            (row.volume_id,),
+        )
+        if current and (_as_datetime(current[0]["attached_at"]) or attached_at) > attached_at:
+            return  # a newer attach of the same volume is already recorded
+        if row.device_path is not None:
+            # The device is provably this volume's now; a mapping still naming it belongs to
+            # a volume whose detach has not been recorded yet.
+            taken = await tx.execute(
+                self._sql("DELETE FROM device_mappings WHERE device_path = ? AND volume_id <> ?"),
+                (row.device_path, row.volume_id),
+            )
+            if taken:
+                log.warning(
+                    "%s now holds volume %s: stale mapping removed", row.device_path, row.volume_id
+                )
+        values = {
+            "volume_id": row.volume_id,
+            "vm_id": row.vm_id,
+            "device_path": row.device_path,
+            "by_id_path": row.by_id_path,
+            "size": event.raw.size,
+            "last_sync": now,
+            "operation_id": row.id,
+            "attached_at": attached_at,
+        }
+        await tx.execute(self._upsert_map, tuple(values[c] for c in _MAP_COLUMNS))
+
+    async def _unmap(self, tx: Connection, row: OperationRow) -> None:
+        if row.volume_id is None:
+            return
+        detached_at = row.completed_at or row.event_at
+        # Only a mapping from an attach that completed before this detach is removed.
+        await tx.execute(
+            self._sql(
+                "DELETE FROM device_mappings WHERE volume_id = ? "
+                "AND (attached_at IS NULL OR attached_at <= ?)"
+            ),
+            (row.volume_id, detached_at),
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        # A pooled connection may have died with a database restart: one fresh attempt.
+        for attempt in (1, 2):
+            try:
+                async with self._db.connection() as conn:
+                    return await conn.fetch(self._sql(sql), args)
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def operation(self, operation_id: str) -> Operation | None:
+        rows = await self._read(f"{self._op_select} WHERE id = ?", (operation_id,))
+        return _operation(rows[0]) if rows else None
+
+    async def operations(self, query: OperationsQuery) -> list[Operation]:
+        where, args = [], []
+        for name in ("type", "status", "volume_id", "vm_id"):
+            value = getattr(query, name)
+            if value is not None:
+                where.append(f"{name} = ?")
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read(
+            f"{self._op_select}{clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*args, query.limit),
+        )
+        return [_operation(r) for r in rows]
+
+    async def mapping_by_volume(self, volume_id: str) -> Mapping | None:
+        rows = await self._read(f"{self._map_select} WHERE volume_id = ?", (volume_id,))
+        return _mapping(rows[0]) if rows else None
+
+    async def mapping_by_device(self, device_path: str) -> Mapping | None:
+        rows = await self._read(f"{self._map_select} WHERE device_path = ?", (device_path,))
+        return _mapping(rows[0]) if rows else None
+
+    async def vm_volumes(self, vm_id: str) -> list[Mapping]:
+        rows = await self._read(f"{self._map_select} WHERE vm_id = ? ORDER BY volume_id", (vm_id,))
+        return [_mapping(r) for r in rows]
+
+    async def cloudstack_credentials(self) -> CloudStackCredentials:
+        try:
+            rows = await self._read(
+                "SELECT api_url, api_key, secret_key, oma_vm_id FROM ossea_configs "
+                "WHERE is_active = 1 ORDER BY id DESC LIMIT 1"
+            )
+        except StoreRefused as e:
+            if e.missing_table:
+                return CloudStackCredentials(
+                    error=f"the table ossea_configs does not exist in {self.where}"
+                )
+            return CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
+        except StoreUnavailable as e:
+            return CloudStackCredentials(error=f"the database is unavailable: {e}")
+        if not rows:
+            return CloudStackCredentials(
+                error=f"ossea_configs in {self.where} has no active row (is_active = 1)"
+            )
+        r = rows[0]
+        return CloudStackCredentials(
+            endpoint=r["api_url"], key=r["api_key"], secret=r["secret_key"], vm_id=r["oma_vm_id"]
+        )
+
+    async def ping(self) -> float:
+        start = time.perf_counter()
+        async with self._db.connection() as conn:
+            await conn.fetch("SELECT COUNT(*) AS n FROM volume_operations WHERE id = ''")
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        await self._db.close()
