@@ -215,11 +215,10 @@ class Bus:
         return msg.data
 
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
-        return Bucket(await self.js.key_value(spec.name), value_type)
+        return Bucket(self.js, spec.name, await self.js.key_value(spec.name), value_type)
 
     async def ping(self) -> float:
         """Round trip to the JetStream API in seconds (raises when JetStream is unusable)."""
         start = time.perf_counter()
         await self.js.account_info()
         return time.perf_counter() - start
-

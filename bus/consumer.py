@@ -75,6 +75,7 @@ class Consumer:
     def stop(self) -> None:
         """Take no new messages; in-flight handlers go on (see ``run``)."""
         self._stopping.set()
+        self._queue.put_nowait(None)
 
     async def run(self, grace: float = 10.0) -> None:
         nc = self.bus.nc
@@ -85,7 +86,10 @@ class Consumer:
             while not self._stopping.is_set():
                 await self._top_up(pull_subject, inbox)
                 try:
-                    msg = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+                    # cancellation of the task awaiting run().
+                    async with asyncio.timeout(1.0):
+                        msg = await self._queue.get()
                 except TimeoutError:
                     # No heartbeat for a while: the pull died with a server restart.
                     if time.monotonic() - self._last_seen > 2 * _IDLE_HEARTBEAT + 1:
@@ -95,14 +99,28 @@ class Consumer:
                 if msg is None:
                     continue
                 if self._stopping.is_set():
-                    break  # not started: it is redelivered to whoever runs next
+                    await self._give_back(msg)
+                    break
                 task = asyncio.create_task(self._handle(Delivery(msg), msg))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._on_done)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            while not self._queue.empty():
+                queued = self._queue.get_nowait()
+                if queued is not None:
+                    await self._give_back(queued)
             await self._finish(grace)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # A freed slot may allow a new pull: wake the loop instead of waiting for its timer.
+        self._queue.put_nowait(None)
+
+    async def _give_back(self, msg: Msg) -> None:
+        """A message received but never started: redeliver it now, not after ack_wait."""
+        await _quietly(msg.nak())
 
     async def _finish(self, grace: float) -> None:
         """Let in-flight handlers end within ``grace`` seconds, then cancel the rest: their

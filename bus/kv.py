@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
@@ -19,7 +20,9 @@ class Conflict(Exception):
 class Bucket(Generic[T]):
     """get/create/update with revisions, so that writers can compare-and-set."""
 
-    def __init__(self, kv: KeyValue, value_type: type[T]) -> None:
+    def __init__(self, js: JetStreamContext, name: str, kv: KeyValue, value_type: type[T]) -> None:
+        self._js = js
+        self._name = name
         self._kv = kv
         self._encoder = msgspec.json.Encoder()
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(value_type)
@@ -60,10 +63,14 @@ class Bucket(Generic[T]):
         return await self._kv.put(key, self._encoder.encode(value))
 
     async def keys(self) -> list[str]:
-        try:
-            return list(await self._kv.keys())
-        except NoKeysError:
-            return []
+        """Keys that have a value (deleted or expired ones may still be listed: get() says).
+
+        Read from the bucket's stream state: nats-py's KV keys() can return a partial or
+        empty list while keys exist (nats-io/nats.py#842)."""
+        prefix = f"$KV.{self._name}."
+        info = await self._js.stream_info(f"KV_{self._name}", subjects_filter=">")
+        subjects = info.state.subjects or {}
+        return [s.removeprefix(prefix) for s in subjects if s.startswith(prefix)]
 
     async def items(self) -> AsyncIterator[tuple[str, T]]:
         for key in await self.keys():

@@ -153,7 +153,6 @@ PERSISTENCE = ConsumerSpec(
 )
 
 
-
 def correlator_consumer(vm_id: str) -> ConsumerSpec:
     """The correlator of one VM takes the attach and detach hand-offs for that VM only."""
     return ConsumerSpec(

@@ -104,20 +104,12 @@ class HealthChecker:
         if self._bucket is None:
             self._bucket = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
         out = []
-        for key in await self._keys():
+        for key in await self._bucket.keys():
             with contextlib.suppress(Exception):  # gone meanwhile, or not a heartbeat
                 got = await self._bucket.get(key)
                 if got is not None:
                     out.append(got[0])
         return out
-
-    async def _keys(self) -> list[str]:
-        # The bucket's stream lists its subjects itself. nats-py's KV keys() can return a
-        # partial or empty list while keys exist (nats-io/nats.py#842), which would make
-        # a healthy executor look missing.
-        prefix = f"$KV.{HEALTH_BUCKET.name}."
-        info = await self.bus.js.stream_info(f"KV_{HEALTH_BUCKET.name}", subjects_filter=">")
-        return [s.removeprefix(prefix) for s in (info.state.subjects or {}) if s.startswith(prefix)]
 
     def _evaluate(self, beats: list[Heartbeat], now: float) -> dict[str, Check]:
         fresh = [b for b in beats if now - b.at <= self.stale_after]
