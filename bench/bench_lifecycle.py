@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -27,6 +28,7 @@ from bench.common import (
     volumed,
 )
 from bus import Bus
+from bus.topology import PERSISTENCE, TOPOLOGY
 from schemas.common import GIB
 
 
@@ -56,7 +58,9 @@ class Client:
 
         await self.bus.nc.subscribe("volume.events.>", cb=on_event)
 
-    async def send(self, op_type: str, body: dict[str, object]) -> asyncio.Future[dict[str, object]]:
+    async def send(
+        self, op_type: str, body: dict[str, object]
+    ) -> asyncio.Future[dict[str, object]]:
         op_id = f"b-{uuid.uuid4().hex[:20]}"
         fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
         self.waiters[op_id] = fut
@@ -65,8 +69,12 @@ class Client:
         return fut
 
     def create_body(self, n: int) -> dict[str, object]:
-        return {"name": f"bench-{n}", "size": GIB, "zone_id": self.sim["zone_id"],
-                "disk_offering_id": self.sim["disk_offering_ids"][0]}  # type: ignore[index]
+        return {
+            "name": f"bench-{n}",
+            "size": GIB,
+            "zone_id": self.sim["zone_id"],
+            "disk_offering_id": self.sim["disk_offering_ids"][0],
+        }  # type: ignore[index]
 
     def latencies(self, ops: list[str], stage: dict[str, float]) -> list[float]:
         return [1000 * (stage[o] - self.sent[o]) for o in ops if o in stage]
@@ -79,13 +87,16 @@ async def throughput(client: Client, volumes: int, window: int) -> None:
     async def one(n: int) -> None:
         nonlocal failures
         async with gate:
-            created = await asyncio.wait_for(await client.send("create", client.create_body(n)), 120)
+            created = await asyncio.wait_for(
+                await client.send("create", client.create_body(n)), 120
+            )
         if created["status"] != "completed":
             failures += 1
             return
         async with gate:
             deleted = await asyncio.wait_for(
-                await client.send("delete", {"volume_id": created["volume_id"]}), 120)
+                await client.send("delete", {"volume_id": created["volume_id"]}), 120
+            )
         if deleted["status"] != "completed":
             failures += 1
 
@@ -123,12 +134,27 @@ async def paced(client: Client, rate: float, count: int) -> None:
     figure("paced_completed_p99", percentile(client.latencies(ops, client.done), 99), "ms")
 
 
+async def drained(bus: Bus) -> None:
+    """Wait until the database writer has caught up, so the paced phase measures a steady
+    state, not the tail of the throughput phase's backlog."""
+    while True:
+        info = await bus.js.consumer_info(PERSISTENCE.stream, PERSISTENCE.durable)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=1000, help="volumes created and deleted")
     parser.add_argument("--window", type=int, default=200, help="operations in flight at most")
     parser.add_argument("--rate", type=float, default=100.0, help="paced phase: ops/s")
     parser.add_argument("--paced", type=int, default=500, help="paced phase: operations")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="executor and persistence in two processes instead of one",
+    )
     args = parser.parse_args()
 
     db = database_name()
@@ -143,14 +169,21 @@ async def main() -> None:
             "VOLUMED_LOG_LEVEL": "WARNING",
         }
         try:
-            with volumed(env, "executor", "persistence"):
+            groups = (
+                [["executor"], ["persistence"]] if args.split else [["executor", "persistence"]]
+            )
+            with contextlib.ExitStack() as stack:
+                for group in groups:
+                    stack.enter_context(volumed(env, *group))
                 bus = await Bus.connect(nats_url, "bench")
+                await bus.provision(TOPOLOGY)  # idempotent: whoever comes first creates it
                 client = Client(bus, sim)
                 await client.start()
                 # Warm up (and wait until volumed is consuming).
                 await asyncio.wait_for(await client.send("create", client.create_body(-1)), 60)
                 client.sent.clear()
                 await throughput(client, args.volumes, args.window)
+                await drained(bus)
                 await paced(client, args.rate, args.paced)
                 await bus.close()
         finally:

@@ -43,7 +43,8 @@ def nats_server() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as store:
         proc = subprocess.Popen(
             [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_port(port)
@@ -57,8 +58,11 @@ def nats_server() -> Iterator[str]:
 def simulator(*args: str) -> Iterator[dict[str, Any]]:
     """The CloudStack simulator as a process; yields its ready line (endpoint, keys, ids)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator", *args], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-m", "simulator", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -76,8 +80,11 @@ def volumed(env: dict[str, str], *actors: str) -> Iterator[subprocess.Popen[byte
     """`volumed run ACTORS` as a process, stopped with SIGTERM afterwards."""
     log = open(os.environ.get("BENCH_VOLUMED_LOG", os.devnull), "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "actors.cli", "run", *actors], cwd=ROOT,
-        env={**os.environ, **env}, stdout=log, stderr=log,
+        [sys.executable, "-m", "actors.cli", "run", *actors],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=log,
     )
     try:
         yield proc

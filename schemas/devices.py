@@ -34,3 +34,18 @@ class DeviceEvent(Struct, kw_only=True, frozen=True):
     device: DeviceInfo | None = None
     devices: tuple[DeviceInfo, ...] = ()
     watcher: str = ""  # instance id of the reporting watcher
+
+
+class DeviceSnapshot(Struct, kw_only=True, frozen=True):
+    """A VM's block devices as its watcher last saw them (the devices KV bucket, key: vm id).
+
+    Written after each published change, so a correlator that starts late or restarts knows
+    what is present without replaying the device stream. ``seq`` counts the watcher's
+    published events; ``at`` is time.time() of the last change.
+    """
+
+    vm_id: str
+    watcher: str
+    at: float
+    devices: tuple[DeviceInfo, ...] = ()
+    seq: int = 0

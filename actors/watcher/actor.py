@@ -1,0 +1,419 @@
+"""The device watcher: reports the host's block devices on ``volumed.device.<vm_id>``.
+
+Two paths feed one authoritative ``known`` dict through the same diff, so nothing is
+reported twice: kernel uevents (primary, when sysfs is the real /sys and netlink opens) and
+a rescan every ``poll_interval`` seconds (the only path otherwise, reconciliation always).
+Observation is synchronous and never awaits between reading sysfs and updating ``known``;
+events go to one ordered outbox that a single task publishes, retrying while NATS is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Literal
+
+from msgspec.structs import replace
+
+from actors.watcher import sysfs
+from actors.watcher.netlink import UeventSocket, add_reader, parse_uevent
+from actors.watcher.state import Change, diff, diff_one, same_device
+from bus import Bucket, Bus
+from bus.topology import DEVICES_BUCKET, HEALTH_BUCKET, device_subject
+from schemas.config import Settings
+from schemas.devices import DeviceEvent, DeviceInfo, DeviceSnapshot
+from schemas.internal import CheckResult, Heartbeat
+
+log = logging.getLogger("volumed.watcher")
+
+Source = Literal["uevent", "rescan", "start"]
+
+# A uevent can precede the sysfs attribute it announces (a loop device's size on detach);
+# the device is read once more this long after, and the diff drops what was already seen.
+_SETTLE = 0.2
+_BY_ID_POLL = 0.02
+
+
+class WatcherActor:
+    """Watches the block devices of the VM this host is and publishes DeviceEvents."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        vm_id: str,
+        instance: str,
+        *,
+        use_uevents: bool = True,
+        by_id_grace: float = 1.0,
+        heartbeat_interval: float = 5.0,
+    ) -> None:
+        """``by_id_grace``: how long an ``added`` device with a serial may wait for udev to
+        create its by-id link before it is published without one (only where
+        ``$dev/disk/by-id`` exists)."""
+        self.bus = bus
+        self.settings = settings
+        self.vm_id = vm_id
+        self.instance = instance
+        self.use_uevents = use_uevents
+        self.by_id_grace = by_id_grace
+        self.heartbeat_interval = heartbeat_interval
+        self.subject = device_subject(vm_id)
+
+        self.known: dict[str, DeviceInfo] = {}
+        self.ready = asyncio.Event()  # set once the inventory is in the outbox
+        # Counters, for health, tests and benchmarks.
+        self.uevents_seen = 0  # kernel uevents received (any subsystem)
+        self.uevents_matched = 0  # watched disks named by uevents (once per name and read)
+        self.rescans = 0  # successful full rescans
+        self.events_published = 0
+        self.uevents_active = False
+        self.uevent_problem: str | None = None  # why uevents are not used, when they are not
+        self.scan_error: str | None = None
+        self.publish_error: str | None = None
+        self.last_scan: float | None = None  # time.monotonic() of the last successful scan
+        self.started = time.monotonic()
+
+        self._outbox: asyncio.Queue[DeviceEvent] = asyncio.Queue()
+        self._socket: UeventSocket | None = None
+        self._stop_reader: Callable[[], None] | None = None
+        self._settles: dict[str, asyncio.TimerHandle] = {}
+        self._msg_prefix = f"{instance}-{uuid.uuid4().hex[:8]}"
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._heartbeat_loop())
+                tg.create_task(self._publish_loop())
+                # Listen before the first scan, so that nothing falls between the two.
+                self._open_uevents()
+                await self._initial_scan()
+                tg.create_task(self._rescan_loop())
+        finally:
+            self._close_uevents()
+
+    def _open_uevents(self) -> None:
+        if not self.use_uevents:
+            self.uevent_problem = "uevents disabled"
+            return
+        if os.path.realpath(self.settings.sysfs) != os.path.realpath("/sys"):
+            self.uevent_problem = f"sysfs is {self.settings.sysfs}, not /sys"
+            return
+        try:
+            self._socket = UeventSocket()
+        except OSError as e:
+            self.uevent_problem = f"netlink unavailable ({e.strerror or e})"
+            log.warning("device watcher: %s; rescanning sysfs only", self.uevent_problem)
+            return
+        self._stop_reader = add_reader(self._socket, self._on_uevents, asyncio.get_running_loop())
+        self.uevents_active = True
+
+    def _close_uevents(self) -> None:
+        for timer in self._settles.values():
+            timer.cancel()
+        self._settles.clear()
+        if self._stop_reader is not None:
+            self._stop_reader()
+            self._stop_reader = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self.uevents_active = False
+
+    async def _initial_scan(self) -> None:
+        """The first scan is published as one inventory; present devices are not "added".
+        Until sysfs can be read, nothing is claimed (health says why)."""
+        while True:
+            try:
+                found, _ = sysfs.scan_detailed(
+                    self.settings.sysfs, self.settings.dev, self.settings.devices
+                )
+                break
+            except OSError as e:
+                self._scan_failed(e)
+                await asyncio.sleep(self.settings.poll_interval)
+        at = time.time()
+        self._scan_ok()
+        self.known = {name: replace(info, appeared_at=at) for name, info in found.items()}
+        self._outbox.put_nowait(
+            DeviceEvent(
+                kind="inventory",
+                vm_id=self.vm_id,
+                at=at,
+                source="start",
+                devices=tuple(self.known[n] for n in sorted(self.known)),
+                watcher=self.instance,
+            )
+        )
+        self.ready.set()
+        log.info(
+            "device watcher: %d devices (%s); %s",
+            len(self.known),
+            ", ".join(sorted(self.known)) or "none",
+            "uevents + rescan" if self.uevents_active else f"rescan only: {self.uevent_problem}",
+        )
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            self.rescan()
+
+    # -- observing --------------------------------------------------------------------------
+
+    def _on_uevents(self) -> None:
+        """Readable netlink socket: re-read each watched disk a uevent names."""
+        assert self._socket is not None
+        try:
+            messages, overflowed = self._socket.receive()
+        except OSError as e:
+            log.warning("device watcher: netlink read failed: %s", e)
+            return
+        at = time.time()
+        self.uevents_seen += len(messages)
+        if not self.ready.is_set():
+            return  # the initial scan, still to come, sees this state anyway
+        names: list[str] = []
+        for raw in messages:
+            event = parse_uevent(raw)
+            if event is None or not event.is_block_disk:
+                continue
+            if sysfs.matches(event.name, self.settings.devices) and event.name not in names:
+                names.append(event.name)
+        self.uevents_matched += len(names)
+        loop = asyncio.get_running_loop()
+        for name in names:
+            self.observe(name, "uevent", at)
+            pending = self._settles.pop(name, None)
+            if pending is not None:
+                pending.cancel()
+            self._settles[name] = loop.call_later(_SETTLE, self._settle, name, at)
+        if overflowed:
+            log.warning("device watcher: uevents were lost (receive buffer full); rescanning")
+            self.rescan()
+
+    def _settle(self, name: str, at: float) -> None:
+        self._settles.pop(name, None)
+        self.observe(name, "uevent", at)
+
+    def observe(self, name: str, source: Source, at: float) -> list[Change]:
+        """Re-read one device and publish what changed against ``known``."""
+        try:
+            new = sysfs.read_device(self.settings.sysfs, self.settings.dev, name)
+        except OSError as e:
+            log.debug("device watcher: %s unreadable now (%s); the next scan retries", name, e)
+            return []
+        old = self.known.get(name)
+        if new is not None:
+            if old is not None and same_device(old, new) and old.by_id_path:
+                new = replace(new, by_id_path=old.by_id_path)
+            else:
+                new = replace(new, by_id_path=sysfs.find_by_id(self.settings.dev, name, new.serial))
+        return self._apply(diff_one(old, new), source, at)
+
+    def rescan(self) -> list[Change]:
+        """Read every watched device and publish what differs from ``known``."""
+        at = time.time()
+        try:
+            seen, unreadable = sysfs.scan_detailed(
+                self.settings.sysfs, self.settings.dev, self.settings.devices, resolve_by_id=False
+            )
+        except OSError as e:
+            self._scan_failed(e)
+            return []
+        self._scan_ok()
+        self.rescans += 1
+        links: dict[str, list[str]] | None = None
+        for name, info in seen.items():
+            old = self.known.get(name)
+            if old is not None and same_device(old, info) and (old.by_id_path or not info.serial):
+                seen[name] = replace(info, by_id_path=old.by_id_path)
+            else:  # new, replaced, or still waiting for its link: look in by-id once
+                if links is None:
+                    links = sysfs.by_id_links(self.settings.dev)
+                seen[name] = replace(
+                    info, by_id_path=sysfs.pick_by_id(links.get(name, ()), info.serial)
+                )
+        for name in unreadable & self.known.keys():
+            seen[name] = self.known[name]  # neither present nor absent: keep what we knew
+        return self._apply(diff(self.known, seen), "rescan", at)
+
+    def _apply(self, changes: list[Change], source: Source, at: float) -> list[Change]:
+        for kind, info in changes:
+            if kind == "removed":
+                self.known.pop(info.name, None)
+                self._emit("removed", info, source, at)
+            elif kind == "added":
+                info = replace(info, appeared_at=at)
+                self.known[info.name] = info
+                self._emit("added", info, source, at)
+            else:  # a late by-id link of the same disk: recorded, not announced
+                old = self.known[info.name]
+                self.known[info.name] = replace(info, appeared_at=old.appeared_at)
+        return changes
+
+    def _emit(
+        self, kind: Literal["added", "removed"], info: DeviceInfo, source: Source, at: float
+    ) -> None:
+        log.info(
+            "device %s %s (%d bytes, serial %s) via %s",
+            info.name,
+            kind,
+            info.size,
+            info.serial,
+            source,
+        )
+        self._outbox.put_nowait(
+            DeviceEvent(
+                kind=kind,
+                vm_id=self.vm_id,
+                at=at,
+                source=source,
+                device=info,
+                watcher=self.instance,
+            )
+        )
+
+    def _scan_ok(self) -> None:
+        self.last_scan = time.monotonic()
+        self.scan_error = None
+
+    def _scan_failed(self, e: OSError) -> None:
+        if self.scan_error is None:
+            log.error("device watcher: cannot scan %s/block: %s", self.settings.sysfs, e)
+        self.scan_error = str(e)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        """Publish the outbox in order; a NATS outage delays events, never drops them."""
+        snapshots: Bucket[DeviceSnapshot] | None = None
+        seq = 0
+        while True:
+            event = await self._outbox.get()
+            if event.kind == "added" and event.device is not None:
+                event = await self._wait_for_by_id(event, event.device)
+            seq += 1
+            delay = 0.1
+            while True:
+                try:
+                    # The id makes a retry after a lost acknowledgement a no-op in the stream.
+                    await self.bus.publish(self.subject, event, msg_id=f"{self._msg_prefix}-{seq}")
+                    break
+                except Exception as e:
+                    _raise_if_cancelled()
+                    if self.publish_error is None:
+                        log.warning("device watcher: cannot publish device event: %s", e)
+                    self.publish_error = f"{type(e).__name__}: {e}"
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.publish_error = None
+            self.events_published += 1
+            _raise_if_cancelled()
+            if self._outbox.empty():
+                # The snapshot follows the stream (written once a burst is out), for late
+                # or restarted readers; the events are what matters, so failures only log.
+                try:
+                    if snapshots is None:
+                        snapshots = await self.bus.bucket(DEVICES_BUCKET, DeviceSnapshot)
+                    await snapshots.put(
+                        self.vm_id,
+                        DeviceSnapshot(
+                            vm_id=self.vm_id,
+                            watcher=self.instance,
+                            at=event.at,
+                            devices=tuple(self.known[n] for n in sorted(self.known)),
+                            seq=seq,
+                        ),
+                    )
+                except Exception as e:
+                    log.debug("device watcher: snapshot not written: %s", e)
+                _raise_if_cancelled()
+
+    async def _wait_for_by_id(self, event: DeviceEvent, info: DeviceInfo) -> DeviceEvent:
+        """udev creates by-id links just after the kernel announces a disk: give it a moment
+        so that the ``added`` event carries the stable path."""
+        if info.by_id_path or not info.serial or self.by_id_grace <= 0:
+            return event
+        if not self._has_by_id_dir():
+            return event  # no udev here: no link will come
+        deadline = time.monotonic() + self.by_id_grace
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_BY_ID_POLL)
+            link = sysfs.find_by_id(self.settings.dev, info.name, info.serial)
+            if link:
+                info = replace(info, by_id_path=link)
+                current = self.known.get(info.name)
+                if current is not None and same_device(current, info):
+                    self.known[info.name] = replace(current, by_id_path=link)
+                return replace(event, device=info)
+        return event
+
+    def _has_by_id_dir(self) -> bool:
+        return os.path.isdir(os.path.join(self.settings.dev, "disk", "by-id"))
+
+    # -- health -----------------------------------------------------------------------------
+
+    def check(self) -> CheckResult:
+        """The ``device_watcher`` health check."""
+        interval = self.settings.poll_interval
+        now = time.monotonic()
+        since = now - (self.last_scan if self.last_scan is not None else self.started)
+        if since > 3 * interval:
+            return CheckResult(
+                status="down",
+                detail=f"no successful sysfs scan for {since:.0f} s: "
+                f"{self.scan_error or 'not scanning'}",
+            )
+        age = f"{since:.1f} s ago" if self.last_scan is not None else "pending (starting)"
+        state = f"every {interval:g} s, {len(self.known)} devices, last scan {age}"
+        status = "ok"
+        if self.uevents_active:
+            detail = f"uevents + rescan {state}"
+        elif self.uevent_problem and self.uevent_problem.startswith("netlink"):
+            status = "degraded"
+            detail = f"rescan only: {self.uevent_problem}; {state}"
+        else:
+            detail = f"rescan only ({self.uevent_problem}) {state}"
+        if self.publish_error:
+            status = "degraded"
+            detail += f"; cannot publish ({self._outbox.qsize()} events queued): "
+            detail += self.publish_error
+        return CheckResult(status=status, detail=detail)
+
+    async def _heartbeat_loop(self) -> None:
+        bucket: Bucket[Heartbeat] | None = None
+        key = f"watcher.{self.instance}"
+        while True:
+            try:
+                if bucket is None:
+                    bucket = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
+                await bucket.put(
+                    key,
+                    Heartbeat(
+                        actor="watcher",
+                        instance=self.instance,
+                        at=time.time(),
+                        checks={"device_watcher": self.check()},
+                    ),
+                )
+            except Exception as e:
+                log.debug("device watcher: heartbeat not written: %s", e)
+            _raise_if_cancelled()
+            await asyncio.sleep(self.heartbeat_interval)
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed. On Python 3.11, asyncio.wait_for
+    (inside nats-py's requests) returns the result when it completes together with a
+    cancel, and the loop around it would then wait for ever on its next await; the task
+    still counts the cancel request, so it is checked after every bus call."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
