@@ -53,6 +53,9 @@ class CorrelateResult(Struct, kw_only=True):
     by_id_path: str | None = None
     size: int | None = None
     error: ErrorInfo | None = None
+    # How the device was proven to be the volume's: "serial" (its serial is the volume's) or
+    # "exclusive" (no serial: the only fitting device and no other attach could own it).
+    proof: str = ""
 
 
 class ReleaseRequest(Struct, kw_only=True):

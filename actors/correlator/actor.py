@@ -1,0 +1,429 @@
+"""The correlator of one VM: feeds the engine from the bus and publishes its decisions.
+
+Inputs, all for this VM:
+- device events on ``device_subject(vm_id)`` (core subscription), after the watcher's last
+  state from the devices bucket (key: vm id) so that the devices present at start are known;
+- the executor's operation events on ``volume.events.>`` (core subscription): an attach to
+  this VM that is ``executing`` may own a device before its request arrives;
+- the attaches in flight at start (and after a NATS reconnect), read from the executor's
+  operation records: until they are known no device without serial is mapped;
+- CorrelateRequest / ReleaseRequest from the durable ``correlator_consumer(vm_id)``; a
+  request is acknowledged only after its decision is published.
+
+The engine is synchronous and only ever called from this event loop, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
+from bus import Bus, Consumer, Delivery, Reject, Retry
+from bus.topology import (
+    DEVICES_BUCKET,
+    EVENTS_PREFIX,
+    HEALTH_BUCKET,
+    OPERATIONS_BUCKET,
+    Topology,
+    correlate_result_subject,
+    correlator_consumer,
+    device_subject,
+    release_result_subject,
+)
+from schemas.config import Settings
+from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.events import OperationEvent
+from schemas.internal import (
+    CheckResult,
+    CorrelateRequest,
+    CorrelateResult,
+    Heartbeat,
+    OpRecord,
+    ReleaseRequest,
+)
+
+log = logging.getLogger("volumed.correlator")
+
+_IDLE_WAKE = 1.0  # seconds between checks for a NATS reconnect when nothing is due
+_HEARTBEAT = 10.0
+_SCAN_CONCURRENCY = 64
+
+
+class PublishFailed(Exception):
+    """The decision could not be published; the request is redelivered and answered again."""
+
+
+class CorrelatorActor:
+    """Maps this VM's attaches to its block devices (see ``engine`` for the rules)."""
+
+    def __init__(self, bus: Bus, settings: Settings, vm_id: str, instance: str = "") -> None:
+        self.bus = bus
+        self.settings = settings
+        self.vm_id = vm_id
+        self.instance = instance or settings.instance_name
+        self.engine = CorrelationEngine(vm_id, now=time.time())  # replaced in run()
+        self._attach_decoder = msgspec.json.Decoder(CorrelateRequest)
+        self._release_decoder = msgspec.json.Decoder(ReleaseRequest)
+        self._device_decoder = msgspec.json.Decoder(DeviceEvent)
+        self._event_decoder = msgspec.json.Decoder(OperationEvent)
+        self._waiters: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._buffer: list[DeviceEvent] | None = []  # device events until the state is read
+        self._wake = asyncio.Event()
+        self._need_sync = asyncio.Event()
+        self._beat_now = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._consumer: Consumer | None = None
+        self.device_state_known = False
+        self.published = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled or ``stop()``; requests still waiting are handed back."""
+        s = self.settings
+        spec = correlator_consumer(self.vm_id)
+        await self.bus.provision(Topology(consumers=(spec,)))
+        # Listen before reading any state, so that nothing falls between the two.
+        self.engine = CorrelationEngine(
+            self.vm_id,
+            now=time.time(),
+            timeout=s.correlation_timeout,
+            release_timeout=s.detach_timeout,
+            horizon=s.cloudstack_job_timeout + s.correlation_timeout + 60.0,
+            linger=max(5.0, 2 * s.poll_interval + 1.0),
+        )
+        unsubscribe = [
+            await self.bus.subscribe(device_subject(self.vm_id), self._on_device),
+            await self.bus.subscribe(f"{EVENTS_PREFIX}.>", self._on_operation_event),
+        ]
+        self._consumer = Consumer(self.bus, spec, self._handle, concurrency=256)
+        try:
+            await self._load_device_state()
+            self._need_sync.set()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._consumer.run(grace=1.0))
+                tg.create_task(self._clock())
+                tg.create_task(self._sync_loop())
+                tg.create_task(self._heartbeat_loop())
+        finally:
+            self._consumer.stop()
+            for unsub in unsubscribe:
+                with contextlib.suppress(Exception):
+                    await unsub()
+            for task in list(self._tasks):
+                task.cancel()
+
+    def stop(self) -> None:
+        """Take no new requests and end ``run``; unanswered ones are redelivered later."""
+        self._stopping.set()
+        self._wake.set()
+        self._need_sync.set()
+        self._beat_now.set()
+        if self._consumer is not None:
+            self._consumer.stop()
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    async def _on_device(self, subject: str, data: bytes, reply: str | None) -> None:
+        try:
+            event = self._device_decoder.decode(data)
+        except msgspec.DecodeError as e:
+            log.warning("ignoring an undecodable device event on %s: %s", subject, e)
+            return
+        if self._buffer is not None:
+            self._buffer.append(event)
+            return
+        if event.kind == "inventory":
+            self.device_state_known = True
+        self._apply(self.engine.device_event(event, time.time()))
+
+    async def _on_operation_event(self, subject: str, data: bytes, reply: str | None) -> None:
+        try:
+            event = self._event_decoder.decode(data)
+        except msgspec.DecodeError:
+            return  # not ours to judge: persistence dead-letters bad events
+        if event.type == "attach":
+            self._apply(self.engine.operation_event(event, time.time()))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        kind = delivery.subject.rsplit(".", 1)[-1]
+        now = time.time()
+        try:
+            if kind == "attach":
+                attach = self._attach_decoder.decode(delivery.data)
+                if attach.vm_id != self.vm_id:
+                    raise Reject(
+                        f"attach for VM {attach.vm_id} reached the correlator of {self.vm_id}"
+                    )
+                key = ("attach", attach.operation_id)
+                waiter = self._waiter(key)
+                self._apply(self.engine.attach(attach, now))
+            elif kind == "detach":
+                release = self._release_decoder.decode(delivery.data)
+                key = ("detach", release.operation_id)
+                waiter = self._waiter(key)
+                self._apply(self.engine.release(release, now))
+            else:
+                raise Reject(f"unexpected subject {delivery.subject}")
+        except msgspec.DecodeError as e:
+            raise Reject(f"undecodable {kind} request: {e}") from None
+        try:
+            await asyncio.shield(waiter)
+        except PublishFailed as e:
+            raise Retry(str(e), delay=1.0) from None
+
+    def _waiter(self, key: tuple[str, str]) -> asyncio.Future[None]:
+        waiter = self._waiters.get(key)
+        if waiter is None or waiter.done():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[key] = waiter
+        return waiter
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            self._spawn(self._publish(decision))
+        self._wake.set()  # the next deadline may have changed
+
+    async def _publish(self, decision: Decision) -> None:
+        if isinstance(decision, CorrelateResult):
+            subject = correlate_result_subject(decision.operation_id)
+            key = ("attach", decision.operation_id)
+            if decision.error is None:
+                log.info(
+                    "attach %s: volume %s is %s (proof: %s)",
+                    decision.operation_id,
+                    decision.volume_id,
+                    decision.device_path,
+                    decision.proof,
+                )
+            else:
+                log.warning(
+                    "attach %s: volume %s not mapped: %s: %s",
+                    decision.operation_id,
+                    decision.volume_id,
+                    decision.error.code,
+                    decision.error.message,
+                )
+        else:
+            subject = release_result_subject(decision.operation_id)
+            key = ("detach", decision.operation_id)
+            log.info(
+                "detach %s: device of volume %s gone=%s %s",
+                decision.operation_id,
+                decision.volume_id,
+                decision.gone,
+                decision.message,
+            )
+        error: Exception | None = None
+        try:
+            await self.bus.publish(subject, decision)
+            self.published += 1
+        except Exception as e:
+            log.warning("could not publish the decision for %s: %s", decision.operation_id, e)
+            error = PublishFailed(f"publishing to {subject} failed: {e}")
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    # -- time, state, health --------------------------------------------------------------
+
+    async def _clock(self) -> None:
+        """Tick at the engine's next deadline (never while idle), and notice reconnects."""
+        reconnects = self.bus.reconnects
+        while not self._stopping.is_set():
+            deadline = self.engine.next_deadline()
+            delay = _IDLE_WAKE if deadline is None else deadline - time.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(delay, _IDLE_WAKE))
+            self._wake.clear()
+            if self.bus.reconnects != reconnects:
+                reconnects = self.bus.reconnects
+                # Events may have been lost while disconnected: attaches that started then
+                # are unknown until the records are read again, and so are device changes.
+                self.engine.lose_track("NATS reconnected", time.time())
+                self._need_sync.set()
+            now = time.time()
+            if deadline is not None and deadline <= now:
+                self._apply(self.engine.tick(now))
+
+    async def _sync_loop(self) -> None:
+        """Read the attaches in flight (and the device state) whenever they may be unknown."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            await self._need_sync.wait()
+            if self._stopping.is_set():
+                return
+            self._need_sync.clear()
+            try:
+                if self._buffer is None:
+                    await self._load_device_state()
+                in_flight = await self._read_in_flight()
+            except Exception as e:
+                log.warning("cannot read the attaches in flight (%s); retrying", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self._need_sync.set()
+                continue
+            delay = 0.2
+            log.info("attaches in flight to VM %s: %d", self.vm_id, len(in_flight))
+            self._apply(self.engine.sync_attaches(in_flight, time.time()))
+            self._beat_now.set()
+
+    async def _read_in_flight(self) -> list[InFlightAttach]:
+        """Attaches to this VM the executor is working on, from its operation records."""
+        ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
+        keys = await ops.keys()
+        found: list[InFlightAttach] = []
+        sem = asyncio.Semaphore(_SCAN_CONCURRENCY)
+
+        async def one(key: str) -> None:
+            async with sem:
+                try:
+                    got = await ops.get(key)
+                except msgspec.MsgspecError:
+                    # Unreadable: it might be an attach to this VM, so it counts as one.
+                    found.append(InFlightAttach(operation_id=key))
+                    return
+            if got is None:
+                return
+            rec = got[0]
+            # A pending one has not sent anything yet; its "executing" event will come.
+            if rec.type != "attach" or rec.status != "executing":
+                return
+            if rec.vm_id not in (None, self.vm_id):
+                return
+            found.append(
+                InFlightAttach(
+                    operation_id=rec.operation_id,
+                    volume_id=rec.volume_id,
+                    started_at=_parse(rec.accepted_at),
+                )
+            )
+
+        await asyncio.gather(*(one(k) for k in keys))
+        return found
+
+    async def _load_device_state(self) -> None:
+        """Apply the watcher's last device list, then the events that came meanwhile."""
+        state: DeviceEvent | None = None
+        try:
+            devices = await self.bus.bucket(DEVICES_BUCKET, msgspec.Raw)
+            got = await devices.get(self.vm_id)
+            if got is not None:
+                state = _saved_state(bytes(got[0]))
+        except Exception as e:
+            log.warning(
+                "cannot read the device state of VM %s (%s); waiting for the watcher's inventory",
+                self.vm_id,
+                e,
+            )
+        now = time.time()
+        if state is not None:
+            self.device_state_known = True
+            self._apply(self.engine.device_event(state, now))
+        elif self._buffer is not None:
+            log.info("no device state for VM %s yet; waiting for the watcher", self.vm_id)
+        buffered, self._buffer = self._buffer or [], None
+        for event in buffered:
+            if event.kind == "inventory":
+                self.device_state_known = True
+            self._apply(self.engine.device_event(event, now))
+
+    def checks(self) -> dict[str, CheckResult]:
+        """This correlator's own health checks."""
+        e = self.engine
+        return {
+            "device_state": CheckResult(
+                status="ok" if self.device_state_known else "degraded",
+                detail=f"{len(e.devices())} devices known"
+                if self.device_state_known
+                else "no device list from the watcher yet",
+            ),
+            "attach_tracking": CheckResult(
+                status="ok" if e.attaches_known else "degraded",
+                detail="attaches in flight are known"
+                if e.attaches_known
+                else "attaches in flight not known yet: devices without serial wait",
+            ),
+            "requests": CheckResult(status="ok", detail=f"{e.waiting} waiting"),
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        key = re.sub(r"[^-/_=.a-zA-Z0-9]", "_", f"correlator.{self.instance}")
+        while not self._stopping.is_set():
+            try:
+                health = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
+                beat = Heartbeat(
+                    actor="correlator",
+                    instance=self.instance,
+                    at=time.time(),
+                    checks=self.checks(),
+                )
+                await health.put(key, beat)
+            except Exception as e:
+                log.debug("heartbeat failed: %s", e)
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), _HEARTBEAT)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _SavedDevices(msgspec.Struct, kw_only=True):
+    """The watcher's saved device list, as far as the correlator needs it."""
+
+    vm_id: str
+    at: float
+    devices: tuple[DeviceInfo, ...] = ()
+    watcher: str = ""
+
+
+def _saved_state(raw: bytes) -> DeviceEvent:
+    """The devices bucket's value (a DeviceEvent inventory or the watcher's snapshot) as an
+    inventory. Marked as a start scan: when a saved device appeared cannot be trusted here
+    (a watcher that started just before stamped its devices with its start time), so devices
+    the engine first learns from it are never proven by exclusion."""
+    try:
+        event = msgspec.json.decode(raw, type=DeviceEvent)
+    except msgspec.ValidationError:
+        saved = msgspec.json.decode(raw, type=_SavedDevices)
+    else:
+        if event.kind != "inventory":
+            raise ValueError(f"the saved device state is an {event.kind!r} event")
+        saved = _SavedDevices(vm_id=event.vm_id, at=event.at, devices=event.devices)
+    return DeviceEvent(
+        kind="inventory",
+        vm_id=saved.vm_id,
+        at=saved.at,
+        source="start",
+        devices=saved.devices,
+        watcher=saved.watcher,
+    )
+
+
+def _parse(value: str) -> float:
+    if not value:
+        return float("-inf")
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return float("-inf")

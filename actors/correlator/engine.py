@@ -1,0 +1,738 @@
+"""Which local block device is which volume: decided by proof, never by guess.
+
+The engine is pure: no I/O, no clock of its own. The actor feeds it the watcher's device
+events, the executor's attach/detach hand-offs and operation events, and the time; it
+answers with ``CorrelateResult`` / ``ReleaseResult`` decisions. A wrong mapping is the worst
+failure volumed can have, so wherever a proof is missing the answer is an explicit
+``ambiguous_device`` or ``device_timeout`` (and the executor rolls the attach back).
+
+**By serial** (``proof="serial"``). On KVM, CloudStack gives each disk the serial
+``serial_of(volume_id)``. A present device with exactly that serial *is* the volume, whenever
+it appeared (often before the executor's request arrives, so unclaimed devices are kept).
+Concurrent attaches never interfere: each looks for its own serial. Two present devices with
+one serial are reported as ambiguous. Once a volume's device has shown its serial, this host
+is known to give serials and the method below is no longer used on it.
+
+**Without serial: proof by exclusion** (``proof="exclusive"``). A device without serial is
+the volume of attach R only if all of this holds:
+
+1. *It appeared in R's window*: the watcher first saw it at or after ``R.started_at - SKEW``.
+   ``started_at`` is taken just before the attach is sent and the watcher stamps a device
+   when it observes it, with the same host clock, so R's device cannot be seen before R's
+   window opens; a device seen earlier is stale and never taken. ``SKEW`` (50 ms) only
+   absorbs timestamp granularity and clock slew. It is far shorter than any CloudStack attach
+   takes to reach a guest (API call, job, agent command, PCI hot-plug), so it does not
+   reopen the seed's 5 s "contemporary" window.
+2. *Its size equals R's size exactly*, it is not claimed by an earlier answer, and it is not
+   the device of a volume detached since.
+3. *It is R's only such device*: with two, both could be R's, so R is ambiguous at once.
+4. *No other attach could own it.* Every other attach to this VM whose window and size fit
+   the device is a competitor: one whose request waits too (same size) makes both
+   ambiguous at once; one known only from its ``executing`` event (size unknown until its
+   request comes) makes R wait, and R fails ``ambiguous_device`` if its time-out comes first.
+5. *It appeared after this correlator started* (claims live in memory: a device seen
+   before may already be another volume's), and it is not *tainted*.
+
+Why two volumes attached at the same time cannot be confused: requests arrive only after
+CloudStack's job finished, so "the only open request" is not enough. B's device may appear,
+and A's request arrive, before B's request does. The executor's ``executing`` event (published
+before the attach is sent) makes B a competitor from the start, so a device that appears
+while A and B are in flight fits both windows and is only ever mapped when the sizes tell A
+and B apart. Otherwise both fail and are rolled back. An attach that failed (or ended
+without a device) taints the devices it could own until they go, and for ``linger`` seconds
+after its terminal event also new ones, so its late device is never given to another
+attach. Attaches that may have started while nothing was listening (process start, NATS
+reconnect) count as one "unknown" competitor that blocks every exclusion proof until the
+actor has read the in-flight attaches from the executor's records again.
+
+Requirements on the others: every attach to this VM goes through volumed (a disk
+hot-plugged by hand inside a window of the same size would be indistinguishable); the
+executor publishes ``executing`` before it sends an attach and ``failed`` only after the
+roll-back detach is done; the watcher stamps ``appeared_at`` when it first sees a device
+(its start scan is marked ``source="start"``, and devices first learned from it count as
+present since an unknown time).
+
+**Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
+``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
+with its serial, else the given path if that device has no serial and no other owner) is
+absent or removed, ``gone=False`` with the reason after ``release_timeout``. Claims belong to
+one appearance: a letter reused later is a new device.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from schemas.common import GIB, TERMINAL, ErrorCode, serial_of
+from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.events import ErrorInfo, OperationEvent
+from schemas.internal import (
+    CorrelateRequest,
+    CorrelateResult,
+    ReleaseRequest,
+    ReleaseResult,
+)
+
+SKEW = 0.05
+"""Seconds a device may be stamped before its attach's ``started_at`` (granularity only)."""
+
+Decision = CorrelateResult | ReleaseResult
+
+_NEVER = math.inf
+_UNKNOWN = -math.inf  # a time we cannot know: "at any time before"
+_CACHE_MAX = 10_000
+
+_R = TypeVar("_R", CorrelateResult, ReleaseResult)
+
+ClaimantKind = Literal["announced", "open", "failed", "unknown"]
+
+
+@dataclass(frozen=True)
+class InFlightAttach:
+    """An attach to this VM that may be running in CloudStack (from the executor's records)."""
+
+    operation_id: str
+    volume_id: str | None = None
+    started_at: float = _UNKNOWN
+    size: int | None = None
+
+
+@dataclass
+class _Device:
+    """One appearance of a block device: a letter reused later is another appearance."""
+
+    key: int
+    info: DeviceInfo
+    seen_at: float  # when the watcher first saw it; -inf: present since an unknown time
+    claimed_by: str | None = None  # the attach operation answered with this device
+    volume_id: str | None = None
+    taint: str | None = None  # why it may belong to a failed attach: never proven by exclusion
+    released: bool = False  # its volume was detached since: never the volume's device again
+    suspects: set[str] = field(default_factory=set)  # volumes of failed attaches it may be
+
+
+@dataclass
+class _Claimant:
+    """An attach that may own a device: announced, waiting, failed, or not known at all."""
+
+    operation_id: str
+    kind: ClaimantKind
+    window_start: float  # its device cannot have been seen before this
+    size: int | None  # None: unknown, fits any size
+    volume_id: str | None
+    expires: float = _NEVER  # announced/failed/unknown: forgotten (and its devices tainted)
+    request: CorrelateRequest | None = None
+    deadline: float = _NEVER  # open: when it times out
+    reason: str = ""  # unknown: why the engine may have missed attaches
+
+    @property
+    def own_start(self) -> float:
+        """Start of the window for the request's own candidates (its own started_at)."""
+        assert self.request is not None
+        return self.request.started_at - SKEW
+
+
+@dataclass
+class _Release:
+    request: ReleaseRequest
+    targets: dict[int, str]  # device key → name: every device that may be the volume's
+    deadline: float
+    certain: bool  # the volume's own device, not only devices that may be its one
+
+
+class CorrelationEngine:
+    """Pure decision logic of one VM's correlator. Every method takes ``now`` (time.time())
+    and returns the decisions it made, in order; the caller publishes them."""
+
+    def __init__(
+        self,
+        vm_id: str,
+        *,
+        now: float,
+        timeout: float = 30.0,
+        release_timeout: float = 30.0,
+        horizon: float = 930.0,
+        linger: float = 5.0,
+        attaches_known: bool = False,
+    ) -> None:
+        """``horizon``: seconds after which an attach that never reported its end is
+        forgotten (longer than any CloudStack job plus the correlation timeout).
+        ``linger``: seconds a failed attach still taints new devices after its terminal
+        event (longer than the watcher's observation lag, i.e. its rescan interval).
+        ``attaches_known=False`` (the safe default) means attaches may be in flight that the
+        engine has not heard of; call ``sync_attaches`` once they are known."""
+        self.vm_id = vm_id
+        self.timeout = timeout
+        self.release_timeout = release_timeout
+        self.horizon = horizon
+        self.linger = linger
+        # Devices seen before this may have been mapped by an earlier correlator (claims
+        # live in memory): they are never proven by exclusion.
+        self.watch_since = now
+        self.serial_host = False  # a volume's device had its serial: exclusion never used
+        self._devices: dict[str, _Device] = {}  # present devices by kernel name
+        self._next_key = 0
+        self._state_at = _UNKNOWN  # `at` of the latest inventory applied
+        self._event_at = _UNKNOWN  # `at` of the latest device event applied
+        self._claimants: dict[str, _Claimant] = {}
+        self._releases: dict[str, _Release] = {}
+        self._answers: OrderedDict[str, tuple[float, CorrelateResult]] = OrderedDict()
+        self._released: OrderedDict[str, tuple[float, ReleaseResult]] = OrderedDict()
+        self._ended: OrderedDict[str, float] = OrderedDict()  # operations that ended, when
+        # The appearance each volume was last mapped to, kept after it is gone: a release
+        # then knows its device went even when the letter was reused since.
+        self._mapped: OrderedDict[str, int] = OrderedDict()
+        if not attaches_known:
+            self.lose_track("the correlator has just started", now)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def device_event(self, event: DeviceEvent, now: float) -> list[Decision]:
+        """Apply a watcher event: ``added``, ``removed`` or a full ``inventory``."""
+        if event.vm_id != self.vm_id:
+            return []
+        out: list[Decision] = []
+        if event.kind == "inventory":
+            if event.at < self._event_at:
+                return []  # a snapshot older than what was already applied
+            self._state_at = self._event_at = event.at
+            listed = {d.name: d for d in event.devices}
+            for name in list(self._devices):
+                if name not in listed:
+                    out += self._remove(name, now)
+            for info in event.devices:
+                known = self._devices.get(info.name)
+                if known is not None and _same_device(known.info, info):
+                    known.info = _merge(known.info, info)
+                    continue
+                if known is not None:
+                    out += self._remove(info.name, now)
+                # The watcher's start scan cannot know when its devices appeared.
+                seen = _UNKNOWN if event.source == "start" else _seen_at(info, event.at)
+                self._add(info, seen)
+        elif event.device is not None and event.at >= self._state_at:
+            self._event_at = max(self._event_at, event.at)
+            info = event.device
+            known = self._devices.get(info.name)
+            if event.kind == "added":
+                if known is not None and _same_device(known.info, info):
+                    known.info = _merge(known.info, info)  # a repeat, e.g. the by-id link came
+                else:
+                    if known is not None:
+                        out += self._remove(info.name, now)
+                    self._add(info, _seen_at(info, event.at))
+            elif known is not None:
+                out += self._remove(info.name, now)
+        return out + self._evaluate(now)
+
+    def attach(self, request: CorrelateRequest, now: float) -> list[Decision]:
+        """An attach to this VM finished in CloudStack: find its device."""
+        op = request.operation_id
+        answered = self._answers.get(op)
+        if answered is not None:
+            return [answered[1]]  # a redelivery gets the same answer
+        current = self._claimants.get(op)
+        if current is not None and current.kind == "open":
+            return []
+        window = request.started_at - SKEW
+        if current is not None:
+            window = min(window, current.window_start)
+        self._claimants[op] = _Claimant(
+            operation_id=op,
+            kind="open",
+            window_start=window,
+            size=request.size,
+            volume_id=request.volume_id,
+            request=request,
+            deadline=now + self.timeout,
+        )
+        return self._evaluate(now)
+
+    def release(self, request: ReleaseRequest, now: float) -> list[Decision]:
+        """A volume was detached from this VM: answer when its device is gone."""
+        op = request.operation_id
+        answered = self._released.get(op)
+        if answered is not None:
+            return [answered[1]]
+        if op in self._releases:
+            return []
+        devices, certain = self._devices_of(request)
+        if not devices:
+            return [self._release_answer(request, True, "no device of the volume is present", now)]
+        for d in devices:
+            d.released = True
+        self._releases[op] = _Release(
+            request=request,
+            targets={d.key: d.info.name for d in devices},
+            deadline=now + self.release_timeout,
+            certain=certain,
+        )
+        return []
+
+    def operation_event(self, event: OperationEvent, now: float) -> list[Decision]:
+        """Follow the executor's attaches to this VM: ``executing`` announces one (it is
+        published before the attach is sent), a terminal status ends it."""
+        if event.type != "attach" or (event.vm_id is not None and event.vm_id != self.vm_id):
+            return []
+        op = event.operation_id
+        if event.status == "executing":
+            if op in self._ended or op in self._answers:
+                return []
+            current = self._claimants.get(op)
+            started = _parse_time(event.at)
+            if current is None:
+                self._claimants[op] = _Claimant(
+                    operation_id=op,
+                    kind="announced",
+                    window_start=started - SKEW,
+                    size=event.size,
+                    volume_id=event.volume_id,
+                    expires=now + self.horizon,
+                )
+            else:
+                current.window_start = min(current.window_start, started - SKEW)
+            return []
+        if event.status in TERMINAL:
+            return self._end(op, now)
+        return []
+
+    def sync_attaches(self, in_flight: Iterable[InFlightAttach], now: float) -> list[Decision]:
+        """The attaches in flight are known again (read from the executor's records): they
+        replace the "unknown" competitors; attaches starting from now on are announced."""
+        for a in in_flight:
+            if a.operation_id in self._ended or a.operation_id in self._answers:
+                continue
+            current = self._claimants.get(a.operation_id)
+            if current is None:
+                self._claimants[a.operation_id] = _Claimant(
+                    operation_id=a.operation_id,
+                    kind="announced",
+                    window_start=a.started_at - SKEW,
+                    size=a.size,
+                    volume_id=a.volume_id,
+                    expires=now + self.horizon,
+                )
+            else:
+                current.window_start = min(current.window_start, a.started_at - SKEW)
+        for op in [op for op, c in self._claimants.items() if c.kind == "unknown"]:
+            del self._claimants[op]
+        return self._evaluate(now)
+
+    def lose_track(self, reason: str, now: float) -> None:
+        """Attaches may have started unseen (start, reconnect): block proofs by exclusion
+        until ``sync_attaches`` (or the horizon) ends the uncertainty."""
+        op = f"<unknown:{now:.6f}>"
+        self._claimants[op] = _Claimant(
+            operation_id=op,
+            kind="unknown",
+            window_start=_UNKNOWN,
+            size=None,
+            volume_id=None,
+            expires=now + self.horizon,
+            reason=reason,
+        )
+
+    def tick(self, now: float) -> list[Decision]:
+        """Time passed: time-outs of attaches and releases, expiry of stale knowledge."""
+        out: list[Decision] = []
+        for op, c in list(self._claimants.items()):
+            if c.kind == "open" and c.deadline <= now:
+                out.append(self._timeout(c, now))
+            elif c.kind != "open" and c.expires <= now:
+                out += self._expire(op, now)
+        for op, r in list(self._releases.items()):
+            if r.deadline <= now:
+                del self._releases[op]
+                names = ", ".join(sorted(r.targets.values()))
+                volume, waited = r.request.volume_id, f"{self.release_timeout:g} s"
+                if r.certain:
+                    msg = f"device {names} of volume {volume} is still present {waited} after "
+                else:
+                    msg = (
+                        f"{names}, which may be volume {volume}'s device (its attach failed "
+                        f"without proof of which device it got), still present {waited} after "
+                    )
+                msg += "the detach"
+                out.append(self._release_answer(r.request, False, msg, now))
+        self._forget_old(now)
+        return out + self._evaluate(now)
+
+    # -- state the actor reads ------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` has something to do next, or None."""
+        times = [c.deadline if c.kind == "open" else c.expires for c in self._claimants.values()]
+        times += [r.deadline for r in self._releases.values()]
+        return min(times) if times else None
+
+    @property
+    def waiting(self) -> int:
+        """Attach and release requests not answered yet."""
+        return sum(c.kind == "open" for c in self._claimants.values()) + len(self._releases)
+
+    @property
+    def attaches_known(self) -> bool:
+        return not any(c.kind == "unknown" for c in self._claimants.values())
+
+    def devices(self) -> list[DeviceInfo]:
+        return [d.info for d in self._devices.values()]
+
+    def mapping(self, volume_id: str) -> DeviceInfo | None:
+        """The present device this engine answered for ``volume_id``, if any."""
+        for d in self._devices.values():
+            if d.volume_id == volume_id:
+                return d.info
+        return None
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _evaluate(self, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        progress = True
+        while progress:
+            progress = False
+            waiting = sorted(
+                (c for c in self._claimants.values() if c.kind == "open"),
+                key=lambda c: (c.own_start, c.operation_id),
+            )
+            for c in waiting:
+                decision = self._decide(c, now)
+                if decision is not None:
+                    out.append(decision)
+                    progress = True
+                    break  # the state changed: look at every request again
+        return out
+
+    def _decide(self, c: _Claimant, now: float) -> CorrelateResult | None:
+        assert c.request is not None
+        req = c.request
+        if req.serial:
+            # An appearance whose volume was detached since is an old one still on its way
+            # out (or a stale view): a re-attach of the volume gets a new appearance.
+            same = [
+                d for d in self._devices.values() if d.info.serial == req.serial and not d.released
+            ]
+            if len(same) == 1:
+                self.serial_host = True
+                return self._success(c, same[0], "serial", now)
+            if len(same) > 1:
+                names = ", ".join(sorted(d.info.name for d in same))
+                return self._fail(
+                    c,
+                    "ambiguous_device",
+                    f"devices {names} all carry serial {req.serial} of volume {req.volume_id}",
+                    now,
+                )
+        if self.serial_host:
+            return None
+        candidates = [d for d in self._devices.values() if self._candidate(c, d)]
+        if len(candidates) > 1:
+            names = ", ".join(sorted(d.info.name for d in candidates))
+            return self._fail(
+                c,
+                "ambiguous_device",
+                f"cannot tell which device is volume {req.volume_id}: {names} have no serial, "
+                f"are all {_size(req.size)} and all appeared after the attach was sent",
+                now,
+            )
+        if not candidates:
+            return None
+        device = candidates[0]
+        if device.seen_at < self.watch_since:
+            return self._fail(
+                c,
+                "ambiguous_device",
+                f"device {device.info.name} (no serial, {_size(device.info.size)}) fits volume "
+                f"{req.volume_id}, but it appeared before the correlator started, which may "
+                f"have mapped it to another volume already",
+                now,
+            )
+        if device.taint:
+            return self._fail(
+                c,
+                "ambiguous_device",
+                f"device {device.info.name} (no serial, {_size(device.info.size)}) fits volume "
+                f"{req.volume_id}, but may also belong to {device.taint}",
+                now,
+            )
+        rivals = [r for r in self._claimants.values() if r is not c and self._fits(r, device)]
+        if not rivals:
+            return self._success(c, device, "exclusive", now)
+        waiting = [r for r in rivals if r.kind == "open"]
+        if waiting:
+            return self._fail(
+                c,
+                "ambiguous_device",
+                f"device {device.info.name} (no serial, {_size(device.info.size)}) appeared "
+                f"while {_describe(waiting)} of the same size were also waiting for their "
+                f"device: it could be either volume's",
+                now,
+            )
+        return None  # rivals still in flight: wait until their sizes are known or they end
+
+    def _timeout(self, c: _Claimant, now: float) -> CorrelateResult:
+        assert c.request is not None
+        req = c.request
+        waited = f"{self.timeout:g} s"
+        device = None
+        if not self.serial_host:
+            candidates = [d for d in self._devices.values() if self._candidate(c, d)]
+            device = candidates[0] if len(candidates) == 1 else None
+        if device is not None:
+            rivals = [r for r in self._claimants.values() if r is not c and self._fits(r, device)]
+            return self._fail(
+                c,
+                "ambiguous_device",
+                f"device {device.info.name} (no serial, {_size(device.info.size)}) fits volume "
+                f"{req.volume_id}, but during {waited} it could not be told apart from "
+                f"{_describe(rivals)}",
+                now,
+            )
+        what = f"no device with serial {req.serial} appeared within {waited}"
+        if self.serial_host:
+            what += " (this host gives volumes serials, so no device without one is taken)"
+        else:
+            what += (
+                f", nor a device without serial of exactly {_size(req.size)} that appeared "
+                f"after the attach was sent"
+            )
+        return self._fail(c, "device_timeout", what, now)
+
+    def _success(self, c: _Claimant, d: _Device, proof: str, now: float) -> CorrelateResult:
+        assert c.request is not None
+        req = c.request
+        d.claimed_by = req.operation_id
+        d.volume_id = req.volume_id
+        self._mapped[req.volume_id] = d.key
+        self._mapped.move_to_end(req.volume_id)
+        while len(self._mapped) > _CACHE_MAX:
+            self._mapped.popitem(last=False)
+        del self._claimants[req.operation_id]
+        result = CorrelateResult(
+            operation_id=req.operation_id,
+            volume_id=req.volume_id,
+            device_path=d.info.path,
+            by_id_path=d.info.by_id_path,
+            size=d.info.size,
+            proof=proof,
+        )
+        self._remember(self._answers, req.operation_id, result, now)
+        return result
+
+    def _fail(self, c: _Claimant, code: ErrorCode, message: str, now: float) -> CorrelateResult:
+        """Answer with an error; the attach stays a competitor until it is rolled back
+        (its terminal event), and the devices it could own are tainted."""
+        assert c.request is not None
+        req = c.request
+        c.kind = "failed"
+        c.expires = now + self.horizon
+        self._taint(c, self._why(c))
+        result = CorrelateResult(
+            operation_id=req.operation_id,
+            volume_id=req.volume_id,
+            error=ErrorInfo(code=code, message=message),
+        )
+        self._remember(self._answers, req.operation_id, result, now)
+        return result
+
+    def _end(self, op: str, now: float) -> list[Decision]:
+        """An attach's terminal event came: if it got no device, the devices it could own
+        are tainted, and for ``linger`` seconds more so are new ones (the watcher may report
+        a device that came and went during the roll-back only after the failed event)."""
+        self._ended[op] = now
+        c = self._claimants.get(op)
+        if c is None or c.kind in ("open", "unknown"):
+            return []
+        if c.kind == "announced":
+            c.kind = "failed"  # it ended without asking for its device
+        c.expires = min(c.expires, now + self.linger)
+        self._taint(c, self._why(c))
+        return self._evaluate(now)
+
+    def _expire(self, op: str, now: float) -> list[Decision]:
+        """Forget an attach that is over (linger passed) or never reported its end."""
+        c = self._claimants.pop(op)
+        self._ended.setdefault(op, now)
+        self._taint(c, self._why(c))
+        return self._evaluate(now)
+
+    @staticmethod
+    def _why(c: _Claimant) -> str:
+        if c.kind == "unknown":
+            return f"an attach the correlator may have missed ({c.reason})"
+        return f"attach {c.operation_id} of volume {c.volume_id}, which got no device"
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def _candidate(self, c: _Claimant, d: _Device) -> bool:
+        """A device R could be proven to own: no serial, unclaimed, not a detached volume's,
+        in R's own window, same size (a tainted one counts: it makes R ambiguous rather than
+        go unnoticed)."""
+        assert c.request is not None
+        return (
+            not d.info.serial
+            and d.claimed_by is None
+            and not d.released
+            and d.seen_at >= c.own_start
+            and d.info.size == c.request.size
+        )
+
+    def _fits(self, r: _Claimant, d: _Device) -> bool:
+        """Could attach ``r`` own device ``d``? (Conservative: unknowns fit.)"""
+        if d.info.serial or d.claimed_by is not None or d.seen_at < r.window_start:
+            return False
+        if r.size is not None and r.size != d.info.size:
+            return False
+        # An attach whose own device is already identified by serial owns no other.
+        return not (r.volume_id and self._has_serial(serial_of(r.volume_id)))
+
+    def _has_serial(self, serial: str) -> bool:
+        return any(d.info.serial == serial for d in self._devices.values())
+
+    def _taint(self, c: _Claimant, why: str) -> None:
+        for d in self._devices.values():
+            if self._fits(c, d):
+                d.taint = d.taint or why
+                if c.volume_id:
+                    d.suspects.add(c.volume_id)
+
+    # -- devices --------------------------------------------------------------------------
+
+    def _add(self, info: DeviceInfo, seen_at: float) -> None:
+        self._next_key += 1
+        d = _Device(key=self._next_key, info=info, seen_at=seen_at)
+        self._devices[info.name] = d
+        for c in self._claimants.values():
+            if c.kind == "failed" and self._fits(c, d):
+                d.taint = d.taint or self._why(c)
+                if c.volume_id:
+                    d.suspects.add(c.volume_id)
+
+    def _remove(self, name: str, now: float) -> list[Decision]:
+        d = self._devices.pop(name, None)
+        if d is None:
+            return []
+        out: list[Decision] = []
+        for op, r in list(self._releases.items()):
+            if r.targets.pop(d.key, None) is not None and not r.targets:
+                del self._releases[op]
+                out.append(self._release_answer(r.request, True, f"device {name} is gone", now))
+        return out
+
+    def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], bool]:
+        """The volume's present device: the appearance we mapped, one with its serial, or
+        (only for a volume this engine never mapped, e.g. after a restart) the given path
+        when that device has no serial and no other owner. For a volume whose attach failed
+        without serial (a roll-back): every device that could have been its one."""
+        key = self._mapped.get(request.volume_id)
+        mapped = next((d for d in self._devices.values() if d.key == key), None)
+        if mapped is not None:
+            return [mapped], True
+        serial = serial_of(request.volume_id)
+        for d in self._devices.values():
+            if d.info.serial == serial and not d.released:
+                return [d], True
+        if key is not None:
+            return [], True  # the appearance we mapped is gone; its letter may be reused
+        suspects = [d for d in self._devices.values() if request.volume_id in d.suspects]
+        if suspects:
+            return suspects, False
+        if request.device_path:
+            for d in self._devices.values():
+                if (
+                    d.info.path == request.device_path
+                    and d.volume_id in (None, request.volume_id)
+                    and not d.info.serial
+                ):
+                    return [d], True
+        return [], True
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _release_answer(
+        self, request: ReleaseRequest, gone: bool, message: str, now: float
+    ) -> ReleaseResult:
+        result = ReleaseResult(
+            operation_id=request.operation_id,
+            volume_id=request.volume_id,
+            gone=gone,
+            message=message,
+        )
+        self._remember(self._released, request.operation_id, result, now)
+        return result
+
+    def _remember(
+        self, cache: OrderedDict[str, tuple[float, _R]], op: str, result: _R, now: float
+    ) -> None:
+        cache[op] = (now, result)
+        while len(cache) > _CACHE_MAX:
+            cache.popitem(last=False)
+
+    def _forget_old(self, now: float) -> None:
+        """Answers are kept for redeliveries, ended operations against late events: both
+        only within the horizon."""
+        limit = now - self.horizon
+        for cache in (self._answers, self._released):
+            while cache and next(iter(cache.values()))[0] < limit:
+                cache.popitem(last=False)
+        while self._ended and next(iter(self._ended.values())) < limit:
+            self._ended.popitem(last=False)
+        while len(self._ended) > _CACHE_MAX:
+            self._ended.popitem(last=False)
+
+
+def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
+    """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at)."""
+    return a.serial == b.serial and a.size == b.size
+
+
+def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:
+    """Newer details (by-id link, controller), the earliest appearance stamp."""
+    stamps = [s for s in (old.appeared_at, new.appeared_at) if s > 0]
+    return DeviceInfo(
+        name=new.name,
+        path=new.path,
+        size=new.size,
+        serial=new.serial,
+        by_id_path=new.by_id_path or old.by_id_path,
+        controller=new.controller or old.controller,
+        appeared_at=min(stamps) if stamps else 0.0,
+    )
+
+
+def _seen_at(info: DeviceInfo, observed: float) -> float:
+    """The device was seen at its stamp, and at the latest when the event was made."""
+    return min(info.appeared_at, observed) if info.appeared_at > 0 else observed
+
+
+def _parse_time(value: str | None) -> float:
+    if not value:
+        return _UNKNOWN
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return _UNKNOWN
+
+
+def _size(size: int) -> str:
+    return f"{size / GIB:g} GiB" if size % GIB == 0 else f"{size} bytes"
+
+
+def _describe(claimants: list[_Claimant]) -> str:
+    parts = []
+    for c in claimants:
+        if c.kind == "unknown":
+            parts.append(f"attaches that may have started unseen ({c.reason})")
+        elif c.kind == "announced":
+            size = "size not known yet" if c.size is None else _size(c.size)
+            parts.append(f"attach {c.operation_id} of volume {c.volume_id} ({size}) in flight")
+        elif c.kind == "failed":
+            parts.append(f"failed attach {c.operation_id} of volume {c.volume_id}")
+        else:
+            parts.append(f"attach {c.operation_id} of volume {c.volume_id}")
+    return "; ".join(parts) if parts else "another attach"

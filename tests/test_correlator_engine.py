@@ -1,0 +1,859 @@
+"""The correlation engine against generated worlds whose ground truth the test knows.
+
+A seeded simulator plays a host: up to 15 concurrent attaches to the local VM (same and
+different sizes, serials on, off or mixed), devices that appear before or after the
+executor's request, stale devices present before, CloudStack failures, roll-backs whose
+terminal event comes before the device is seen to go, detaches and re-attaches that reuse
+a letter, watcher restarts and NATS reconnects. After every decision the invariant is
+checked: no request is ever mapped to a device that is not its volume's.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from actors.correlator.engine import SKEW, CorrelationEngine, Decision, InFlightAttach
+from schemas.common import GIB, serial_of
+from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.events import OperationEvent
+from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, ReleaseResult
+
+VM = "vm-1"
+TIMEOUT = 30.0
+
+
+def iso(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat()
+
+
+def device(name: str, size: int, serial: str | None = None, at: float = 0.0) -> DeviceInfo:
+    return DeviceInfo(name=name, path=f"/dev/{name}", size=size, serial=serial, appeared_at=at)
+
+
+def added(info: DeviceInfo, at: float | None = None) -> DeviceEvent:
+    t = info.appeared_at if at is None else at
+    return DeviceEvent(kind="added", vm_id=VM, at=t, source="uevent", device=info)
+
+
+def removed(info: DeviceInfo, at: float) -> DeviceEvent:
+    return DeviceEvent(kind="removed", vm_id=VM, at=at, source="uevent", device=info)
+
+
+def inventory(devs: list[DeviceInfo], at: float, source: str = "rescan") -> DeviceEvent:
+    return DeviceEvent(kind="inventory", vm_id=VM, at=at, source=source, devices=tuple(devs))  # type: ignore[arg-type]
+
+
+def op_event(op: str, status: str, at: float, volume_id: str, size: int | None = None) -> Any:
+    return OperationEvent(
+        operation_id=op,
+        type="attach",
+        status=status,  # type: ignore[arg-type]
+        volume_id=volume_id,
+        vm_id=VM,
+        at=iso(at),
+        size=size,
+    )
+
+
+def request(op: str, volume_id: str, size: int, started_at: float) -> CorrelateRequest:
+    return CorrelateRequest(
+        operation_id=op,
+        volume_id=volume_id,
+        vm_id=VM,
+        size=size,
+        serial=serial_of(volume_id),
+        started_at=started_at,
+    )
+
+
+def new_volume() -> str:
+    return str(uuid.uuid4())
+
+
+# -- the simulated host ---------------------------------------------------------------------
+
+
+@dataclass
+class Attach:
+    op: str
+    volume_id: str
+    size: int
+    serial_on: bool
+    announce_at: float
+    started_at: float
+    job: float  # CloudStack job duration: the request arrives after it
+    device_delay: float | None  # None: the device never shows up
+    cs_fails: bool = False
+    rolled_back: bool = False
+    result: CorrelateResult | None = None
+    requested: bool = False
+    ended: bool = False
+
+
+@dataclass
+class Stats:
+    serial: int = 0
+    exclusive: int = 0
+    ambiguous: int = 0
+    timeout: int = 0
+    releases: int = 0
+
+
+@dataclass(eq=False)
+class Appearance:
+    """One physical device appearance; ``info`` is what the watcher reported of it."""
+
+    name: str
+    size: int
+    serial: str | None
+    owner: str | None  # the volume it is, None for other disks
+    info: DeviceInfo | None = None
+
+
+@dataclass
+class World:
+    rng: random.Random
+    mode: str  # "on" | "off" | "mixed"
+    engine: CorrelationEngine = field(init=False)
+    now: float = 0.0
+    present: dict[str, Appearance] = field(default_factory=dict)  # the kernel's truth
+    observed: dict[str, Appearance] = field(default_factory=dict)  # what the watcher reported
+    last_observation: float = 0.0
+    heap: list[tuple[float, int, Callable[[], None]]] = field(default_factory=list)
+    seq: Any = field(default_factory=itertools.count)
+    attaches: dict[str, Attach] = field(default_factory=dict)
+    watcher_down: bool = False
+    timeout: float = TIMEOUT
+    outages: list[tuple[float, float]] = field(default_factory=list)
+    stuck_volumes: set[str] = field(default_factory=set)
+    reattach: dict[str, Attach] = field(default_factory=dict)
+    rolling_back: dict[str, Attach] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Short time-outs make devices that come after their attach has failed.
+        self.timeout = self.rng.choice([2.0, 8.0, TIMEOUT])
+        self.engine = CorrelationEngine(
+            VM, now=0.0, timeout=self.timeout, release_timeout=TIMEOUT, linger=5.0
+        )
+
+    # scheduling
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), fn))
+
+    def run(self) -> None:
+        while True:
+            nxt = self.heap[0][0] if self.heap else None
+            deadline = self.engine.next_deadline()
+            if deadline is not None and (nxt is None or deadline <= nxt):
+                if nxt is None and deadline > 5000:
+                    break
+                self.now = max(self.now, deadline)
+                self.feed(self.engine.tick(self.now))
+                continue
+            if nxt is None:
+                break
+            t, _, fn = heapq.heappop(self.heap)
+            self.now = max(self.now, t)
+            fn()
+
+    # devices: the kernel changes at once, the watcher reports in order, a little later
+    def free_name(self) -> str:
+        for i in itertools.count():
+            name = "vd" + ("abcdefghijklmnopqrstuvwxyz"[i] if i < 26 else f"z{i}")
+            if name not in self.present:
+                return name
+        raise AssertionError
+
+    def observe(self, fn: Callable[[], None]) -> None:
+        self.last_observation = max(self.last_observation, self.now) + self.rng.uniform(0, 0.3)
+        self.at(self.last_observation, fn)
+
+    def plug(self, size: int, serial: str | None, owner: str | None) -> Appearance:
+        app = Appearance(self.free_name(), size, serial, owner)
+        self.present[app.name] = app
+        self.log.append(f"{self.now:.3f} plug {app.name} {size // GIB}G {serial} -> {owner}")
+
+        def seen() -> None:
+            if self.watcher_down or self.present.get(app.name) is not app:
+                return  # came and went unseen, or the watcher is down (its inventory tells)
+            app.info = device(app.name, size, serial, self.now)
+            self.observed[app.name] = app
+            self.feed(self.engine.device_event(added(app.info), self.now))
+
+        self.observe(seen)
+        return app
+
+    def unplug(self, app: Appearance) -> None:
+        if self.present.get(app.name) is not app:
+            return
+        del self.present[app.name]
+        self.log.append(f"{self.now:.3f} unplug {app.name}")
+
+        def seen() -> None:
+            if self.watcher_down or self.observed.get(app.name) is not app:
+                return
+            del self.observed[app.name]
+            assert app.info is not None
+            self.feed(self.engine.device_event(removed(app.info, self.now), self.now))
+
+        self.observe(seen)
+
+    def watcher_restart(self, gap: float) -> None:
+        self.watcher_down = True
+        self.outages.append((self.now, self.now + gap))
+        self.log.append(f"{self.now:.3f} watcher down for {gap:.3f}")
+
+        def back() -> None:
+            self.watcher_down = False
+            self.last_observation = max(self.last_observation, self.now)
+            for app in self.present.values():  # it stamps everything "now"
+                app.info = device(app.name, app.size, app.serial, self.now)
+            self.observed = dict(self.present)
+            devs = [app.info for app in self.present.values() if app.info]
+            self.log.append(f"{self.now:.3f} watcher restart inventory")
+            self.feed(self.engine.device_event(inventory(devs, self.now, "start"), self.now))
+
+        self.at(self.now + gap, back)
+
+    def reconnect(self, gap: float) -> None:
+        self.engine.lose_track("test reconnect", self.now)
+        self.log.append(f"{self.now:.3f} reconnect, sync after {gap:.3f}")
+
+        def sync() -> None:
+            flying = [
+                InFlightAttach(a.op, a.volume_id, a.announce_at)
+                for a in self.attaches.values()
+                if a.announce_at <= self.now and not a.ended
+            ]
+            self.feed(self.engine.sync_attaches(flying, self.now))
+
+        self.at(self.now + gap, sync)
+
+    def mine(self, volume_id: str) -> list[Appearance]:
+        return [app for app in self.present.values() if app.owner == volume_id]
+
+    # the executor's side of one attach
+    def start_attach(self, a: Attach) -> None:
+        self.attaches[a.op] = a
+        self.log.append(
+            f"{self.now:.3f} attach {a.op} {a.volume_id[:8]} {a.size // GIB}G "
+            f"start={a.started_at:.3f} request={a.started_at + a.job:.3f} "
+            f"device={a.device_delay and a.started_at + a.device_delay} cs_fails={a.cs_fails}"
+        )
+        executing = op_event(a.op, "executing", a.announce_at, a.volume_id)
+        self.at(a.announce_at, lambda: self.feed(self.engine.operation_event(executing, self.now)))
+        if a.cs_fails:
+            self.at(a.started_at + a.job, lambda: self.end(a, "failed"))
+            return
+        if a.device_delay is not None:
+
+            def appear() -> None:
+                if not a.rolled_back:
+                    serial = serial_of(a.volume_id) if a.serial_on else None
+                    self.plug(a.size, serial, a.volume_id)
+
+            self.at(a.started_at + a.device_delay, appear)
+
+        def send() -> None:
+            a.requested = True
+            req = request(a.op, a.volume_id, a.size, a.started_at)
+            self.feed(self.engine.attach(req, self.now))
+            if self.rng.random() < 0.1:  # a redelivery must get the same answer
+                again = self.now + self.rng.uniform(0, 40)
+                self.at(again, lambda: self.feed(self.engine.attach(req, self.now)))
+
+        self.at(a.started_at + a.job, send)
+
+    def end(self, a: Attach, status: str) -> None:
+        a.ended = True
+        self.log.append(f"{self.now:.3f} {a.op} {status}")
+        event = op_event(a.op, status, self.now, a.volume_id)
+        self.feed(self.engine.operation_event(event, self.now))
+
+    # decisions
+    def feed(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            if isinstance(d, CorrelateResult):
+                self.on_attach_result(d)
+            else:
+                self.on_release_result(d)
+
+    def on_attach_result(self, r: CorrelateResult) -> None:
+        a = self.attaches[r.operation_id]
+        assert a.requested, f"answered before its request: {r}"
+        if a.result is not None:
+            assert r == a.result, f"redelivery answered differently: {a.result} then {r}"
+            return
+        a.result = r
+        self.log.append(f"{self.now:.3f} {r.operation_id} -> {r.device_path} {r.error}")
+        rng = self.rng
+        if r.error is None:
+            # THE invariant: the appearance the engine named is this volume's.
+            assert r.device_path is not None
+            name = r.device_path.removeprefix("/dev/")
+            app = self.observed.get(name)
+            assert app is not None, f"{r.operation_id} mapped to unseen {name}\n" + self.trace()
+            assert app.owner == a.volume_id, (
+                f"WRONG MAPPING: {r.operation_id} (volume {a.volume_id}) got {name} owned by "
+                f"{app.owner} via {r.proof}\n" + self.trace()
+            )
+            if r.proof == "serial":
+                self.stats.serial += 1
+            else:
+                assert r.proof == "exclusive"
+                self.stats.exclusive += 1
+            self.at(self.now + rng.uniform(0.01, 0.2), lambda: self.end(a, "completed"))
+            if rng.random() < 0.5:
+                self.detach_later(a, app)
+            return
+        assert r.error.code in ("ambiguous_device", "device_timeout"), r
+        assert r.error.message
+        if r.error.code == "ambiguous_device":
+            self.stats.ambiguous += 1
+        else:
+            self.stats.timeout += 1
+        # Roll-back as the executor does it: detach (the device goes), ask the correlator
+        # to release the volume, and publish "failed" once that is answered.
+        done = self.now + rng.uniform(0.2, 2.0)
+
+        def rollback() -> None:
+            a.rolled_back = True
+            for app in self.mine(a.volume_id):
+                self.unplug(app)
+            self.rolling_back[a.op] = a
+            rel = ReleaseRequest(operation_id=a.op, volume_id=a.volume_id)
+            self.feed(self.engine.release(rel, self.now))
+
+        self.at(done, rollback)
+
+    def detach_later(self, a: Attach, app: Appearance) -> None:
+        rng = self.rng
+        t = self.now + rng.uniform(0.5, 5)
+        stuck = rng.random() < 0.05
+        if stuck:
+            self.stuck_volumes.add(a.volume_id)
+        else:
+            self.at(t + rng.uniform(0, 1), lambda: self.unplug(app))
+        rel = ReleaseRequest(
+            operation_id=a.op + "-detach",
+            volume_id=a.volume_id,
+            device_path=f"/dev/{app.name}" if rng.random() < 0.7 else None,
+        )
+        self.at(t + rng.uniform(0, 1), lambda: self.feed(self.engine.release(rel, self.now)))
+        if not stuck and rng.random() < 0.5:
+            # Re-attach the same volume once the detach is over (the executor orders the
+            # operations of a volume): the lowest free letter is often the same one.
+            self.reattach[rel.operation_id] = a
+
+    def on_release_result(self, r: ReleaseResult) -> None:
+        self.stats.releases += 1
+        self.log.append(f"{self.now:.3f} release {r.operation_id} gone={r.gone}")
+        left = self.mine(r.volume_id)
+        rolled = self.rolling_back.pop(r.operation_id, None)
+        if r.gone:
+            assert not left, f"release said gone but {left} present\n" + self.trace()
+        elif rolled is None:
+            assert left and r.volume_id in self.stuck_volumes, r
+            assert r.message
+        else:
+            # A failed attach without serial: devices that may have been its one are still
+            # there (another attach's, not rolled back yet). Honest, not a guess.
+            assert "which may be volume" in r.message, r
+        if rolled is not None:
+            self.at(self.now + self.rng.uniform(0, 0.05), lambda: self.end(rolled, "failed"))
+            return
+        a = self.reattach.pop(r.operation_id, None)
+        if a is not None:
+            start = self.now + self.rng.uniform(0.1, 4)
+            self.start_attach(self.make_attach(a.volume_id, a.size, a.serial_on, start))
+
+    def make_attach(self, volume_id: str, size: int, serial_on: bool, start: float) -> Attach:
+        rng = self.rng
+        op = f"op{len(self.attaches)}-{rng.randrange(10**6)}"
+        job = rng.uniform(0.2, 5.0)
+        never = rng.random() < 0.05
+        delay = rng.uniform(0.1, job + 1.5)
+        if rng.random() < 0.1:  # slow to show up in the guest
+            delay = job + rng.uniform(0, 2 * self.timeout)
+        return Attach(
+            op=op,
+            volume_id=volume_id,
+            size=size,
+            serial_on=serial_on,
+            announce_at=start - rng.uniform(0.001, 0.05),  # "executing" precedes the send
+            started_at=start,
+            job=job,
+            device_delay=None if never else delay,
+            cs_fails=rng.random() < 0.05,
+        )
+
+    def trace(self) -> str:
+        return "\n".join(self.log[-60:])
+
+
+def simulate(seed: int, mode: str) -> World:
+    rng = random.Random(seed)
+    w = World(rng=rng, mode=mode)
+    pool = rng.choice([[1], [1, 2], [1, 2, 3, 4]])
+    sizes = [s * GIB for s in pool]
+
+    def serial_for(p: float) -> str | None:
+        on = mode == "on" or (mode == "mixed" and rng.random() < p)
+        return serial_of(new_volume()) if on else None
+
+    # What the watcher reported before the correlator started (the KV state).
+    for _ in range(1 + rng.randrange(4)):
+        size = rng.choice([*sizes, 20 * GIB])
+        app = Appearance(w.free_name(), size, serial_for(0.4), None)
+        app.info = device(app.name, size, app.serial, -rng.uniform(1, 500))
+        w.present[app.name] = w.observed[app.name] = app
+    initial = [app.info for app in w.present.values() if app.info]
+    w.feed(w.engine.device_event(inventory(initial, -0.5), 0.0))
+    w.at(0.3, lambda: w.feed(w.engine.sync_attaches([], w.now)))
+    for _ in range(rng.randrange(3)):  # other disks added after start, before any attach
+        s = rng.choice(sizes)
+        w.at(rng.uniform(0.1, 0.5), lambda s=s: w.plug(s, serial_for(0.3), None))
+    n = rng.randint(1, 15)
+    spread = rng.choice([0.5, 3.0, 20.0, 90.0])
+    for _ in range(n):
+        serial_on = mode == "on" or (mode == "mixed" and rng.random() < 0.5)
+        start = 1.0 + rng.uniform(0, spread)
+        w.start_attach(w.make_attach(new_volume(), rng.choice(sizes), serial_on, start))
+    for _ in range(rng.randrange(3)):  # other disks go away at random
+
+        def drop() -> None:
+            others = [app for app in w.present.values() if app.owner is None]
+            if others:
+                w.unplug(rng.choice(others))
+
+        w.at(rng.uniform(0.5, spread + 10), drop)
+    if rng.random() < 0.15:
+        w.at(rng.uniform(1, spread + 5), lambda: w.watcher_restart(rng.uniform(0.1, 3)))
+    if rng.random() < 0.15:
+        w.at(rng.uniform(1, spread + 5), lambda: w.reconnect(rng.uniform(0.1, 3)))
+    w.run()
+    check_outcome(w)
+    return w
+
+
+def check_outcome(w: World) -> None:
+    for a in w.attaches.values():
+        if not a.requested:
+            assert a.result is None
+            continue
+        assert a.result is not None, f"{a.op} never answered\n" + w.trace()
+        in_time = a.device_delay is not None and a.device_delay < a.job + w.timeout - 1
+        end = a.started_at + a.job + w.timeout
+        in_time &= not any(down < end and up > a.started_at for down, up in w.outages)
+        if w.mode == "on" and in_time and a.volume_id not in w.stuck_volumes:
+            assert a.result.error is None, f"with serials every attach completes: {a.result}"
+            assert a.result.proof == "serial"
+    assert w.engine.waiting == 0
+
+
+MODE_SALT = {"on": 1, "off": 2, "mixed": 3}
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "mixed"])
+def test_generated_worlds_never_map_a_device_to_the_wrong_volume(mode: str) -> None:
+    total = Stats()
+    for seed in range(1500):
+        s = simulate(seed * 7919 + MODE_SALT[mode], mode).stats
+        for k in vars(total):
+            setattr(total, k, getattr(total, k) + getattr(s, k))
+    # Not vacuous: the method really maps devices, and really refuses some.
+    if mode == "on":
+        assert total.serial > 6000 and total.exclusive == 0
+    else:
+        # Mixed hosts stop using exclusion once a volume's device had its serial.
+        assert total.exclusive > (2000 if mode == "off" else 300), total
+        assert total.ambiguous > 100, total
+    assert total.releases > 1000
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(["on", "off", "mixed"]))
+def test_hypothesis_worlds(seed: int, mode: str) -> None:
+    simulate(seed, mode)
+
+
+# -- targeted cases -------------------------------------------------------------------------
+
+
+def engine(now: float = 0.0) -> CorrelationEngine:
+    e = CorrelationEngine(VM, now=now, timeout=30, release_timeout=30)
+    e.sync_attaches([], now)
+    return e
+
+
+def only(decisions: list[Decision]) -> Any:
+    assert len(decisions) == 1, decisions
+    return decisions[0]
+
+
+def test_serial_match_before_and_after_the_request() -> None:
+    e = engine()
+    v1, v2 = new_volume(), new_volume()
+    # The device comes before the executor's message: it is kept and found.
+    d1 = device("vdb", GIB, serial_of(v1), 10.5)
+    assert e.device_event(added(d1), 10.5) == []
+    r = only(e.attach(request("a1", v1, GIB, 10.0), 11.0))
+    assert (r.device_path, r.proof, r.error) == ("/dev/vdb", "serial", None)
+    # The request comes first; a same-size device of another volume does not fool it.
+    assert e.attach(request("a2", v2, GIB, 20.0), 20.5) == []
+    assert e.device_event(added(device("vdc", GIB, serial_of(new_volume()), 20.6)), 20.6) == []
+    r = only(e.device_event(added(device("vdd", GIB, serial_of(v2), 20.7)), 20.7))
+    assert (r.operation_id, r.device_path, r.proof) == ("a2", "/dev/vdd", "serial")
+
+
+def test_serial_even_when_the_device_is_old() -> None:
+    e = engine(100.0)
+    v = new_volume()
+    e.device_event(inventory([device("vdb", GIB, serial_of(v), 5.0)], 100.0), 100.0)
+    r = only(e.attach(request("a", v, 2 * GIB, 50.0), 101.0))
+    assert r.device_path == "/dev/vdb" and r.proof == "serial"
+
+
+def test_two_concurrent_same_size_without_serial_are_both_ambiguous() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.operation_event(op_event("b", "executing", 10.1, vb), 10.1)
+    e.device_event(added(device("vdb", GIB, None, 10.8)), 10.8)
+    # A's request arrives while B is in flight with unknown size: wait, do not guess.
+    assert e.attach(request("a", va, GIB, 10.0), 11.0) == []
+    # A second device: A has two candidates, an explicit failure naming both.
+    a = only(e.device_event(added(device("vdc", GIB, None, 11.2)), 11.2))
+    assert a.operation_id == "a" and a.error.code == "ambiguous_device"
+    assert "vdb, vdc" in a.error.message
+    # B's devices could be A's too (A is being rolled back): B fails as well.
+    b = only(e.attach(request("b", vb, GIB, 10.1), 11.5))
+    assert b.operation_id == "b" and b.error.code == "ambiguous_device"
+    assert "vdb, vdc" in b.error.message
+
+
+def test_two_concurrent_same_size_both_requests_first() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    assert e.attach(request("a", va, GIB, 10.0), 11.0) == []
+    assert e.attach(request("b", vb, GIB, 10.1), 11.1) == []
+    out = e.device_event(added(device("vdb", GIB, None, 11.2)), 11.2)
+    assert sorted(r.operation_id for r in out) == ["a", "b"]
+    assert all(r.error.code == "ambiguous_device" and "vdb" in r.error.message for r in out)
+
+
+def test_two_concurrent_different_sizes_without_serial_are_both_proven() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.operation_event(op_event("b", "executing", 10.1, vb), 10.1)
+    e.device_event(added(device("vdb", 2 * GIB, None, 10.8)), 10.8)
+    assert e.attach(request("a", va, 2 * GIB, 10.0), 11.0) == []  # B's size not known yet
+    r = only(e.attach(request("b", vb, GIB, 10.1), 11.5))
+    assert (r.operation_id, r.device_path, r.proof) == ("a", "/dev/vdb", "exclusive")
+    r = only(e.device_event(added(device("vdc", GIB, None, 11.6)), 11.6))
+    assert (r.operation_id, r.device_path, r.proof) == ("b", "/dev/vdc", "exclusive")
+
+
+def test_early_request_cannot_take_a_concurrent_attachs_device() -> None:
+    """The trap the brief's rule alone would fall into: B's device appears first, A's
+    request arrives before B's (CloudStack finished A first)."""
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.operation_event(op_event("b", "executing", 10.1, vb), 10.1)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)  # really B's
+    assert e.attach(request("a", va, GIB, 10.0), 10.9) == []
+    out = e.attach(request("b", vb, GIB, 10.1), 11.0)
+    assert all(r.error and r.error.code == "ambiguous_device" for r in out) and len(out) == 2
+
+
+def test_stale_device_is_never_taken() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(inventory([device("vdb", GIB, None, 3.0)], 4.0), 4.0)
+    e.device_event(added(device("vdc", GIB, None, 9.0)), 9.0)  # before the attach: stale
+    assert e.attach(request("a", v, GIB, 10.0), 11.0) == []
+    r = only(e.tick(41.0))
+    assert r.error.code == "device_timeout"
+    assert serial_of(v) in r.error.message and "1 GiB" in r.error.message
+    assert "30 s" in r.error.message
+
+
+def test_skew_is_small() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.0 - SKEW / 2)), 10.0)
+    r = only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    assert r.device_path == "/dev/vdb"
+    e2 = engine()
+    e2.device_event(added(device("vdb", GIB, None, 10.0 - 2 * SKEW)), 10.0)
+    assert e2.attach(request("a", v, GIB, 10.0), 11.0) == []
+    assert SKEW <= 0.1
+
+
+def test_size_must_match_exactly() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB + 512, None, 10.5)), 10.5)
+    assert e.attach(request("a", v, GIB, 10.0), 11.0) == []
+    assert only(e.tick(41.0)).error.code == "device_timeout"
+
+
+def test_timeout_with_serial() -> None:
+    e = engine()
+    v = new_volume()
+    assert e.attach(request("a", v, GIB, 10.0), 11.0) == []
+    assert e.next_deadline() == 41.0
+    assert e.tick(40.9) == []
+    r = only(e.tick(41.0))
+    assert r.error.code == "device_timeout" and serial_of(v) in r.error.message
+    assert e.waiting == 0
+    # A redelivered request gets the same answer, not a new wait.
+    assert only(e.attach(request("a", v, GIB, 10.0), 50.0)) == r
+
+
+def test_late_device_of_a_failed_attach_is_not_given_to_another() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.attach(request("a", va, GIB, 10.0), 11.0)
+    assert only(e.tick(41.0)).error.code == "device_timeout"
+    e.operation_event(op_event("b", "executing", 41.5, vb), 41.5)
+    assert e.attach(request("b", vb, GIB, 41.5), 42.0) == []
+    # A's device shows up late, while A is being rolled back.
+    r = only(e.device_event(added(device("vdb", GIB, None, 42.1)), 42.1))
+    assert r.operation_id == "b" and r.error.code == "ambiguous_device"
+    assert "vdb" in r.error.message and "attach a " in r.error.message
+
+
+def test_device_reported_just_after_the_failed_event_is_still_suspect() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.attach(request("a", va, GIB, 10.0), 11.0)
+    assert only(e.tick(41.0)).error.code == "device_timeout"
+    e.operation_event(op_event("b", "executing", 41.5, vb), 41.5)
+    assert e.attach(request("b", vb, GIB, 41.5), 42.0) == []
+    # Roll-back done, "failed" published; the watcher reports A's device a moment later.
+    assert e.operation_event(op_event("a", "failed", 42.2, va), 42.2) == []
+    assert e.tick(42.3) == []
+    r = only(e.device_event(added(device("vdb", GIB, None, 42.4)), 42.4))
+    assert r.operation_id == "b" and r.error.code == "ambiguous_device"
+    # B is rolled back as well; once the linger is over, new devices are judged on their own.
+    e.operation_event(op_event("b", "failed", 43.0, vb), 43.0)
+    e.tick(48.0)
+    assert e.next_deadline() is None
+    vc = new_volume()
+    e.operation_event(op_event("c", "executing", 50.0, vc), 50.0)
+    e.device_event(added(device("vdc", GIB, None, 50.5)), 50.5)
+    assert only(e.attach(request("c", vc, GIB, 50.0), 51.0)).device_path == "/dev/vdc"
+
+
+def test_cloudstack_failure_announced_then_ended_taints_its_window() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    e.operation_event(op_event("b", "executing", 10.1, vb), 10.1)
+    e.device_event(added(device("vdb", GIB, None, 10.8)), 10.8)
+    e.attach(request("b", vb, GIB, 10.1), 11.0)  # waits: a's size unknown
+    out = e.operation_event(op_event("a", "failed", 11.5, va), 11.5)
+    # a may have half-attached: vdb cannot be proven b's.
+    r = only(out)
+    assert r.operation_id == "b" and r.error.code == "ambiguous_device"
+
+
+def test_sequential_attaches_without_serial_all_succeed() -> None:
+    e = engine()
+    for i in range(8):
+        v = new_volume()
+        t = 10.0 * (i + 1)
+        e.operation_event(op_event(f"a{i}", "executing", t - 0.01, v), t - 0.01)
+        if i % 2:
+            e.device_event(added(device(f"vd{'bcdefghi'[i]}", GIB, None, t + 0.5)), t + 0.5)
+            r = only(e.attach(request(f"a{i}", v, GIB, t), t + 1))
+        else:
+            assert e.attach(request(f"a{i}", v, GIB, t), t + 1) == []
+            r = only(e.device_event(added(device(f"vd{'bcdefghi'[i]}", GIB, None, t + 2)), t + 2))
+        assert r.error is None and r.proof == "exclusive" and r.operation_id == f"a{i}"
+        e.operation_event(op_event(f"a{i}", "completed", t + 2.1, v), t + 2.1)
+
+
+def test_release_detach_and_reattach_reusing_the_letter() -> None:
+    e = engine()
+    v = new_volume()
+    vdb = device("vdb", GIB, None, 10.5)
+    e.device_event(added(vdb), 10.5)
+    assert only(e.attach(request("a1", v, GIB, 10.0), 11.0)).device_path == "/dev/vdb"
+    assert e.mapping(v) == vdb
+    # Detached in CloudStack; the request comes before the device goes.
+    assert e.release(ReleaseRequest(operation_id="d1", volume_id=v), 20.0) == []
+    r = only(e.device_event(removed(vdb, 20.3), 20.3))
+    assert isinstance(r, ReleaseResult) and r.gone and r.operation_id == "d1"
+    assert e.mapping(v) is None
+    # Re-attach: the same letter is a new appearance, not the old claim.
+    vdb2 = device("vdb", GIB, None, 30.5)
+    e.device_event(added(vdb2), 30.5)
+    r = only(e.attach(request("a2", v, GIB, 30.0), 31.0))
+    assert r.device_path == "/dev/vdb" and r.error is None
+    # Another volume later gets the letter again after this one is released by path.
+    e.device_event(removed(vdb2, 40.0), 40.0)
+    r = only(e.release(ReleaseRequest(operation_id="d2", volume_id=v, device_path="/dev/vdb"), 41))
+    assert r.gone
+    w = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 50.5)), 50.5)
+    assert only(e.attach(request("a3", w, GIB, 50.0), 51.0)).device_path == "/dev/vdb"
+
+
+def test_reattach_never_takes_the_released_appearance() -> None:
+    """The watcher missed the old device going (or it lingers): after its release timed
+    out the volume is attached again; its request must wait for the new appearance."""
+    e = engine()
+    v = new_volume()
+    old = device("vdb", GIB, serial_of(v), 10.5)
+    e.device_event(added(old), 10.5)
+    assert only(e.attach(request("a1", v, GIB, 10.0), 11.0)).device_path == "/dev/vdb"
+    assert e.release(ReleaseRequest(operation_id="d1", volume_id=v), 20.0) == []
+    assert not only(e.tick(50.0)).gone
+    assert e.attach(request("a2", v, GIB, 60.0), 61.0) == []
+    r = only(e.device_event(added(device("vdc", GIB, serial_of(v), 61.5)), 61.5))
+    assert r.operation_id == "a2" and r.device_path == "/dev/vdc"
+
+
+def test_rollback_release_waits_for_every_device_the_failed_attach_could_own() -> None:
+    e = engine()
+    va, vb = new_volume(), new_volume()
+    e.attach(request("a", va, GIB, 10.0), 10.5)
+    e.attach(request("b", vb, GIB, 10.1), 10.6)
+    vdb, vdc = device("vdb", GIB, None, 11.0), device("vdc", GIB, None, 11.1)
+    assert len(e.device_event(added(vdb), 11.0)) == 2  # both ambiguous
+    e.device_event(added(vdc), 11.1)
+    # A's roll-back: which device was A's is unknown, so both must go.
+    assert e.release(ReleaseRequest(operation_id="a", volume_id=va), 12.0) == []
+    assert e.device_event(removed(vdb, 12.1), 12.1) == []
+    r = only(e.device_event(removed(vdc, 12.5), 12.5))
+    assert r.operation_id == "a" and r.gone
+    assert only(e.release(ReleaseRequest(operation_id="b", volume_id=vb), 13.0)).gone
+
+
+def test_release_by_serial_and_path_and_timeout() -> None:
+    e = engine()
+    v, w = new_volume(), new_volume()
+    e.device_event(
+        inventory([device("vdb", GIB, serial_of(v), 1.0), device("vdc", GIB, None, 1.0)], 2.0), 2.0
+    )
+    assert e.release(ReleaseRequest(operation_id="d1", volume_id=v), 3.0) == []
+    assert (
+        e.release(ReleaseRequest(operation_id="d2", volume_id=w, device_path="/dev/vdc"), 3) == []
+    )
+    # The device of v goes in an inventory (a rescan found it gone).
+    r = only(e.device_event(inventory([device("vdc", GIB, None, 1.0)], 4.0), 4.0))
+    assert r.operation_id == "d1" and r.gone
+    r = only(e.tick(33.0))
+    assert r.operation_id == "d2" and not r.gone and "vdc" in r.message and "30 s" in r.message
+    # Nothing of the volume present: gone at once.
+    r = only(e.release(ReleaseRequest(operation_id="d3", volume_id=new_volume()), 40.0))
+    assert r.gone
+
+
+def test_watcher_restart_neither_forgets_claims_nor_makes_old_devices_new() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    e.device_event(inventory([device("vda", GIB, None, 1.0)], 1.0), 1.0)  # older: ignored
+    assert e.mapping(v) is not None
+    # The watcher restarts and stamps everything "now".
+    w = new_volume()
+    e.operation_event(op_event("b", "executing", 20.0, w), 20.0)
+    assert e.attach(request("b", w, GIB, 20.0), 20.5) == []
+    restamped = [device("vda", GIB, None, 21.0), device("vdb", GIB, None, 21.0)]
+    assert e.device_event(inventory(restamped, 21.0, "start"), 21.0) == []
+    assert e.mapping(v) is not None
+    assert only(e.tick(50.5)).error.code == "device_timeout"
+
+
+def test_unknown_attaches_at_start_block_exclusion_until_synced() -> None:
+    e = CorrelationEngine(VM, now=0.0, timeout=30)
+    assert not e.attaches_known
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    assert e.attach(request("a", v, GIB, 10.0), 11.0) == []
+    r = only(e.sync_attaches([], 12.0))
+    assert r.device_path == "/dev/vdb"
+
+
+def test_unknown_attaches_time_out_as_ambiguous() -> None:
+    e = CorrelationEngine(VM, now=0.0, timeout=30)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    e.attach(request("a", v, GIB, 10.0), 11.0)
+    r = only(e.tick(41.0))
+    assert r.error.code == "ambiguous_device" and "unseen" in r.error.message
+
+
+def test_device_seen_before_the_correlator_started_is_never_proven() -> None:
+    """A restart loses the claims: a device seen before it may be another volume's."""
+    e = engine(100.0)
+    v, w = new_volume(), new_volume()
+    e.device_event(inventory([device("vdb", GIB, None, 99.5)], 100.0), 100.0)
+    r = only(e.attach(request("a", v, GIB, 99.0), 101.0))
+    assert r.error.code == "ambiguous_device" and "before the correlator" in r.error.message
+    # An attach resumed across the restart whose device comes afterwards is proven.
+    e.device_event(added(device("vdc", 2 * GIB, None, 100.5)), 100.5)
+    r = only(e.attach(request("b", w, 2 * GIB, 99.9), 101.0))
+    assert r.device_path == "/dev/vdc" and r.proof == "exclusive"
+
+
+def test_a_serial_host_never_uses_exclusion() -> None:
+    e = engine()
+    v, w = new_volume(), new_volume()
+    e.device_event(added(device("vdb", GIB, serial_of(v), 10.5)), 10.5)
+    assert only(e.attach(request("a", v, GIB, 10.0), 11.0)).proof == "serial"
+    e.device_event(added(device("vdc", GIB, None, 20.5)), 20.5)
+    assert e.attach(request("b", w, GIB, 20.0), 21.0) == []
+    r = only(e.tick(51.0))
+    assert r.error.code == "device_timeout" and "serials" in r.error.message
+
+
+def test_two_devices_with_one_serial_are_ambiguous() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(
+        inventory(
+            [device("vdb", GIB, serial_of(v), 1.0), device("vdc", GIB, serial_of(v), 1.0)], 2.0
+        ),
+        2.0,
+    )
+    r = only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    assert r.error.code == "ambiguous_device" and "vdb, vdc" in r.error.message
+
+
+def test_other_vms_are_ignored() -> None:
+    e = engine()
+    ev = DeviceEvent(
+        kind="added", vm_id="other", at=10.5, source="uevent", device=device("vdb", GIB, None, 10.5)
+    )
+    e.device_event(ev, 10.5)
+    assert e.devices() == []
+    other = OperationEvent(
+        operation_id="x", type="attach", status="executing", vm_id="other", at=iso(10.0)
+    )
+    e.operation_event(other, 10.0)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    assert only(e.attach(request("a", v, GIB, 10.0), 11.0)).proof == "exclusive"
