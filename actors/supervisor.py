@@ -127,8 +127,12 @@ class Supervisor:
         """Two phases: ask actors that can to stop taking work and wait, then cancel."""
         for name in ("executor", "correlator", "watcher", "persistence"):
             actor: Any = self.actors.get(name)
-            if actor is not None and hasattr(actor, "stop"):
-                actor.stop()
+            if actor is None or name not in tasks:
+                continue
+            if hasattr(actor, "stop"):
+                actor.stop()  # finishes in-flight work, takes no more
+            else:
+                tasks[name].cancel()  # holds no work worth finishing
         pending = [t for t in tasks.values() if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=GRACE)

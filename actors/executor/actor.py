@@ -16,9 +16,11 @@ heartbeats it, so a crash hands it to the next executor, which resumes from the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -230,10 +232,28 @@ class ExecutorActor:
         await run.publish_last()
         if run.record.status in TERMINAL or command is None:
             return
-        async with slot.turn():
+        async with slot.turn(), self._gate_for(command):
             if run.record.status == "pending" and not await run.start():
                 return  # cancelled while it waited
             await run.execute(command)
+
+    @contextlib.asynccontextmanager
+    async def _gate_for(self, command: Command) -> AsyncIterator[None]:
+        """Until this host has shown that its devices carry serials, attaches to it start one
+        at a time: the correlator can then prove a serial-less device is the volume of the
+        only attach in flight. The gate is taken before the operation turns `executing`,
+        which is what the correlator counts as in flight (and a waiting attach can still
+        be cancelled)."""
+        local = (
+            isinstance(command, AttachCommand)
+            and not self._serials_proven
+            and command.vm_id == await self.local_vm_id()
+        )
+        if not local:
+            yield
+            return
+        async with self._local_gate:
+            yield
 
     async def _fail_for_good(self, op_id: str, reason: str) -> None:
         assert self._ops is not None
@@ -310,11 +330,6 @@ class ExecutorActor:
 
     # -- for operations ------------------------------------------------------------------------
 
-    def local_attach_gate(self) -> asyncio.Lock | None:
-        # Until the host has shown that its devices carry serials, attaches to it go one at a
-        # time: a device without a serial can then only be the volume of the one open attach.
-        return None if self._serials_proven else self._local_gate
-
     def note_proof(self, proof: str) -> None:
         self._serials_proven = proof == "serial"
 
@@ -342,9 +357,6 @@ class OperationRun:
 
     async def local_vm_id(self) -> str | None:
         return await self.executor.local_vm_id()
-
-    def local_attach_gate(self) -> asyncio.Lock | None:
-        return self.executor.local_attach_gate()
 
     def note_proof(self, proof: str) -> None:
         self.executor.note_proof(proof)

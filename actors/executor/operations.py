@@ -79,8 +79,6 @@ class Context(Protocol):
 
     async def local_vm_id(self) -> str | None: ...
 
-    def local_attach_gate(self) -> asyncio.Lock | None: ...
-
     def note_proof(self, proof: str) -> None: ...
 
 
@@ -227,17 +225,9 @@ def _created_near(created: Any, sent: float) -> bool:
 
 
 async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
+    rec = ctx.record
     local_vm = await ctx.local_vm_id()
     is_local = local_vm is not None and cmd.vm_id == local_vm
-    gate = ctx.local_attach_gate() if is_local else None
-    if gate is None:
-        return await _attach(ctx, cmd, is_local)
-    async with gate:  # serial-less hosts: one local attach at a time, so identity is provable
-        return await _attach(ctx, cmd, is_local)
-
-
-async def _attach(ctx: Context, cmd: AttachCommand, is_local: bool) -> Outcome:
-    rec = ctx.record
 
     async def already_done() -> dict[str, Any] | None:
         volume = await ctx.cloud.volume(cmd.volume_id)
