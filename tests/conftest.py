@@ -175,8 +175,13 @@ class Harness:
     supervisor: object
     events: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
-    async def send(self, op_type: str, body: object, headers: dict[str, str] | None = None,
-                   raw: bytes | None = None) -> None:
+    async def send(
+        self,
+        op_type: str,
+        body: object,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> None:
         import json
 
         data = raw if raw is not None else json.dumps(body).encode()
@@ -200,13 +205,17 @@ class Harness:
         """Ask the volumed micro service; return the JSON reply and the error code header."""
         import json
 
-        msg = await self.bus.nc.request(f"volume.api.{endpoint}", json.dumps(body).encode(),  # type: ignore[attr-defined]
-                                        timeout=5)
+        msg = await self.bus.nc.request(
+            f"volume.api.{endpoint}",
+            json.dumps(body).encode(),  # type: ignore[attr-defined]
+            timeout=5,
+        )
         code = (msg.headers or {}).get("Nats-Service-Error-Code")
         return (json.loads(msg.data) if msg.data else {}), code
 
-    async def row(self, database: Database, op_id: str, status: str | None = None,
-                  timeout: float = 10.0) -> dict[str, object]:
+    async def row(
+        self, database: Database, op_id: str, status: str | None = None, timeout: float = 10.0
+    ) -> dict[str, object]:
         async def find() -> dict[str, object] | None:
             try:
                 rows = await database.query("SELECT * FROM volume_operations WHERE id=%s", op_id)

@@ -29,11 +29,18 @@ def test_defaults_are_the_contracts() -> None:
 
 def test_toml_then_environment(tmp_path: Path) -> None:
     f = tmp_path / "volumed.toml"
-    f.write_text('nats_url = "nats://a:1"\npoll_interval = 0.5\ndevices = ["loop*"]\n'
-                 'cloudstack_endpoint = "http://toml/client/api"\nvm_id = "vm-toml"\n')
-    s = load_settings(str(f), environ={"VOLUMED_VM_ID": "vm-env",
-                                       "CLOUDSTACK_ENDPOINT": "http://env/client/api",
-                                       "VOLUMED_DEVICES": "vd*,sd*"})
+    f.write_text(
+        'nats_url = "nats://a:1"\npoll_interval = 0.5\ndevices = ["loop*"]\n'
+        'cloudstack_endpoint = "http://toml/client/api"\nvm_id = "vm-toml"\n'
+    )
+    s = load_settings(
+        str(f),
+        environ={
+            "VOLUMED_VM_ID": "vm-env",
+            "CLOUDSTACK_ENDPOINT": "http://env/client/api",
+            "VOLUMED_DEVICES": "vd*,sd*",
+        },
+    )
     assert s.nats_url == "nats://a:1" and s.poll_interval == 0.5
     assert s.vm_id == "vm-env" and s.cloudstack_endpoint == "http://env/client/api"
     assert s.devices == ("vd*", "sd*")
@@ -50,8 +57,12 @@ def test_bad_values_name_the_key_not_the_secret(tmp_path: Path) -> None:
 
 
 def test_secrets_are_masked_in_repr_and_logs(caplog: pytest.LogCaptureFixture) -> None:
-    s = load_settings(environ={"CLOUDSTACK_SECRET": "cs-secret-123",
-                               "VOLUMED_DB_DSN": "mysql://u:db-pass-456@h:3306/d"})
+    s = load_settings(
+        environ={
+            "CLOUDSTACK_SECRET": "cs-secret-123",
+            "VOLUMED_DB_DSN": "mysql://u:db-pass-456@h:3306/d",
+        }
+    )
     text = repr(s) + str(s) + str(s.redacted())
     assert "cs-secret-123" not in text and "db-pass-456" not in text
     assert set(s.secrets()) == {"cs-secret-123", "db-pass-456"}
@@ -67,9 +78,12 @@ def test_secrets_are_masked_in_repr_and_logs(caplog: pytest.LogCaptureFixture) -
 
 def test_nats_conf_starts_a_jetstream_server(tmp_path: Path) -> None:
     port, http = free_port(), free_port()
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(ROOT / "nats.conf"),
-                             "-p", str(port), "-m", str(http)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(ROOT / "nats.conf"), "-p", str(port), "-m", str(http)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -19,9 +19,15 @@ ACTORS = ["persistence", "executor"]
 
 def settings_for(nats: NatsServer, database: Database, sim: Simulator, **over: object) -> Settings:
     base: dict[str, object] = dict(
-        nats_url=nats.url, db_dsn=database.dsn, cloudstack_endpoint=sim.url,
-        cloudstack_key=sim.api_key, cloudstack_secret=sim.secret_key, vm_id=sim.local_vm_id,
-        cloudstack_retries=3, cloudstack_retry_backoff=0.02, cloudstack_poll_interval=0.05,
+        nats_url=nats.url,
+        db_dsn=database.dsn,
+        cloudstack_endpoint=sim.url,
+        cloudstack_key=sim.api_key,
+        cloudstack_secret=sim.secret_key,
+        vm_id=sim.local_vm_id,
+        cloudstack_retries=3,
+        cloudstack_retry_backoff=0.02,
+        cloudstack_poll_interval=0.05,
         instance="test",
     )
     base.update(over)
@@ -49,9 +55,15 @@ def remote_vm(sim: Simulator) -> str:
     return next(v for v in sim.vm_ids if v != sim.local_vm_id)
 
 
-def create_body(sim: Simulator, op_id: str | None = None, name: str = "vol", gib: int = 1) -> dict[str, object]:
-    body: dict[str, object] = {"name": name, "size": gib * GIB,
-                               "disk_offering_id": sim.disk_offering_ids[0], "zone_id": sim.zone_id}
+def create_body(
+    sim: Simulator, op_id: str | None = None, name: str = "vol", gib: int = 1
+) -> dict[str, object]:
+    body: dict[str, object] = {
+        "name": name,
+        "size": gib * GIB,
+        "disk_offering_id": sim.disk_offering_ids[0],
+        "zone_id": sim.zone_id,
+    }
     if op_id:
         body["operation_id"] = op_id
     return body
@@ -94,8 +106,17 @@ async def test_lifecycle_remote_vm(volumed: Harness, sim: Simulator, database: D
 
     # Every event has the contract's fields, and `at` is RFC 3339 UTC.
     for event in volumed.events[c]:
-        assert set(event) >= {"operation_id", "type", "status", "volume_id", "vm_id",
-                              "device_path", "by_id_path", "error", "at"}
+        assert set(event) >= {
+            "operation_id",
+            "type",
+            "status",
+            "volume_id",
+            "vm_id",
+            "device_path",
+            "by_id_path",
+            "error",
+            "at",
+        }
         assert str(event["at"]).endswith("Z")
 
     row = await volumed.row(database, c, "completed")
@@ -111,8 +132,9 @@ async def test_attach_as_root_uses_deviceid_0(volumed: Harness, sim: Simulator) 
     a = op()
     # A VM without a root disk: use a fresh VM id from the simulator's world if it has one.
     vm = remote_vm(sim)
-    await volumed.send("attach", {"operation_id": a, "volume_id": volume_id, "vm_id": vm,
-                                  "as_root": True})
+    await volumed.send(
+        "attach", {"operation_id": a, "volume_id": volume_id, "vm_id": vm, "as_root": True}
+    )
     await volumed.terminal(a)
     attach_calls = calls(sim, "attachVolume")
     assert attach_calls and attach_calls[-1].params.get("deviceid") == "0"
@@ -121,7 +143,9 @@ async def test_attach_as_root_uses_deviceid_0(volumed: Harness, sim: Simulator) 
 async def test_delete_of_attached_volume_detaches_first(volumed: Harness, sim: Simulator) -> None:
     volume_id = await create_volume(volumed, sim)
     a, x = op(), op()
-    await volumed.send("attach", {"operation_id": a, "volume_id": volume_id, "vm_id": remote_vm(sim)})
+    await volumed.send(
+        "attach", {"operation_id": a, "volume_id": volume_id, "vm_id": remote_vm(sim)}
+    )
     assert (await volumed.terminal(a))["status"] == "completed"
     await volumed.send("delete", {"operation_id": x, "volume_id": volume_id})
     event = await volumed.terminal(x)
@@ -131,8 +155,10 @@ async def test_delete_of_attached_volume_detaches_first(volumed: Harness, sim: S
     assert order == ["detachVolume", "deleteVolume"]
 
 
-@pytest.mark.parametrize("case", ["attach_unknown", "attach_attached", "detach_detached",
-                                  "delete_unknown", "detach_unknown"])
+@pytest.mark.parametrize(
+    "case",
+    ["attach_unknown", "attach_attached", "detach_detached", "delete_unknown", "detach_unknown"],
+)
 async def test_error_codes(volumed: Harness, sim: Simulator, case: str) -> None:
     vm = remote_vm(sim)
     unknown = str(uuid.uuid4())
@@ -149,7 +175,9 @@ async def test_error_codes(volumed: Harness, sim: Simulator, case: str) -> None:
         volume_id = await create_volume(volumed, sim)
         if case == "attach_attached":
             first = op()
-            await volumed.send("attach", {"operation_id": first, "volume_id": volume_id, "vm_id": vm})
+            await volumed.send(
+                "attach", {"operation_id": first, "volume_id": volume_id, "vm_id": vm}
+            )
             await volumed.terminal(first)
             o = op()
             await volumed.send("attach", {"operation_id": o, "volume_id": volume_id, "vm_id": vm})
@@ -164,7 +192,9 @@ async def test_error_codes(volumed: Harness, sim: Simulator, case: str) -> None:
     assert volumed.statuses(o) == ["pending", "executing", "failed"]
 
 
-async def test_same_operation_id_is_done_once(volumed: Harness, sim: Simulator, database: Database) -> None:
+async def test_same_operation_id_is_done_once(
+    volumed: Harness, sim: Simulator, database: Database
+) -> None:
     o = op()
     body = create_body(sim, o, "once")
     for _ in range(3):
@@ -179,7 +209,9 @@ async def test_same_operation_id_is_done_once(volumed: Harness, sim: Simulator, 
     assert len(await database.query("SELECT id FROM volume_operations WHERE id=%s", o)) == 1
 
 
-async def test_nats_msg_id_without_operation_id(volumed: Harness, sim: Simulator, database: Database) -> None:
+async def test_nats_msg_id_without_operation_id(
+    volumed: Harness, sim: Simulator, database: Database
+) -> None:
     o = op()
     body = create_body(sim, None, "by-header")
     for _ in range(3):
@@ -205,8 +237,10 @@ INVALID: list[tuple[str, object]] = [
     ("create", {"name": "", "size": GIB, "disk_offering_id": "d", "zone_id": "z"}),
     ("create", {"name": "a~b", "size": GIB, "disk_offering_id": "d", "zone_id": "z"}),
     ("create", {"name": "v", "size": GIB, "zone_id": "z"}),  # no offering
-    ("create", {"name": "v", "size": GIB, "disk_offering_id": "d", "zone_id": "z",
-                "metadata": {"k": 1}}),
+    (
+        "create",
+        {"name": "v", "size": GIB, "disk_offering_id": "d", "zone_id": "z", "metadata": {"k": 1}},
+    ),
     ("attach", {"volume_id": "v1"}),  # no vm
     ("attach", {"volume_id": "a b", "vm_id": "x"}),
     ("attach", {"volume_id": "v1", "vm_id": "x", "as_root": "yes"}),
@@ -246,8 +280,10 @@ async def test_invalid_commands_are_rejected_once(volumed: Harness, sim: Simulat
 
 async def test_rejection_names_the_field(volumed: Harness, sim: Simulator) -> None:
     o = op()
-    await volumed.send("create", {"operation_id": o, "name": "v", "size": GIB + 1,
-                                  "disk_offering_id": "d", "zone_id": "z"})
+    await volumed.send(
+        "create",
+        {"operation_id": o, "name": "v", "size": GIB + 1, "disk_offering_id": "d", "zone_id": "z"},
+    )
     event = await volumed.terminal(o)
     assert "size" in event["error"]["message"]  # type: ignore[index]
 
@@ -311,7 +347,9 @@ async def test_lost_answer_is_looked_up_not_resent(volumed: Harness, sim: Simula
     assert [v.id for v in sim.volumes.values() if v.name == "lost-answer"] == [event["volume_id"]]
 
 
-async def test_cloudstack_down_gives_cloudstack_unavailable(volumed: Harness, sim: Simulator) -> None:
+async def test_cloudstack_down_gives_cloudstack_unavailable(
+    volumed: Harness, sim: Simulator
+) -> None:
     sim.inject(Fault(kind="drop", command="createVolume", count=100))
     o = op()
     await volumed.send("create", create_body(sim, o, "never"))
