@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from msgspec import Struct
 
 from schemas.common import OpType, Status
@@ -31,6 +33,9 @@ class OpRecord(Struct, kw_only=True):
     # lost answer knows it may have happened and looks before sending it again.
     mutation_sent: float | None = None
     attach_started_at: float | None = None
+    # CloudStack's answer to each step whose mutation has completed, by phase: a resumed
+    # operation skips those steps instead of sending them again.
+    results: dict[str, Any] = {}
     last_event: OperationEvent | None = None
     accepted_at: str = ""
 

@@ -118,13 +118,16 @@ async def mutate(
     ``already_done`` looks CloudStack up and returns the result if the mutation took effect
     (used whenever it may have been sent before: lost answer, restart)."""
     rec = ctx.record
+    if phase in rec.results:  # done before a restart
+        done: dict[str, Any] = rec.results[phase]
+        return done
     if rec.phase != phase:
         rec.phase, rec.job_id, rec.mutation_sent = phase, None, None
 
     async def attempt(_: int) -> dict[str, Any]:
         if rec.job_id:
             try:
-                return await ctx.cloud.wait(
+                result = await ctx.cloud.wait(
                     rec.job_id,
                     max_interval=ctx.settings.cloudstack_poll_interval,
                     deadline=time.monotonic() + ctx.settings.cloudstack_job_timeout,
@@ -134,21 +137,28 @@ async def mutate(
                     rec.job_id, rec.mutation_sent = None, None
                     await ctx.save()
                 raise
+            return await finished(result)
         if rec.mutation_sent is not None:
-            done = await already_done()
-            if done is not None:
-                return done
+            found = await already_done()
+            if found is not None:
+                return await finished(found)
         rec.mutation_sent = time.time()
         await ctx.save()
         if not is_async:
             answer = await ctx.cloud.call(command, **params)
-            return answer if isinstance(answer, dict) else {"result": answer}
+            return await finished(answer if isinstance(answer, dict) else {"result": answer})
         job: Job = await ctx.cloud.start(command, **params)
         rec.job_id = job.job_id
         if job.volume_id and not rec.volume_id:
             rec.volume_id = job.volume_id
         await ctx.save()
         return await attempt(0)
+
+    async def finished(result: dict[str, Any]) -> dict[str, Any]:
+        rec.results[phase] = result
+        rec.job_id, rec.mutation_sent = None, None
+        await ctx.save()
+        return result
 
     return await retrying(ctx.settings, attempt)
 
@@ -331,9 +341,11 @@ async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
 
 async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
     rec = ctx.record
-    if rec.phase in ("", "detach-first", "detach-first-release"):
+    if rec.phase != "delete":  # the delete itself has not been sent yet
         volume = await _find_volume(ctx, cmd.volume_id)
-        vm_id = volume.get("virtualmachineid") or (rec.vm_id if rec.phase else None)
+        vm_id = volume.get("virtualmachineid") or (
+            rec.vm_id if rec.phase.startswith("detach-first") else None
+        )
         if vm_id:
             rec.vm_id = str(vm_id)
             local = str(vm_id) == await ctx.local_vm_id()
