@@ -258,3 +258,67 @@ async def stop_volumed(harness: Harness, task: asyncio.Task[None]) -> None:
         await asyncio.wait_for(task, 30)
     finally:
         await harness.bus.close()  # type: ignore[attr-defined]
+
+
+# -- volumed as a real process ------------------------------------------------------------
+
+
+@dataclass
+class VolumedProcess:
+    """`volumed run ACTORS` as a child process that a test can signal, kill -9 and restart."""
+
+    env: dict[str, str]
+    actors: tuple[str, ...] = ()
+    log_path: Path | None = None
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        import sys
+
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "actors.cli",
+            "run",
+            *self.actors,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the process and wait for it; return its exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            code = await self.proc.wait()
+        return code
+
+    async def kill(self) -> None:
+        await self.stop(signal.SIGKILL)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+def volumed_env(nats_url: str, dsn: str, sim: object, **extra: str) -> dict[str, str]:
+    """The environment of a volumed process talking to ``sim`` (a simulator.Simulator)."""
+    env = {
+        "VOLUMED_NATS_URL": nats_url,
+        "VOLUMED_DB_DSN": dsn,
+        "CLOUDSTACK_ENDPOINT": sim.url,  # type: ignore[attr-defined]
+        "CLOUDSTACK_KEY": sim.api_key,  # type: ignore[attr-defined]
+        "CLOUDSTACK_SECRET": sim.secret_key,  # type: ignore[attr-defined]
+        "VOLUMED_VM_ID": str(sim.local_vm_id),  # type: ignore[attr-defined]
+        "VOLUMED_CLOUDSTACK_RETRY_BACKOFF": "0.05",
+        "VOLUMED_CLOUDSTACK_POLL_INTERVAL": "0.05",
+    }
+    env.update(extra)
+    return env

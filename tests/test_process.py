@@ -1,0 +1,63 @@
+"""`volumed run` as a real process: it serves, and SIGTERM/SIGINT end it with status 0."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bus import Bus
+from simulator import SimConfig, Simulator
+from tests.conftest import Database, NatsServer, VolumedProcess, volumed_env, wait_for
+from tests.test_lifecycle import create_body
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_run_serves_and_exits_0_on_signal(
+    nats_server: NatsServer, database: Database, tmp_path: Path, sig: int
+) -> None:
+    async with Simulator(SimConfig(seed=11)) as sim:
+        process = VolumedProcess(
+            volumed_env(nats_server.url, database.dsn, sim),
+            ("executor", "persistence"),
+            log_path=tmp_path / "volumed.log",
+        )
+        await process.start()
+        user = await Bus.connect(nats_server.url, "user")
+        try:
+            events: list[bytes] = []
+
+            async def on_event(_s: str, data: bytes, _r: str | None) -> None:
+                events.append(data)
+
+            await user.subscribe("volume.events.>", on_event)
+            op_id = f"p-{uuid.uuid4().hex[:12]}"
+
+            # Published before the process has provisioned: retried until the stream exists.
+            async def publish() -> bool:
+                try:
+                    await user.publish("volume.cmd.create", create_body(sim, op_id, "proc"))
+                    return True
+                except Exception:
+                    return False
+
+            await wait_for(publish, 30, interval=0.2)
+            await wait_for(
+                lambda: any(b'"completed"' in e and op_id.encode() in e for e in events), 30
+            )
+            reply = await user.request("volume.api.operation", {"operation_id": op_id})
+            assert b'"completed"' in reply
+        finally:
+            await user.close()
+            code = await process.stop(sig)
+        assert code == 0, (tmp_path / "volumed.log").read_text()[-3000:]
+        log = (tmp_path / "volumed.log").read_text()
+        assert sim.secret_key not in log
+
+
+async def test_unknown_actor_is_a_usage_error(tmp_path: Path) -> None:
+    process = VolumedProcess({}, ("nonsense",), log_path=tmp_path / "log")
+    await process.start()
+    assert await process.wait(timeout=20) == 2
