@@ -43,6 +43,8 @@ class Bus:
         self.name = name
         self.reconnects = 0
         self.last_error: str = ""
+        # Called (synchronously) after every reconnect, e.g. to wake a pull loop.
+        self.on_reconnect: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(cls, servers: str | list[str], name: str) -> Bus:
@@ -60,7 +62,10 @@ class Bus:
 
         async def on_reconnected() -> None:
             if holder:
-                holder["bus"].reconnects += 1
+                bus = holder["bus"]
+                bus.reconnects += 1
+                for wake in bus.on_reconnect:
+                    wake()
             log.info("nats reconnected")
 
         delay = 0.2

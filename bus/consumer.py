@@ -80,10 +80,17 @@ class Consumer:
     async def run(self, grace: float = 10.0) -> None:
         nc = self.bus.nc
         inbox = nc.new_inbox()
+        wake = self._wake
+        self.bus.on_reconnect.append(wake)
         sub = await nc.subscribe(inbox, cb=self._on_message)
         pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.spec.durable}"
+        seen_reconnects = self.bus.reconnects
         try:
             while not self._stopping.is_set():
+                if self.bus.reconnects != seen_reconnects:
+                    # A server restart forgets open pull requests: ask again at once.
+                    seen_reconnects = self.bus.reconnects
+                    self._credit = 0
                 await self._top_up(pull_subject, inbox)
                 try:
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
@@ -105,6 +112,8 @@ class Consumer:
                 self._tasks.add(task)
                 task.add_done_callback(self._on_done)
         finally:
+            with contextlib.suppress(ValueError):
+                self.bus.on_reconnect.remove(wake)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             while not self._queue.empty():
@@ -112,6 +121,9 @@ class Consumer:
                 if queued is not None:
                     await self._give_back(queued)
             await self._finish(grace)
+
+    def _wake(self) -> None:
+        self._queue.put_nowait(None)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

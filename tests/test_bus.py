@@ -90,3 +90,37 @@ async def test_works_on_the_machines_old_server() -> None:
         await b.provision(TOPOLOGY)
     finally:
         await b.close()
+
+
+async def test_consumer_carries_on_after_a_server_restart(nats_server: NatsServer) -> None:
+    bus = await Bus.connect(nats_server.url, "restart")
+    await bus.provision(TOPOLOGY)
+    seen: list[bytes] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(d.data)
+
+    consumer = Consumer(bus, EXECUTOR, handler, concurrency=4)
+    task = asyncio.create_task(consumer.run(grace=1))
+    try:
+        await bus.publish(command_subject("create"), b"before")
+        await wait_for(lambda: b"before" in seen)
+        nats_server.stop()
+        await asyncio.sleep(0.5)
+        nats_server.start()
+        await wait_for(lambda: bus.connected, 10)
+
+        async def published() -> bool:
+            try:
+                await bus.publish(command_subject("create"), b"after")
+                return True
+            except Exception:
+                return False
+
+        await wait_for(published, 10, interval=0.2)
+        # Well before the 11 s a lost pull would take to notice by missing heartbeats.
+        await wait_for(lambda: b"after" in seen, 3)
+    finally:
+        consumer.stop()
+        await task
+        await bus.close()
