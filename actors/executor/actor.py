@@ -58,7 +58,6 @@ from schemas.internal import CheckResult, CloudStackCredentials, Heartbeat, OpRe
 log = logging.getLogger("volumed.executor")
 
 HEARTBEAT_INTERVAL = 5.0
-_CREDENTIALS_TTL = 1.0  # "fresh for each operation", without a query per HTTP request
 
 
 class ExecutorActor:
@@ -77,7 +76,6 @@ class ExecutorActor:
         self.devices: Devices = devices or BusDevices(bus)
         self.lanes = Lanes()
         self._inflight: dict[str, int] = {}  # operation id → stream sequence being handled
-        self._creds: tuple[float, CloudStackCredentials] | None = None
         self._local_gate = asyncio.Lock()
         self._serials_proven = False
         self._ops: Bucket[OpRecord] | None = None
@@ -112,9 +110,6 @@ class ExecutorActor:
                 secret=s.cloudstack_secret,
                 vm_id=s.vm_id,
             )
-        now = time.monotonic()
-        if self._creds and now - self._creds[0] < _CREDENTIALS_TTL:
-            return self._creds[1]
         try:
             data = await self.bus.request(CONFIG_SUBJECT, b"{}", timeout=5.0)
             creds = msgspec.json.decode(data, type=CloudStackCredentials)
@@ -127,7 +122,6 @@ class ExecutorActor:
         creds.key = s.cloudstack_key or creds.key
         creds.secret = s.cloudstack_secret or creds.secret
         SECRETS.add(creds.secret)
-        self._creds = (now, creds)
         return creds
 
     async def local_vm_id(self) -> str | None:
@@ -427,6 +421,9 @@ class OperationRun:
         await self.publish_last()
 
     async def execute(self, command: Command) -> None:
+        # Credentials are read once per operation (a changed ossea_configs row applies to the
+        # next operation, never to half of one).
+        self.cloud = self.executor.cloud.with_credentials(await self.executor._credentials())
         try:
             if isinstance(command, CancelCommand):
                 cancelled = await self.executor.cancel(command.target)

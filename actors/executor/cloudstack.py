@@ -64,8 +64,19 @@ class CloudStack:
         self._credentials = credentials
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._owner: CloudStack | None = None
+
+    def with_credentials(self, credentials: CloudStackCredentials) -> CloudStack:
+        """A view that uses these credentials for every call (one operation's), sharing
+        the HTTP pool."""
+        view = CloudStack(_constant(credentials), timeout=self._timeout)
+        view._session = self._http()
+        view._owner = self
+        return view
 
     async def close(self) -> None:
+        if self._owner is not None:
+            return  # the pool belongs to the gateway this view was made from
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -215,6 +226,13 @@ def map_api_error(command: str, error: Any, *, job: bool = False) -> CloudStackE
         # Transient: the job ended (or the request was refused), nothing is running.
         return CloudStackError("cloudstack_unavailable", what, transient=True)
     return CloudStackError("cloudstack_error", what)
+
+
+def _constant(credentials: CloudStackCredentials) -> CredentialsSource:
+    async def source() -> CloudStackCredentials:
+        return credentials
+
+    return source
 
 
 def _is_mutation(command: str) -> bool:
