@@ -65,7 +65,9 @@ def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | N
     if name == "watcher":
         from actors.watcher import WatcherActor
 
-        return WatcherActor(bus, settings, vm_id, instance)
+        return WatcherActor(
+            bus, settings, vm_id, instance, heartbeat_interval=settings.heartbeat_interval
+        )
     if name == "correlator":
         from actors.correlator import CorrelatorActor
 

@@ -51,6 +51,8 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Commands one executor works on at once."""
     detach_timeout: Seconds = 30.0
     """Seconds a detach from the local VM waits for its device to go."""
+    heartbeat_interval: Seconds = 5.0
+    """How often each actor refreshes its health heartbeat; three missed make it stale."""
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     log_level: str = "INFO"
 

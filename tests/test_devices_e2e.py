@@ -233,3 +233,30 @@ async def test_remote_attach_has_no_device(
             await wait_for(two_rows, 10)
         finally:
             await stop_volumed(v, v.task)  # type: ignore[attr-defined]
+
+
+async def test_health_reports_real_checks(
+    nats_server: NatsServer, database: Database, tree: tuple[Path, Path]
+) -> None:
+    sysfs, dev = tree
+    async with Simulator(SimConfig(seed=8, sysfs_root=str(sysfs), dev_root=str(dev))) as sim:
+        v = await start(nats_server, database, sim, sysfs, dev, heartbeat_interval=0.2)
+        try:
+
+            async def status(wanted: str) -> dict[str, object] | None:
+                reply, code = await v.query("health", {})
+                assert code is None
+                return reply if reply["status"] == wanted else None
+
+            healthy = await wait_for(lambda: status("ok"), 10)
+            checks = healthy["checks"]
+            for name in ("nats", "database", "cloudstack", "device_watcher"):
+                assert checks[name]["status"] == "ok", checks  # type: ignore[index]
+            # CloudStack stops answering: the executor's probe says so, health degrades.
+            sim.inject(kind="drop", command="listCapabilities", count=10_000)
+            degraded = await wait_for(lambda: status("degraded"), 10)
+            assert degraded["checks"]["cloudstack"]["status"] == "down"  # type: ignore[index]
+            sim.clear_faults()
+            await wait_for(lambda: status("ok"), 10)
+        finally:
+            await stop_volumed(v, v.task)  # type: ignore[attr-defined]

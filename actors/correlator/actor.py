@@ -54,7 +54,6 @@ from schemas.internal import (
 log = logging.getLogger("volumed.correlator")
 
 _IDLE_WAKE = 1.0  # seconds between checks for a NATS reconnect when nothing is due
-_HEARTBEAT = 10.0
 _SCAN_CONCURRENCY = 64
 
 
@@ -380,7 +379,7 @@ class CorrelatorActor:
                 log.debug("heartbeat failed: %s", e)
             self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), _HEARTBEAT)
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -57,8 +57,6 @@ from schemas.internal import CheckResult, CloudStackCredentials, Heartbeat, OpRe
 
 log = logging.getLogger("volumed.executor")
 
-HEARTBEAT_INTERVAL = 5.0
-
 
 class ExecutorActor:
     def __init__(
@@ -307,7 +305,7 @@ class ExecutorActor:
                 )
             except Exception as e:
                 log.debug("heartbeat not stored: %s", e)
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def probe_cloudstack(self) -> CheckResult:
         start = time.perf_counter()

@@ -44,7 +44,12 @@ class PersistenceActor:
         self._owns_store = store is None
         self.batcher: Batcher | None = None
         self.consumer: Consumer | None = None
-        self.health = HealthChecker(bus, lambda: self.store, lambda: self.store_error)
+        self.health = HealthChecker(
+            bus,
+            lambda: self.store,
+            lambda: self.store_error,
+            stale_after=3 * settings.heartbeat_interval,
+        )
         self.api = Api(lambda: self.store, self.health)
         self._stopping = asyncio.Event()
 
