@@ -42,6 +42,7 @@ class Bus:
         self.js = js
         self.name = name
         self.reconnects = 0
+        self.closing = False
         self.last_error: str = ""
         # Called (synchronously) after every reconnect, e.g. to wake a pull loop.
         self.on_reconnect: list[Callable[[], None]] = []
@@ -58,6 +59,8 @@ class Bus:
             log.warning("nats error: %s", e)
 
         async def on_disconnected() -> None:
+            if holder and holder["bus"].closing:
+                return
             log.warning("nats disconnected")
 
         async def on_reconnected() -> None:
@@ -98,6 +101,7 @@ class Bus:
         return self.nc.is_connected
 
     async def close(self) -> None:
+        self.closing = True
         if not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), 5)
