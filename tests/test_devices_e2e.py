@@ -253,7 +253,7 @@ async def test_health_reports_real_checks(
             for name in ("nats", "database", "cloudstack", "device_watcher"):
                 assert checks[name]["status"] == "ok", checks  # type: ignore[index]
             # CloudStack stops answering: the executor's probe says so, health degrades.
-            sim.inject(kind="drop", command="listCapabilities", count=10_000)
+            sim.inject(kind="drop", command="listVolumes", count=10_000)
             degraded = await wait_for(lambda: status("degraded"), 10)
             assert degraded["checks"]["cloudstack"]["status"] == "down"  # type: ignore[index]
             sim.clear_faults()

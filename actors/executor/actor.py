@@ -310,14 +310,16 @@ class ExecutorActor:
     async def probe_cloudstack(self) -> CheckResult:
         start = time.perf_counter()
         try:
-            await self.cloud.call("listCapabilities")
+            # The cheapest read every CloudStack (and simulator) has; proves the endpoint
+            # answers and accepts the credentials.
+            await self.cloud.call("listVolumes", page=1, pagesize=1)
         except CloudStackError as e:
             return CheckResult(status="down", detail=f"{e.code}: {e.message}")
         except Exception as e:
             return CheckResult(status="down", detail=f"{type(e).__name__}")
         return CheckResult(
             status="ok",
-            detail=f"listCapabilities answered in {1000 * (time.perf_counter() - start):.0f} ms",
+            detail=f"listVolumes answered in {1000 * (time.perf_counter() - start):.0f} ms",
         )
 
     # -- for operations ------------------------------------------------------------------------
