@@ -18,15 +18,24 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from bench.common import database_name, drop_database, figure, nats_server, percentile, simulator
+from bench.common import (
+    database_name,
+    drop_database,
+    figure,
+    nats_server,
+    percentile,
+    simulator,
+    volumed_env,
+)
 from bench.common import volumed as volumed_process
 from bus import Bus
 from bus.topology import TOPOLOGY, device_subject
 from schemas.common import GIB, serial_of
 
 
-async def run(args: argparse.Namespace, nats_url: str, sim: dict[str, object]) -> None:
+async def run(args: argparse.Namespace, nats_url: str, sim: dict[str, Any]) -> None:
     bus = await Bus.connect(nats_url, "bench")
     await bus.provision(TOPOLOGY)
     vm = str(sim["local_vm_id"])
@@ -71,7 +80,7 @@ async def run(args: argparse.Namespace, nats_url: str, sim: dict[str, object]) -
                     "zone_id": sim["zone_id"],
                     "disk_offering_id": sim["disk_offering_ids"][0],
                 },
-            )  # type: ignore[index]
+            )
             volume = str(created["volume_id"])
             op_id, attached = await command("attach", {"volume_id": volume, "vm_id": vm})
             if attached["status"] != "completed":
@@ -108,19 +117,15 @@ async def main() -> None:
             nats_server() as nats_url,
             simulator("--seed", "9", "--sysfs", str(sysfs), "--dev", str(dev), "--serials") as sim,
         ):
-            env = {
-                "VOLUMED_NATS_URL": nats_url,
-                "VOLUMED_DB_DSN": f"mysql://root@127.0.0.1:3306/{db}",
-                "CLOUDSTACK_ENDPOINT": str(sim["endpoint"]),
-                "CLOUDSTACK_KEY": str(sim["key"]),
-                "CLOUDSTACK_SECRET": str(sim["secret"]),
-                "VOLUMED_VM_ID": str(sim["local_vm_id"]),
-                "VOLUMED_SYSFS": str(sysfs),
-                "VOLUMED_DEV": str(dev),
-                "VOLUMED_DEVICES": "vd*",
-                "VOLUMED_POLL_INTERVAL": "0.02",
-                "VOLUMED_LOG_LEVEL": "WARNING",
-            }
+            env = volumed_env(
+                nats_url,
+                db,
+                sim,
+                VOLUMED_SYSFS=str(sysfs),
+                VOLUMED_DEV=str(dev),
+                VOLUMED_DEVICES="vd*",
+                VOLUMED_POLL_INTERVAL="0.02",
+            )
             try:
                 with volumed_process(env):
                     await run(args, nats_url, sim)

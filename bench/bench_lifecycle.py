@@ -17,6 +17,7 @@ import contextlib
 import json
 import time
 import uuid
+from typing import Any
 
 from bench.common import (
     database_name,
@@ -26,6 +27,7 @@ from bench.common import (
     percentile,
     simulator,
     volumed,
+    volumed_env,
 )
 from bus import Bus
 from bus.topology import PERSISTENCE, TOPOLOGY
@@ -33,7 +35,7 @@ from schemas.common import GIB
 
 
 class Client:
-    def __init__(self, bus: Bus, sim: dict[str, object]) -> None:
+    def __init__(self, bus: Bus, sim: dict[str, Any]) -> None:
         self.bus = bus
         self.sim = sim
         self.sent: dict[str, float] = {}
@@ -74,7 +76,7 @@ class Client:
             "size": GIB,
             "zone_id": self.sim["zone_id"],
             "disk_offering_id": self.sim["disk_offering_ids"][0],
-        }  # type: ignore[index]
+        }
 
     def latencies(self, ops: list[str], stage: dict[str, float]) -> list[float]:
         return [1000 * (stage[o] - self.sent[o]) for o in ops if o in stage]
@@ -159,15 +161,7 @@ async def main() -> None:
 
     db = database_name()
     with nats_server() as nats_url, simulator("--seed", "7") as sim:
-        env = {
-            "VOLUMED_NATS_URL": nats_url,
-            "VOLUMED_DB_DSN": f"mysql://root@127.0.0.1:3306/{db}",
-            "CLOUDSTACK_ENDPOINT": str(sim["endpoint"]),
-            "CLOUDSTACK_KEY": str(sim["key"]),
-            "CLOUDSTACK_SECRET": str(sim["secret"]),
-            "VOLUMED_VM_ID": str(sim["local_vm_id"]),
-            "VOLUMED_LOG_LEVEL": "WARNING",
-        }
+        env = volumed_env(nats_url, db, sim)
         try:
             groups = (
                 [["executor"], ["persistence"]] if args.split else [["executor", "persistence"]]

@@ -122,3 +122,18 @@ def percentile(values: list[float], p: float) -> float:
 
 def figure(name: str, value: float, unit: str) -> None:
     print(f"{name}: {value:.2f} {unit}", flush=True)
+
+
+def volumed_env(nats_url: str, db: str, sim: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The environment of a `volumed run` process against a simulator process."""
+    env = {
+        "VOLUMED_NATS_URL": nats_url,
+        "VOLUMED_DB_DSN": f"mysql://root@127.0.0.1:3306/{db}",
+        "CLOUDSTACK_ENDPOINT": str(sim["endpoint"]),
+        "CLOUDSTACK_KEY": str(sim["key"]),
+        "CLOUDSTACK_SECRET": str(sim["secret"]),
+        "VOLUMED_VM_ID": str(sim["local_vm_id"]),
+        "VOLUMED_LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env

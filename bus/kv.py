@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Generic, TypeVar
 
 import msgspec
@@ -38,26 +38,12 @@ class Bucket(Generic[T]):
 
     async def create(self, key: str, value: T) -> int:
         """Store ``value`` only if ``key`` does not exist; raise Conflict otherwise."""
-        try:
-            return await self._kv.create(key, self._encoder.encode(value))
-        except KeyWrongLastSequenceError as e:
-            raise Conflict(key) from e
-        except Exception as e:
-            # nats-py raises a plain APIError (code 10071) on some servers.
-            if "wrong last sequence" in str(e):
-                raise Conflict(key) from e
-            raise
+        return await _compare_and_set(key, self._kv.create(key, self._encoder.encode(value)))
 
     async def update(self, key: str, value: T, revision: int) -> int:
         """Store ``value`` only if ``key`` is still at ``revision``; raise Conflict otherwise."""
-        try:
-            return await self._kv.update(key, self._encoder.encode(value), last=revision)
-        except KeyWrongLastSequenceError as e:
-            raise Conflict(key) from e
-        except Exception as e:
-            if "wrong last sequence" in str(e):
-                raise Conflict(key) from e
-            raise
+        encoded = self._encoder.encode(value)
+        return await _compare_and_set(key, self._kv.update(key, encoded, last=revision))
 
     async def put(self, key: str, value: T) -> int:
         return await self._kv.put(key, self._encoder.encode(value))
@@ -77,3 +63,15 @@ class Bucket(Generic[T]):
             got = await self.get(key)
             if got is not None:
                 yield key, got[0]
+
+
+async def _compare_and_set(key: str, write: Awaitable[int]) -> int:
+    try:
+        return await write
+    except KeyWrongLastSequenceError as e:
+        raise Conflict(key) from e
+    except Exception as e:
+        # nats-py raises a plain APIError (code 10071) on some servers.
+        if "wrong last sequence" in str(e):
+            raise Conflict(key) from e
+        raise
