@@ -47,8 +47,13 @@ async def test_run_serves_and_exits_0_on_signal(
             await wait_for(
                 lambda: any(b'"completed"' in e and op_id.encode() in e for e in events), 30
             )
-            reply = await user.request("volume.api.operation", {"operation_id": op_id})
-            assert b'"completed"' in reply
+
+            # The row follows the event (the writer batches): ask until it is there.
+            async def persisted() -> bool:
+                reply = await user.request("volume.api.operation", {"operation_id": op_id})
+                return b'"completed"' in reply
+
+            await wait_for(persisted, 10, interval=0.1)
         finally:
             await user.close()
             code = await process.stop(sig)
