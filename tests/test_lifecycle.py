@@ -382,3 +382,68 @@ async def test_wrong_secret_is_unauthorized_and_never_shown(
     assert secret not in json.dumps(row, default=str)
     assert secret not in json.dumps(reply)
     assert secret not in caplog.text
+
+
+async def test_job_failure_that_is_not_transient_is_cloudstack_error(
+    volumed: Harness, sim: Simulator
+) -> None:
+    sim.inject(Fault(kind="job", command="createVolume", errortext="storage pool is full"))
+    o = op()
+    await volumed.send("create", create_body(sim, o, "full"))
+    event = await volumed.terminal(o)
+    assert event["status"] == "failed"
+    assert event["error"]["code"] == "cloudstack_error"  # type: ignore[index]
+    assert "storage pool is full" in event["error"]["message"]  # type: ignore[index]
+    assert len(calls(sim, "createVolume")) == 1  # not retried
+
+
+async def test_queries_through_the_daemon(volumed: Harness, sim: Simulator) -> None:
+    volume_id = await create_volume(volumed, sim, "queried")
+    a = op()
+    await volumed.send(
+        "attach", {"operation_id": a, "volume_id": volume_id, "vm_id": remote_vm(sim)}
+    )
+    await volumed.terminal(a)
+
+    async def persisted() -> dict[str, object] | None:
+        reply, code = await volumed.query("operation", {"operation_id": a})
+        return reply if code is None and reply.get("status") == "completed" else None
+
+    operation = await wait_for(persisted, 10)
+    for key in (
+        "operation_id",
+        "type",
+        "status",
+        "volume_id",
+        "vm_id",
+        "device_path",
+        "by_id_path",
+        "error",
+        "at",
+        "request",
+        "response",
+        "created_at",
+        "updated_at",
+        "completed_at",
+    ):
+        assert key in operation, key
+    assert operation["request"]["volume_id"] == volume_id  # type: ignore[index]
+
+    listed, code = await volumed.query("operations", {"volume_id": volume_id})
+    assert code is None
+    types = [o["type"] for o in listed["operations"]]  # type: ignore[union-attr, index]
+    assert types == ["attach", "create"]  # newest first
+
+    mapping, code = await volumed.query("mapping", {"volume_id": volume_id})
+    assert code is None and mapping["device_path"] is None and mapping["vm_id"] == remote_vm(sim)
+    vm_volumes, _ = await volumed.query("vm_volumes", {"vm_id": remote_vm(sim)})
+    assert [v["volume_id"] for v in vm_volumes["volumes"]] == [volume_id]  # type: ignore[union-attr, index]
+
+    _, code = await volumed.query("operation", {"operation_id": "no-such-op"})
+    assert code == "404"
+    _, code = await volumed.query("mapping", {"volume_id": str(uuid.uuid4())})
+    assert code == "404"
+    _, code = await volumed.query("operation", {"operation_id": "bad id!"})
+    assert code == "400"
+    _, code = await volumed.query("operations", {"limit": "many"})
+    assert code == "400"
