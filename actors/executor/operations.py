@@ -139,7 +139,7 @@ async def mutate(
                 raise
             return await finished(result)
         if rec.mutation_sent is not None:
-            found = await already_done()
+            found = await _look_up(ctx, already_done, params.get("id"))
             if found is not None:
                 return await finished(found)
         rec.mutation_sent = time.time()
@@ -155,12 +155,50 @@ async def mutate(
         return await attempt(0)
 
     async def finished(result: dict[str, Any]) -> dict[str, Any]:
+        # Kept with the record's next save (the next phase, or the terminal event). Until
+        # then a restart still has the job id or "mutation sent" and finds the same result.
         rec.results[phase] = result
         rec.job_id, rec.mutation_sent = None, None
-        await ctx.save()
         return result
 
     return await retrying(ctx.settings, attempt)
+
+
+async def _look_up(
+    ctx: Context,
+    already_done: Callable[[], Awaitable[dict[str, Any] | None]],
+    volume_id: Any,
+) -> dict[str, Any] | None:
+    """``already_done()``, asked only once no CloudStack job works on the volume any more.
+
+    A mutation whose answer was lost (accept-then-drop, a restart before the job id was
+    stored) may still be running: until its job ends the volume shows the old state, and
+    sending the mutation again would be refused as a repeat (a second attach or detach),
+    or undo a newer change. CloudStack lists the job working on a volume (``jobid``): wait
+    for it, then look. For a create the volume is known only once found by name."""
+    if volume_id:
+        volume = await ctx.cloud.volume(str(volume_id))
+        if volume is not None and volume.get("jobid"):
+            await _job_ended(ctx, str(volume["jobid"]))
+    found = await already_done()
+    pending = _volume_of(found).get("jobid") if found is not None else None
+    if pending:
+        await _job_ended(ctx, str(pending))
+        found = await already_done()
+    return found
+
+
+async def _job_ended(ctx: Context, job_id: str) -> None:
+    """Wait for a job to end; a failed one changed nothing, which the look-up then sees."""
+    try:
+        await ctx.cloud.wait(
+            job_id,
+            max_interval=ctx.settings.cloudstack_poll_interval,
+            deadline=time.monotonic() + ctx.settings.cloudstack_job_timeout,
+        )
+    except CloudStackError as e:
+        if not e.job_failed:
+            raise
 
 
 def _volume_of(result: dict[str, Any]) -> dict[str, Any]:
