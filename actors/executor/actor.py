@@ -263,14 +263,21 @@ class ExecutorActor:
 
     # -- cancel --------------------------------------------------------------------------------
 
-    async def cancel(self, target_id: str) -> OperationEvent:
-        """Cancel ``target_id`` if it has not started; return the target's cancelled event."""
+    async def cancel(self, target_id: str, by: str) -> OperationEvent:
+        """Cancel ``target_id`` if it has not started; return the target's cancelled event.
+
+        The cancelled event names the cancel ``by`` (its ``target``: the operation that
+        caused it), so that the cancel, resumed after a crash between the two, finds its
+        own work done instead of failing with not_cancellable."""
         assert self._ops is not None
         for _ in range(20):
             got = await self._ops.get(target_id)
             if got is None:
                 raise OperationFailed("not_found", f"no operation {target_id} is known")
             target, revision = got
+            done = target.last_event
+            if target.status == "cancelled" and done is not None and done.target == by:
+                return done
             if target.status != "pending":
                 what = "is executing" if target.status == "executing" else f"is {target.status}"
                 raise OperationFailed(
@@ -280,7 +287,7 @@ class ExecutorActor:
             run = OperationRun(self, target_id)
             run.record, run.revision = target, revision
             try:
-                await run.finish("cancelled")
+                await run.finish("cancelled", target=by)
             except Conflict:
                 continue  # it moved meanwhile: look again
             assert target.last_event is not None
@@ -426,7 +433,7 @@ class OperationRun:
         self.cloud = self.executor.cloud.with_credentials(await self.executor._credentials())
         try:
             if isinstance(command, CancelCommand):
-                cancelled = await self.executor.cancel(command.target)
+                cancelled = await self.executor.cancel(command.target, self.operation_id)
                 await self.finish(
                     "completed",
                     target=command.target,

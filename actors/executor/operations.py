@@ -224,7 +224,10 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
     async def already_done() -> dict[str, Any] | None:
         if rec.volume_id:
             found = await ctx.cloud.volume(rec.volume_id)
-            return {"volume": found} if found else None
+            if found:
+                return {"volume": found}
+            # That volume is gone: its job failed and CloudStack dropped it. A later attempt
+            # whose answer was lost is only found by name (else it would be an orphan).
         sent = rec.mutation_sent or time.time()
         candidates = [
             v
