@@ -447,3 +447,22 @@ async def test_queries_through_the_daemon(volumed: Harness, sim: Simulator) -> N
     assert code == "400"
     _, code = await volumed.query("operations", {"limit": "many"})
     assert code == "400"
+
+
+async def test_a_job_that_never_ends_fails_explicitly(
+    nats_server: NatsServer, database: Database, sim: Simulator
+) -> None:
+    settings = settings_for(nats_server, database, sim, cloudstack_job_timeout=0.5)
+    harness, task = await start_volumed(settings, ACTORS, sim)
+    try:
+        sim.set_latency(3600, command="createVolume")
+        o = op()
+        await harness.send("create", create_body(sim, o, "stuck"))
+        event = await harness.terminal(o)
+        assert event["status"] == "failed"
+        assert event["error"]["code"] == "cloudstack_error"  # type: ignore[index]
+        assert "has not finished" in event["error"]["message"]  # type: ignore[index]
+        assert len(calls(sim, "createVolume")) == 1  # never sent again
+    finally:
+        sim.set_latency(0)
+        await stop_volumed(harness, task)
