@@ -94,47 +94,58 @@ class Supervisor:
         self._stop.set()
 
     async def run(self) -> None:
-        bus = await Bus.connect(self.settings.nats_url, name=f"volumed-{self.instance}")
-        self.bus = bus
+        stop = asyncio.create_task(self._stop.wait())
+        connect = asyncio.create_task(
+            Bus.connect(self.settings.nats_url, name=f"volumed-{self.instance}")
+        )
+        # NATS may be down at start (connect waits for it): a signal must still end us.
+        await asyncio.wait([stop, connect], return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connect
+            return
+        bus = self.bus = connect.result()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             await bus.provision(TOPOLOGY, replicas=self.settings.stream_replicas)
-            # Persistence first: the others may need it to learn their VM id.
             for name in sorted(self.names, key=ACTORS.index):
-                vm_id = None
-                if name in ("watcher", "correlator"):
-                    vm_id = await resolve_vm_id(bus, self.settings)
-                actor = build(name, bus, self.settings, self.instance, vm_id)
-                self.actors[name] = actor
-                tasks[name] = asyncio.create_task(actor.run(), name=name)
+                tasks[name] = asyncio.create_task(self._run_actor(name, bus), name=name)
             log.info("volumed running: %s (instance %s)", ", ".join(self.names), self.instance)
             self.ready.set()
-            stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait(
                 [stop, *tasks.values()], return_when=asyncio.FIRST_COMPLETED
             )
-            stop.cancel()
-            failed = [t for t in done if t is not stop]
-            for t in failed:
-                if t.exception() is not None:
+            for t in done:
+                if t is not stop and t.exception() is not None:
                     log.error("actor %s failed: %r; stopping all", t.get_name(), t.exception())
         finally:
+            stop.cancel()
             await self._shutdown(tasks)
             await bus.close()
         for t in tasks.values():
             if t.done() and not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
 
+    async def _run_actor(self, name: str, bus: Bus) -> None:
+        vm_id = None
+        if name in ("watcher", "correlator"):
+            # Waits for the persistence actor when the VM id comes from ossea_configs.
+            vm_id = await resolve_vm_id(bus, self.settings)
+        actor = build(name, bus, self.settings, self.instance, vm_id)
+        self.actors[name] = actor
+        await actor.run()
+
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         """Two phases: ask actors that can to stop taking work and wait, then cancel."""
         for name in ("executor", "correlator", "watcher", "persistence"):
             actor: Any = self.actors.get(name)
-            if actor is None or name not in tasks:
+            if name not in tasks:
                 continue
-            if hasattr(actor, "stop"):
+            if actor is not None and hasattr(actor, "stop"):
                 actor.stop()  # finishes in-flight work, takes no more
             else:
-                tasks[name].cancel()  # holds no work worth finishing
+                tasks[name].cancel()  # holds no work worth finishing (or is not built yet)
         pending = [t for t in tasks.values() if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=GRACE)

@@ -66,3 +66,29 @@ async def test_unknown_actor_is_a_usage_error(tmp_path: Path) -> None:
     process = VolumedProcess({}, ("nonsense",), log_path=tmp_path / "log")
     await process.start()
     assert await process.wait(timeout=20) == 2
+
+
+async def test_sigterm_ends_a_volumed_still_waiting(tmp_path: Path) -> None:
+    """No NATS at all, and no VM id: volumed waits for both, and SIGTERM still ends it."""
+    from tests.conftest import free_port
+
+    env = {"VOLUMED_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    process = VolumedProcess(env, (), log_path=tmp_path / "log")
+    await process.start()
+    import asyncio
+
+    await asyncio.sleep(1.5)
+    assert await process.stop(signal.SIGTERM, timeout=10) == 0
+
+
+async def test_sigterm_ends_a_watcher_waiting_for_its_vm_id(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    env = {"VOLUMED_NATS_URL": nats_server.url}
+    process = VolumedProcess(env, ("watcher", "correlator"), log_path=tmp_path / "log")
+    await process.start()
+    import asyncio
+
+    await asyncio.sleep(2)
+    assert await process.stop(signal.SIGTERM, timeout=10) == 0
+    assert "local VM id unknown" in (tmp_path / "log").read_text()
