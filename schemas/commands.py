@@ -6,13 +6,19 @@ daemons; constraints live in the field types so a rejection names the field and 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.common import GIB, CloudStackId, OperationId, OpType, VolumeName
+from schemas.common import (
+    GIB,
+    CloudStackId,
+    OperationId,
+    OpType,
+    VolumeName,
+    explain_validation_error,
+)
 
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=255)]
 MetadataValue = Annotated[str, Meta(max_length=4096)]
@@ -90,30 +96,16 @@ _PATTERN_WORDS = {
     "target": "an operation id: 1 to 64 characters of A-Z a-z 0-9 _ -",
     "name": "1 to 255 printable characters without '~'",
 }
-_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 
 
 def _humanize(msgspec_error: str) -> str:
-    """Turn msgspec's "Expected X - at `$.field`" into "field: <reason in words>"."""
-    missing = _MISSING.match(msgspec_error)
-    if missing:
-        return f"{missing['field']}: this field is required"
-    message, sep, where = msgspec_error.rpartition(" - at `")
-    if not sep:
-        if msgspec_error.startswith("Expected `object`"):
-            return "the command body must be a JSON object"
-        return msgspec_error
-    path = where.rstrip("`").removeprefix("$").lstrip(".") or "body"
-    field = path.split(".")[0].split("[")[0]
-    missing = _MISSING.match(message)
-    if missing:
-        return f"{path}.{missing['field']}: this field is required"
-    if "matching regex" in message:
-        words = _PATTERN_WORDS.get(field, "a CloudStack id: letters, digits, '.', '_' and '-'")
-        return f"{path}: must be {words}"
-    if field == "size" and ("multiple of" in message or ">" in message):
-        return f"{path}: must be a positive whole number of GiB, in bytes (a multiple of {GIB})"
-    return f"{path}: {message[0].lower()}{message[1:]}"
+    """The reason in words, with the size rule spelled out."""
+    text = explain_validation_error(
+        msgspec_error, what="command body", pattern_words=_PATTERN_WORDS
+    )
+    if text.startswith("size: ") and ("multiple of" in text or ">" in text):
+        return f"size: must be a positive whole number of GiB, in bytes (a multiple of {GIB})"
+    return text
 
 
 def operation_type_of(command: Command) -> OpType:

@@ -70,3 +70,35 @@ def now_rfc3339() -> str:
 def serial_of(volume_id: str) -> str:
     """The disk serial CloudStack gives a volume on KVM: its id without dashes, 20 chars."""
     return volume_id.replace("-", "")[:20]
+
+
+_MISSING_FIELD = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+_ID_WORDS = "a CloudStack id: letters, digits, '.', '_' and '-'"
+
+
+def explain_validation_error(
+    msgspec_error: str, *, what: str = "body", pattern_words: dict[str, str] | None = None
+) -> str:
+    """msgspec's "Expected X - at `$.field`" as "field: <the reason in words>".
+
+    ``what`` names the whole document ("the command body"); ``pattern_words`` says in words
+    what a field's regex pattern allows (an id pattern by default)."""
+    message, sep, where = msgspec_error.rpartition(" - at `")
+    if not sep:
+        message, where = msgspec_error, "$`"
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    prefix = f"{path}." if path else ""
+    if m := _MISSING_FIELD.match(message):
+        return f"{prefix}{m['field']}: this field is required"
+    if m := _UNKNOWN_FIELD.match(message):
+        return f"{prefix}{m['field']}: unknown field"
+    if not path:
+        if message.startswith("Expected `object`"):
+            return f"the {what} must be a JSON object"
+        return message
+    field = path.split(".")[0].split("[")[0]
+    if "matching regex" in message:
+        words = (pattern_words or {}).get(field, _ID_WORDS)
+        return f"{path}: must be {words}"
+    return f"{path}: {message[0].lower()}{message[1:]}"

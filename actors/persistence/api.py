@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,6 +13,7 @@ from actors.persistence.store import Store
 from bus import BadRequest, NotFound
 from bus.service import EndpointHandler
 from bus.topology import API_PREFIX
+from schemas.common import explain_validation_error
 from schemas.queries import (
     Health,
     Mapping,
@@ -31,26 +31,6 @@ T = TypeVar("T")
 SERVICE_NAME = "volumed"
 SERVICE_VERSION = "0.1.0"
 SERVICE_DESCRIPTION = "volumed: operations, device mappings and health"
-
-_MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
-_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
-
-
-def _reason(message: str) -> str:
-    """msgspec's "Expected X - at `$.field`" as "field: <reason>"."""
-    if m := _MISSING.match(message):
-        return f"{m['field']}: this field is required"
-    if m := _UNKNOWN.match(message):
-        return f"{m['field']}: unknown field"
-    text, sep, where = message.rpartition(" - at `")
-    if not sep:
-        if message.startswith("Expected `object`"):
-            return "the request must be a JSON object"
-        return message
-    field = where.rstrip("`").removeprefix("$").lstrip(".") or "request"
-    if "matching regex" in text:
-        return f"{field}: not a valid id (letters, digits, '.', '_' and '-')"
-    return f"{field}: {text[0].lower()}{text[1:]}"
 
 
 class Api:
@@ -82,7 +62,7 @@ class Api:
         try:
             result: T = decoder.decode(body)
         except msgspec.ValidationError as e:
-            raise BadRequest(_reason(str(e))) from None
+            raise BadRequest(explain_validation_error(str(e), what="request")) from None
         except msgspec.DecodeError as e:
             raise BadRequest(f"the request is not valid JSON: {e}") from None
         return result
