@@ -70,6 +70,19 @@ def device_of_volume(sysfs: Path, volume_id: str) -> str | None:
     return None
 
 
+def hotplugging(sysfs: Path, dev: Path, *, seed: int, serials: bool) -> SimConfig:
+    """A simulated CloudStack that hot-plugs local attaches into the fake tree."""
+    return SimConfig(
+        seed=seed,
+        sysfs_root=str(sysfs),
+        dev_root=str(dev),
+        serials=serials,
+        max_data_disks=30,
+        job_latency=0.02,
+        hotplug_delay=0.05,
+    )
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path]:
     return fake_tree(tmp_path)
@@ -79,17 +92,7 @@ async def test_twenty_concurrent_local_attaches_with_serials(
     nats_server: NatsServer, database: Database, tree: tuple[Path, Path]
 ) -> None:
     sysfs, dev = tree
-    async with Simulator(
-        SimConfig(
-            seed=3,
-            sysfs_root=str(sysfs),
-            dev_root=str(dev),
-            serials=True,
-            max_data_disks=30,
-            job_latency=0.02,
-            hotplug_delay=0.05,
-        )
-    ) as sim:
+    async with Simulator(hotplugging(sysfs, dev, seed=3, serials=True)) as sim:
         v = await start(nats_server, database, sim, sysfs, dev)
         try:
             volumes = await create_many(v, sim, 20, [1, 2])
@@ -147,17 +150,7 @@ async def test_eight_concurrent_same_size_attaches_without_serials(
     nats_server: NatsServer, database: Database, tree: tuple[Path, Path]
 ) -> None:
     sysfs, dev = tree
-    async with Simulator(
-        SimConfig(
-            seed=4,
-            sysfs_root=str(sysfs),
-            dev_root=str(dev),
-            serials=False,
-            max_data_disks=30,
-            job_latency=0.02,
-            hotplug_delay=0.05,
-        )
-    ) as sim:
+    async with Simulator(hotplugging(sysfs, dev, seed=4, serials=False)) as sim:
         v = await start(nats_server, database, sim, sysfs, dev)
         try:
             volumes = await create_many(v, sim, 8, [1])
