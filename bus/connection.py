@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -32,6 +33,14 @@ _encoder = msgspec.json.Encoder()
 
 def encode(message: Any) -> bytes:
     return message if isinstance(message, bytes) else _encoder.encode(message)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_seq: int
 
 
 class Bus:
@@ -214,6 +223,19 @@ class Bus:
 
     async def respond(self, reply: str, message: Any) -> None:
         await self.nc.publish(reply, encode(message))
+
+    async def stored(self, stream: str, seq: int) -> StoredMessage | None:
+        """The message at ``seq`` in ``stream``, if it is still there."""
+        try:
+            msg = await self.js.get_msg(stream, seq)
+        except NotFoundError:
+            return None
+        return StoredMessage(
+            subject=msg.subject or "",
+            data=msg.data or b"",
+            headers=dict(msg.headers or {}),
+            stream_seq=seq,
+        )
 
     async def last_message(self, stream: str, subject: str) -> bytes | None:
         """The newest message stored on ``subject`` in ``stream``, if any."""

@@ -214,20 +214,41 @@ class Consumer:
             await delivery.in_progress()
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        subject = f"{DEAD_LETTER_PREFIX}.{self.spec.stream}.{self.spec.durable}"
-        headers = {
-            "Volumed-Reason": reason[:1000],
-            "Volumed-Subject": delivery.subject,
-            "Volumed-Stream-Seq": str(delivery.stream_seq),
-            "Volumed-Deliveries": str(delivery.num_delivered),
-        }
-        try:
-            await self.bus.js.publish(subject, delivery.data, headers=headers)
-        except Exception as e:  # the term still happens: a poison message must not loop
-            log.error(
-                "could not dead-letter %s seq %d: %s", delivery.subject, delivery.stream_seq, e
-            )
-        log.warning("dead-lettered %s seq %d: %s", delivery.subject, delivery.stream_seq, reason)
+        await dead_letter(
+            self.bus,
+            self.spec,
+            delivery.subject,
+            delivery.data,
+            delivery.stream_seq,
+            delivery.num_delivered,
+            reason,
+        )
+
+
+async def dead_letter(
+    bus: Bus,
+    spec: ConsumerSpec,
+    subject: str,
+    data: bytes,
+    stream_seq: int,
+    deliveries: int,
+    reason: str,
+) -> None:
+    """Copy a message that ``spec``'s consumer could not process to the dead letters, with
+    the reason in its headers (`nats stream view VOLUMED_DEAD_LETTERS` shows them)."""
+    headers = {
+        "Volumed-Reason": reason[:1000],
+        "Volumed-Subject": subject,
+        "Volumed-Stream-Seq": str(stream_seq),
+        "Volumed-Deliveries": str(deliveries),
+    }
+    try:
+        await bus.js.publish(
+            f"{DEAD_LETTER_PREFIX}.{spec.stream}.{spec.durable}", data, headers=headers
+        )
+    except Exception as e:  # the term still happens: a poison message must not loop
+        log.error("could not dead-letter %s seq %d: %s", subject, stream_seq, e)
+    log.warning("dead-lettered %s seq %d: %s", subject, stream_seq, reason)
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

@@ -142,6 +142,23 @@ EXECUTOR = ConsumerSpec(
     backoff=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
     description="executors share the command stream",
 )
+# The server announces a command whose deliveries ran out (the executor died during its last
+# one) with an advisory; this stream keeps those, so that an executor ends the operation
+# even if none was connected at that moment.
+GIVEN_UP = StreamSpec(
+    name="VOLUMED_GIVEN_UP",
+    subjects=(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{COMMANDS.name}.{EXECUTOR.durable}",),
+    max_age=30 * DAY,
+    description="advisories of commands whose deliveries ran out",
+)
+EXECUTOR_GIVEN_UP = ConsumerSpec(
+    stream=GIVEN_UP.name,
+    durable="executor_given_up",
+    ack_wait=30.0,
+    max_deliver=8,
+    backoff=(1.0, 5.0, 30.0),
+    description="executors end the operations of given-up commands",
+)
 PERSISTENCE = ConsumerSpec(
     stream=EVENTS.name,
     durable="persistence",
@@ -185,7 +202,7 @@ DEVICES_BUCKET = BucketSpec(
 )
 
 TOPOLOGY = Topology(
-    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS),
-    consumers=(EXECUTOR, PERSISTENCE),
+    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS, GIVEN_UP),
+    consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE),
     buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET, DEVICES_BUCKET),
 )

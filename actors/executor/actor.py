@@ -31,10 +31,13 @@ from actors.executor.devices import BusDevices
 from actors.executor.lanes import Lanes, Slot
 from actors.executor.operations import Devices, OperationFailed, Outcome
 from actors.logs import SECRETS
-from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery
+from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
+from bus.consumer import dead_letter
 from bus.topology import (
+    COMMANDS,
     CONFIG_SUBJECT,
     EXECUTOR,
+    EXECUTOR_GIVEN_UP,
     HEALTH_BUCKET,
     OPERATIONS_BUCKET,
     event_subject,
@@ -53,7 +56,13 @@ from schemas.commands import (
 from schemas.common import TERMINAL, OpType, Status, is_operation_id, now_rfc3339
 from schemas.config import Settings
 from schemas.events import ErrorInfo, OperationEvent
-from schemas.internal import CheckResult, CloudStackCredentials, Heartbeat, OpRecord
+from schemas.internal import (
+    CheckResult,
+    CloudStackCredentials,
+    GivenUpAdvisory,
+    Heartbeat,
+    OpRecord,
+)
 
 log = logging.getLogger("volumed.executor")
 
@@ -78,24 +87,37 @@ class ExecutorActor:
         self._serials_proven = False
         self._ops: Bucket[OpRecord] | None = None
         self._consumer: Consumer | None = None
+        self._given_up: Consumer | None = None
 
     # -- running ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def open(self) -> None:
         self._ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
+
+    async def run(self) -> None:
+        await self.open()
         self._consumer = Consumer(
             self.bus, EXECUTOR, self.handle, concurrency=self.settings.executor_concurrency
         )
-        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        self._given_up = Consumer(self.bus, EXECUTOR_GIVEN_UP, self.given_up, concurrency=4)
+        background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._given_up.run()),
+        ]
         try:
             await self._consumer.run()
         finally:
-            heartbeat.cancel()
+            self._given_up.stop()
+            await asyncio.wait(background[1:], timeout=5)
+            for task in background:
+                task.cancel()
             await self.cloud.close()
 
     def stop(self) -> None:
         if self._consumer:
             self._consumer.stop()
+        if self._given_up:
+            self._given_up.stop()
 
     # -- credentials and identity ---------------------------------------------------------------
 
@@ -129,23 +151,25 @@ class ExecutorActor:
 
     # -- one message ---------------------------------------------------------------------------
 
-    def operation_id_of(self, d: Delivery) -> str:
+    @staticmethod
+    def operation_id_of(data: bytes, headers: dict[str, str], stream_seq: int) -> str:
+        """The body's operation_id, else the Nats-Msg-Id header, else one derived from the
+        message itself (so that every delivery of it gets the same id)."""
         try:
-            body = msgspec.json.decode(d.data)
+            body = msgspec.json.decode(data)
         except msgspec.DecodeError:
             body = None
         if isinstance(body, dict) and is_operation_id(body.get("operation_id")):
             return str(body["operation_id"])
-        header = d.headers.get("Nats-Msg-Id")
+        header = headers.get("Nats-Msg-Id")
         if is_operation_id(header):
             return str(header)
-        # Derived from the message itself, so a redelivery gets the same id.
-        digest = hashlib.sha256(f"{d.stream_seq}:{d.published_at:.6f}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{stream_seq}:".encode() + data).hexdigest()
         return f"op-{digest[:24]}"
 
     async def handle(self, d: Delivery) -> None:
         op_type = d.subject.rsplit(".", 1)[-1]
-        op_id = self.operation_id_of(d)
+        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
         command: Command | None = None
         invalid = ""
         try:
@@ -246,6 +270,38 @@ class ExecutorActor:
             return
         async with self._local_gate:
             yield
+
+    async def given_up(self, d: Delivery) -> None:
+        """The server gave up on a command (its deliveries ran out, typically because the
+        executor died during each): end its operation and dead-letter the command."""
+        try:
+            advisory = msgspec.json.decode(d.data, type=GivenUpAdvisory)
+        except msgspec.ValidationError as e:
+            raise Reject(f"not a max-deliveries advisory: {e}") from None
+        await self.end_given_up(advisory)
+
+    async def end_given_up(self, advisory: GivenUpAdvisory) -> None:
+        stored = await self.bus.stored(COMMANDS.name, advisory.stream_seq)
+        if stored is None:
+            return  # the command has aged out of the stream: nothing left to name
+        op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
+        if op_id in self._inflight:
+            return  # still being worked on here: it ends by itself
+        assert self._ops is not None
+        record = await self._ops.get(op_id)
+        if record is None or record[0].status in TERMINAL:
+            return  # ended already (or never accepted): nothing to do, nothing to report
+        reason = f"its command was given up after {advisory.deliveries} deliveries"
+        await dead_letter(
+            self.bus,
+            EXECUTOR,
+            stored.subject,
+            stored.data,
+            stored.stream_seq,
+            advisory.deliveries,
+            reason,
+        )
+        await self._fail_for_good(op_id, reason)
 
     async def _fail_for_good(self, op_id: str, reason: str) -> None:
         assert self._ops is not None
