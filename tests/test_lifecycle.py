@@ -15,6 +15,20 @@ from simulator import Fault, SimConfig, Simulator
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
 
 ACTORS = ["persistence", "executor"]
+# The fields every event has (contract §3).
+EVENT_FIELDS = frozenset(
+    {
+        "operation_id",
+        "type",
+        "status",
+        "volume_id",
+        "vm_id",
+        "device_path",
+        "by_id_path",
+        "error",
+        "at",
+    }
+)
 
 
 def settings_for(nats: NatsServer, database: Database, sim: Simulator, **over: object) -> Settings:
@@ -106,17 +120,7 @@ async def test_lifecycle_remote_vm(volumed: Harness, sim: Simulator, database: D
 
     # Every event has the contract's fields, and `at` is RFC 3339 UTC.
     for event in volumed.events[c]:
-        assert set(event) >= {
-            "operation_id",
-            "type",
-            "status",
-            "volume_id",
-            "vm_id",
-            "device_path",
-            "by_id_path",
-            "error",
-            "at",
-        }
+        assert set(event) >= EVENT_FIELDS
         assert str(event["at"]).endswith("Z")
 
     row = await volumed.row(database, c, "completed")
@@ -410,22 +414,7 @@ async def test_queries_through_the_daemon(volumed: Harness, sim: Simulator) -> N
         return reply if code is None and reply.get("status") == "completed" else None
 
     operation = await wait_for(persisted, 10)
-    for key in (
-        "operation_id",
-        "type",
-        "status",
-        "volume_id",
-        "vm_id",
-        "device_path",
-        "by_id_path",
-        "error",
-        "at",
-        "request",
-        "response",
-        "created_at",
-        "updated_at",
-        "completed_at",
-    ):
+    for key in (*EVENT_FIELDS, "request", "response", "created_at", "updated_at", "completed_at"):
         assert key in operation, key
     assert operation["request"]["volume_id"] == volume_id  # type: ignore[index]
 

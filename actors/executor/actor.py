@@ -144,11 +144,6 @@ class ExecutorActor:
         SECRETS.add(creds.secret)
         return creds
 
-    async def local_vm_id(self) -> str | None:
-        if self.settings.vm_id:
-            return self.settings.vm_id
-        return (await self._credentials()).vm_id
-
     # -- one message ---------------------------------------------------------------------------
 
     @staticmethod
@@ -248,13 +243,18 @@ class ExecutorActor:
         await run.publish_last()
         if run.record.status in TERMINAL or command is None:
             return
-        async with slot.turn(), self._gate_for(command):
-            if run.record.status == "pending" and not await run.start():
-                return  # cancelled while it waited
-            await run.execute(command)
+        async with slot.turn():
+            # Credentials (and the local VM id) are read once per operation, when its turn
+            # comes: a changed ossea_configs row applies to the next operation, never to half
+            # of one.
+            run.use(await self._credentials())
+            async with self._gate_for(command, await run.local_vm_id()):
+                if run.record.status == "pending" and not await run.start():
+                    return  # cancelled while it waited
+                await run.execute(command)
 
     @contextlib.asynccontextmanager
-    async def _gate_for(self, command: Command) -> AsyncIterator[None]:
+    async def _gate_for(self, command: Command, local_vm_id: str | None) -> AsyncIterator[None]:
         """Until this host has shown that its devices carry serials, attaches to it start one
         at a time: the correlator can then prove a serial-less device is the volume of the
         only attach in flight. The gate is taken before the operation turns `executing`,
@@ -263,7 +263,7 @@ class ExecutorActor:
         local = (
             isinstance(command, AttachCommand)
             and not self._serials_proven
-            and command.vm_id == await self.local_vm_id()
+            and command.vm_id == local_vm_id
         )
         if not local:
             yield
@@ -398,6 +398,7 @@ class OperationRun:
         self.executor = executor
         self.settings = executor.settings
         self.cloud = executor.cloud
+        self.credentials = CloudStackCredentials()
         self.devices = executor.devices
         self.operation_id = operation_id
         self.record: OpRecord = OpRecord(
@@ -412,8 +413,12 @@ class OperationRun:
             self.operation_id, self.record, self.revision
         )
 
+    def use(self, credentials: CloudStackCredentials) -> None:
+        self.credentials = credentials
+        self.cloud = self.executor.cloud.with_credentials(credentials)
+
     async def local_vm_id(self) -> str | None:
-        return await self.executor.local_vm_id()
+        return self.settings.vm_id or self.credentials.vm_id
 
     def note_proof(self, proof: str) -> None:
         self.executor.note_proof(proof)
@@ -484,9 +489,6 @@ class OperationRun:
         await self.publish_last()
 
     async def execute(self, command: Command) -> None:
-        # Credentials are read once per operation (a changed ossea_configs row applies to the
-        # next operation, never to half of one).
-        self.cloud = self.executor.cloud.with_credentials(await self.executor._credentials())
         try:
             if isinstance(command, CancelCommand):
                 cancelled = await self.executor.cancel(command.target, self.operation_id)
