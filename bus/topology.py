@@ -195,6 +195,16 @@ HEALTH_BUCKET = BucketSpec(
     description="each actor's latest heartbeat and own checks",
 )
 
+# The attaches that may be running in CloudStack now, one key per operation id: written by
+# the executor before an attach turns ``executing`` and deleted once its record is terminal.
+# The correlator lists this small bucket (never the whole operations bucket, which only
+# grows) to know which attaches could own a device that appears.
+ATTACHING_BUCKET = BucketSpec(
+    name="volumed_attaching",
+    history=1,
+    description="attaches in flight (schemas.internal.AttachInFlight), key: operation id",
+)
+
 DEVICES_BUCKET = BucketSpec(
     name="volumed_devices",
     history=1,
@@ -204,5 +214,5 @@ DEVICES_BUCKET = BucketSpec(
 TOPOLOGY = Topology(
     streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS, GIVEN_UP),
     consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE),
-    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET, DEVICES_BUCKET),
+    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET, DEVICES_BUCKET, ATTACHING_BUCKET),
 )

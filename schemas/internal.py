@@ -40,6 +40,18 @@ class OpRecord(Struct, kw_only=True):
     accepted_at: str = ""
 
 
+class AttachInFlight(Struct, kw_only=True):
+    """Executor → correlator: an attach that may be running in CloudStack (the attaching
+    bucket, key: operation id). Written before the attach turns ``executing``, deleted once
+    its record is terminal, so the bucket holds only what is in flight."""
+
+    operation_id: str
+    volume_id: str
+    vm_id: str
+    accepted_at: str = ""  # RFC 3339, when the command was accepted
+    started_at: float | None = None  # time.time() just before attachVolume was sent
+
+
 class CorrelateRequest(Struct, kw_only=True):
     """Executor → correlator: an attach to the local VM finished in CloudStack."""
 
