@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 from msgspec.structs import replace
 
-FaultKind = Literal["http", "job", "drop", "hang", "accept_then_drop"]
+FaultKind = Literal["http", "job", "drop", "hang", "accept_then_drop", "accept_then_hang"]
 """
 http: answer with HTTP ``status`` (a CloudStack error body, or a plain HTML page) and do nothing.
 job: accept an async command, then fail its job (jobstatus 2, jobresultcode 530); nothing changes.
@@ -18,6 +18,7 @@ hang: answer nothing for ``seconds`` (None: until the simulator stops), then han
     normally.
 accept_then_drop: apply the call (the change happens, the job runs), then close the connection
     instead of answering.
+accept_then_hang: apply the call, then answer only after ``seconds`` (a slow answer).
 """
 
 JOB_ERRORTEXT = (
@@ -41,8 +42,8 @@ class Fault(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     json: bool | None = None
     """http: answer a CloudStack JSON error body; None: JSON for 4xx and 53x, HTML otherwise."""
     seconds: Annotated[float, Meta(ge=0)] | None = None
-    """hang: how long to answer nothing; None: until the simulator stops (then the connection
-    is closed without an answer)."""
+    """hang, accept_then_hang: how long to answer nothing; None: until the simulator stops
+    (then the connection is closed without an answer)."""
     lasting: Annotated[float, Meta(gt=0)] | None = None
     """An outage: the fault hits every matching call for this many seconds after it is
     added (``count`` is then ignored), as a CloudStack management server that restarts."""

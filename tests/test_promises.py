@@ -72,6 +72,25 @@ async def test_a_create_never_adopts_another_operations_volume(
     assert theirs in sim.volumes and mine not in sim.volumes
 
 
+async def test_a_create_waits_for_a_twin_whose_answer_is_slow(
+    volumed: Harness, sim: Simulator
+) -> None:
+    """A's createVolume made its volume but the answer is slow; B (same name, size, zone and
+    offering) gets a 503 and looks up: A's volume is not claimed yet, so B waits for A to
+    settle, sees that A holds it, and makes its own."""
+    a, b = op(), op()
+    sim.inject(Fault(kind="accept_then_hang", command="createVolume", seconds=1.5))
+    sim.inject(Fault(kind="http", command="createVolume", status=503))
+    await volumed.send("create", create_body(sim, a, "twin"))
+    await wait_for(lambda: any(c.command == "createVolume" for c in sim.calls))
+    await volumed.send("create", create_body(sim, b, "twin"))
+    first, second = await volumed.terminal(a), await volumed.terminal(b)
+    assert first["status"] == "completed" and second["status"] == "completed", (first, second)
+    assert first["volume_id"] != second["volume_id"]
+    named = sorted(v.id for v in sim.volumes.values() if v.name == "twin")
+    assert named == sorted([str(first["volume_id"]), str(second["volume_id"])])
+
+
 # -- device_mappings follows CloudStack ------------------------------------------------------
 
 
