@@ -100,7 +100,7 @@ class ExecutorActor:
         # The local VM id as last resolved (settings, else ossea_configs.oma_vm_id), and why
         # it is unknown while it is; since when CloudStack has been unavailable.
         self._vm_id: str | None = settings.vm_id
-        self._vm_id_problem = ""
+        self.vm_id_problem = ""
         self._cloudstack_unavailable_since: float | None = None
         self._consumer: Consumer | None = None
         self._given_up: Consumer | None = None
@@ -170,7 +170,7 @@ class ExecutorActor:
         creds.vm_id = s.vm_id or creds.vm_id
         SECRETS.add(creds.secret)
         self._vm_id = creds.vm_id
-        self._vm_id_problem = (
+        self.vm_id_problem = (
             ""
             if creds.vm_id
             else "VOLUMED_VM_ID is unset and "
@@ -445,7 +445,7 @@ class ExecutorActor:
         if self._vm_id is None:
             return CheckResult(
                 status="down",
-                detail=f"unknown, attaches wait for it and then fail: {self._vm_id_problem}",
+                detail=f"unknown, attaches wait for it and then fail: {self.vm_id_problem}",
             )
         source = "VOLUMED_VM_ID" if self.settings.vm_id else "ossea_configs.oma_vm_id"
         return CheckResult(status="ok", detail=f"{self._vm_id} ({source})")
@@ -500,7 +500,7 @@ class OperationRun:
                     "internal",
                     "volumed does not know which VM this host is, so it cannot tell whether "
                     "this attach is to it: set VOLUMED_VM_ID, or oma_vm_id in the active "
-                    f"ossea_configs row ({self.executor._vm_id_problem})",
+                    f"ossea_configs row ({self.executor.vm_id_problem})",
                 )
         return vm_id
 

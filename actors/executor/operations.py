@@ -91,7 +91,7 @@ class VolumeOwners:
     async def claim(self, volume_id: str, operation_id: str) -> str | None:
         """Claim the volume for ``operation_id``; None when it holds the volume now, else
         the operation that holds it."""
-        while True:
+        for _ in range(3):
             try:
                 await self._bucket.create(
                     volume_id, VolumeOwner(operation_id=operation_id, at=time.time())
@@ -102,6 +102,9 @@ class VolumeOwners:
                 if holder is not None:
                     return None if holder == operation_id else holder
                 # Expired or removed in between: claim again.
+        raise OperationFailed(
+            "internal", f"the claim of volume {volume_id} kept changing; try again"
+        )
 
     async def owner(self, volume_id: str) -> str | None:
         got = await self._bucket.get(volume_id)
