@@ -205,6 +205,20 @@ ATTACHING_BUCKET = BucketSpec(
     description="attaches in flight (schemas.internal.AttachInFlight), key: operation id",
 )
 
+# Which operation a volume belongs to, one key per volume id (schemas.internal.VolumeOwner):
+# a create claims the volume it made (KV create: exactly one claim wins) as soon as
+# createVolume names it, and a create whose answer was lost may adopt a volume found by
+# name only by winning this claim, so no create ever ends with another one's volume.
+# A claim only matters to a look-up of a create sent around the volume's creation time, and
+# no create is resumed after its command has aged out of the command stream: claims expire
+# a day after that.
+VOLUME_OWNERS_BUCKET = BucketSpec(
+    name="volumed_volume_owners",
+    history=1,
+    ttl=COMMANDS.max_age + DAY,
+    description="the create operation each volume belongs to (key: volume id)",
+)
+
 DEVICES_BUCKET = BucketSpec(
     name="volumed_devices",
     history=1,
@@ -214,5 +228,11 @@ DEVICES_BUCKET = BucketSpec(
 TOPOLOGY = Topology(
     streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS, GIVEN_UP),
     consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE),
-    buckets=(OPERATIONS_BUCKET, HEALTH_BUCKET, DEVICES_BUCKET, ATTACHING_BUCKET),
+    buckets=(
+        OPERATIONS_BUCKET,
+        HEALTH_BUCKET,
+        DEVICES_BUCKET,
+        ATTACHING_BUCKET,
+        VOLUME_OWNERS_BUCKET,
+    ),
 )

@@ -43,10 +43,13 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A CloudStack job still running after this fails its operation explicitly."""
     cloudstack_timeout: Seconds = 30.0
     """HTTP timeout of one CloudStack request."""
-    cloudstack_retries: Annotated[int, Meta(ge=0, le=20)] = 5
-    """Retries of a transient CloudStack failure before cloudstack_unavailable."""
+    cloudstack_retry_budget: Seconds = 600.0
+    """Seconds transient CloudStack failures are retried before cloudstack_unavailable
+    (contract: at least 10 minutes by default; a management-server restart takes minutes)."""
     cloudstack_retry_backoff: Seconds = 0.5
-    """First retry delay; doubles each retry, capped at 30 s."""
+    """Base of the retry delay: doubling per retry, capped, with full jitter."""
+    cloudstack_retry_cap: Seconds = 30.0
+    """Longest delay between two retries of a transient CloudStack failure."""
     executor_concurrency: Annotated[int, Meta(ge=1, le=10000)] = 256
     """Commands one executor works on at once."""
     detach_timeout: Seconds = 30.0

@@ -19,7 +19,7 @@ class OperationEvent(Struct, kw_only=True, omit_defaults=False):
 
     Extra fields (allowed by the contract) carry what the persistence writer stores:
     ``request`` on the first event, ``response`` (CloudStack's answer) on the terminal one,
-    ``size`` of an attached volume for its device mapping.
+    ``size`` of an attached volume for its device mapping, ``attached`` (below).
     """
 
     operation_id: str
@@ -36,3 +36,8 @@ class OperationEvent(Struct, kw_only=True, omit_defaults=False):
     size: int | None = None
     # The operation this one acts on (cancel) or the operation that caused it.
     target: str | None = None
+    # On terminal attach, detach and delete events: whether the volume is attached to
+    # ``vm_id`` after this operation, as far as volumed knows (None: unknown, or this
+    # operation did not change it). Set on failed events too, so that device_mappings
+    # follows what CloudStack did (a delete that detached and then failed, a roll-back).
+    attached: bool | None = None

@@ -52,6 +52,14 @@ class AttachInFlight(Struct, kw_only=True):
     started_at: float | None = None  # time.time() just before attachVolume was sent
 
 
+class VolumeOwner(Struct, kw_only=True):
+    """The create operation a volume belongs to (the volume owners bucket, key: volume id).
+    Creating the key is the claim; it is removed when volumed deletes the volume."""
+
+    operation_id: str
+    at: float  # time.time() of the claim
+
+
 class CorrelateRequest(Struct, kw_only=True):
     """Executor → correlator: an attach to the local VM finished in CloudStack."""
 

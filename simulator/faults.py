@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 from msgspec.structs import replace
 
-FaultKind = Literal["http", "job", "drop", "hang", "accept_then_drop"]
+FaultKind = Literal["http", "job", "drop", "hang", "accept_then_drop", "accept_then_hang"]
 """
 http: answer with HTTP ``status`` (a CloudStack error body, or a plain HTML page) and do nothing.
 job: accept an async command, then fail its job (jobstatus 2, jobresultcode 530); nothing changes.
@@ -17,6 +18,7 @@ hang: answer nothing for ``seconds`` (None: until the simulator stops), then han
     normally.
 accept_then_drop: apply the call (the change happens, the job runs), then close the connection
     instead of answering.
+accept_then_hang: apply the call, then answer only after ``seconds`` (a slow answer).
 """
 
 JOB_ERRORTEXT = (
@@ -40,8 +42,11 @@ class Fault(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     json: bool | None = None
     """http: answer a CloudStack JSON error body; None: JSON for 4xx and 53x, HTML otherwise."""
     seconds: Annotated[float, Meta(ge=0)] | None = None
-    """hang: how long to answer nothing; None: until the simulator stops (then the connection
-    is closed without an answer)."""
+    """hang, accept_then_hang: how long to answer nothing; None: until the simulator stops
+    (then the connection is closed without an answer)."""
+    lasting: Annotated[float, Meta(gt=0)] | None = None
+    """An outage: the fault hits every matching call for this many seconds after it is
+    added (``count`` is then ignored), as a CloudStack management server that restarts."""
 
     def wants_json(self) -> bool:
         if self.json is not None:
@@ -58,6 +63,7 @@ class Fault(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class _Pending:
     fault: Fault
     left: int
+    until: float | None = None  # time.monotonic() when an outage ends
 
 
 class FaultBook:
@@ -67,7 +73,8 @@ class FaultBook:
         self._pending: list[_Pending] = []
 
     def add(self, fault: Fault) -> None:
-        self._pending.append(_Pending(fault, fault.count))
+        until = None if fault.lasting is None else time.monotonic() + fault.lasting
+        self._pending.append(_Pending(fault, fault.count, until))
 
     def clear(self) -> None:
         self._pending.clear()
@@ -86,12 +93,16 @@ class FaultBook:
 
     def take(self, command: str | None, is_async: bool) -> Fault | None:
         """The fault this call triggers, if any; a job fault only fires on an async command."""
+        now = time.monotonic()
+        self._pending = [p for p in self._pending if p.until is None or p.until > now]
         for i, entry in enumerate(self._pending):
             fault = entry.fault
             if fault.command is not None and fault.command != command:
                 continue
             if fault.kind == "job" and not is_async:
                 continue
+            if entry.until is not None:
+                return fault  # an outage is not used up by the calls it hits
             entry.left -= 1
             if entry.left <= 0:
                 del self._pending[i]

@@ -302,6 +302,13 @@ class Simulator:
         if fault is not None and fault.kind == "accept_then_drop":
             call.status = None
             return self._drop(request)
+        if (
+            fault is not None
+            and fault.kind == "accept_then_hang"
+            and await self._hang(fault.seconds)
+        ):
+            call.status = None
+            return self._drop(request)
         return web.Response(
             body=_encode({response_key(command): body}),
             status=status,

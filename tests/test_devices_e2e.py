@@ -245,10 +245,11 @@ async def test_health_reports_real_checks(
             checks = healthy["checks"]
             for name in ("nats", "database", "cloudstack", "device_watcher"):
                 assert checks[name]["status"] == "ok", checks  # type: ignore[index]
-            # CloudStack stops answering: the executor's probe says so, health degrades.
+            # CloudStack stops answering: the executor's probe says so, health degrades
+            # (degraded, not down: operations retry meanwhile).
             sim.inject(kind="drop", command="listVolumes", count=10_000)
             degraded = await wait_for(lambda: status("degraded"), 10)
-            assert degraded["checks"]["cloudstack"]["status"] == "down"  # type: ignore[index]
+            assert degraded["checks"]["cloudstack"]["status"] == "degraded"  # type: ignore[index]
             sim.clear_faults()
             await wait_for(lambda: status("ok"), 10)
         finally:

@@ -39,7 +39,9 @@ def settings_for(nats: NatsServer, database: Database, sim: Simulator, **over: o
         cloudstack_key=sim.api_key,
         cloudstack_secret=sim.secret_key,
         vm_id=sim.local_vm_id,
-        cloudstack_retries=3,
+        # Short enough for the tests that wait for cloudstack_unavailable.
+        cloudstack_retry_budget=2.0,
+        cloudstack_retry_cap=0.2,
         cloudstack_retry_backoff=0.02,
         cloudstack_poll_interval=0.05,
         instance="test",

@@ -20,6 +20,7 @@ from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
 from simulator import Fault, SimConfig, Simulator
 from simulator.cli import main as cli_main
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
@@ -382,6 +383,35 @@ async def test_hang(sim: Simulator, cs: AIOCloudStack) -> None:
     before = time.monotonic()
     await sim.stop()
     assert time.monotonic() - before < 1.0
+
+
+async def test_outage_fails_every_call_until_it_ends(sim: Simulator, cs: AIOCloudStack) -> None:
+    fault = sim.inject(kind="http", status=503, json=True, lasting=0.5)
+    for _ in range(3):
+        with pytest.raises(CloudStackApiException):
+            await cs.listZones()
+    assert sim.faults.pending() == [fault]  # an outage is not used up by the calls it hits
+
+    async def answered() -> bool:
+        try:
+            await cs.listZones()
+        except CloudStackApiException:
+            return False
+        return True
+
+    await wait_for(answered, 10)
+    assert sim.faults.pending() == []
+
+
+async def test_accept_then_hang_applies_before_it_answers(sim: Simulator) -> None:
+    async with client(sim, method="post") as cs:
+        sim.inject(kind="accept_then_hang", command="createVolume")  # until the simulator stops
+        answer = asyncio.create_task(create(cs, sim, "slow"))
+        await wait_for(lambda: any(v.name == "slow" for v in sim.volumes.values()), 10)
+        assert not answer.done()
+        answer.cancel()
+        [call] = [c for c in sim.calls if c.command == "createVolume"]
+        assert call.fault == "accept_then_hang"
 
 
 async def test_faults_through_the_control_api(sim: Simulator, cs: AIOCloudStack) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -29,7 +30,13 @@ from actors.executor import operations
 from actors.executor.cloudstack import CloudStack, CloudStackError
 from actors.executor.devices import BusDevices
 from actors.executor.lanes import Lanes, Slot
-from actors.executor.operations import Devices, OperationFailed, Outcome
+from actors.executor.operations import (
+    CreatesInFlight,
+    Devices,
+    OperationFailed,
+    Outcome,
+    VolumeOwners,
+)
 from actors.logs import SECRETS
 from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
 from bus.consumer import dead_letter
@@ -40,6 +47,7 @@ from bus.topology import (
     EXECUTOR_GIVEN_UP,
     HEALTH_BUCKET,
     OPERATIONS_BUCKET,
+    VOLUME_OWNERS_BUCKET,
     event_subject,
 )
 from schemas.commands import (
@@ -62,6 +70,7 @@ from schemas.internal import (
     GivenUpAdvisory,
     Heartbeat,
     OpRecord,
+    VolumeOwner,
 )
 
 log = logging.getLogger("volumed.executor")
@@ -86,6 +95,13 @@ class ExecutorActor:
         self._local_gate = asyncio.Lock()
         self._serials_proven = False
         self._ops: Bucket[OpRecord] | None = None
+        self._owners: VolumeOwners | None = None
+        self.creates = CreatesInFlight()
+        # The local VM id as last resolved (settings, else ossea_configs.oma_vm_id), and why
+        # it is unknown while it is; since when CloudStack has been unavailable.
+        self._vm_id: str | None = settings.vm_id
+        self.vm_id_problem = ""
+        self._cloudstack_unavailable_since: float | None = None
         self._consumer: Consumer | None = None
         self._given_up: Consumer | None = None
 
@@ -93,6 +109,12 @@ class ExecutorActor:
 
     async def open(self) -> None:
         self._ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
+        self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
+
+    @property
+    def owners(self) -> VolumeOwners:
+        assert self._owners is not None, "open() first"
+        return self._owners
 
     async def run(self) -> None:
         await self.open()
@@ -122,8 +144,11 @@ class ExecutorActor:
     # -- credentials and identity ---------------------------------------------------------------
 
     async def _credentials(self) -> CloudStackCredentials:
+        """The credentials (environment, else the active ossea_configs row) and the local
+        VM id (VOLUMED_VM_ID, else the row's oma_vm_id, whatever the credentials' source)."""
         s = self.settings
-        if s.cloudstack_endpoint and s.cloudstack_key and s.cloudstack_secret:
+        from_env = bool(s.cloudstack_endpoint and s.cloudstack_key and s.cloudstack_secret)
+        if from_env and s.vm_id:
             return CloudStackCredentials(
                 endpoint=s.cloudstack_endpoint,
                 key=s.cloudstack_key,
@@ -137,12 +162,30 @@ class ExecutorActor:
             creds = CloudStackCredentials(
                 error=f"the persistence actor did not answer for ossea_configs ({type(e).__name__})"
             )
+        row_error, creds.error = creds.error, None if from_env else creds.error
         # Environment values win over the row, key by key.
         creds.endpoint = s.cloudstack_endpoint or creds.endpoint
         creds.key = s.cloudstack_key or creds.key
         creds.secret = s.cloudstack_secret or creds.secret
+        creds.vm_id = s.vm_id or creds.vm_id
         SECRETS.add(creds.secret)
+        self._vm_id = creds.vm_id
+        self.vm_id_problem = (
+            ""
+            if creds.vm_id
+            else "VOLUMED_VM_ID is unset and "
+            + (row_error or "the active ossea_configs row has no oma_vm_id")
+        )
         return creds
+
+    async def resolve_local_vm_id(self, wait: float) -> str | None:
+        """The local VM id, asking ossea_configs again for up to ``wait`` seconds while it
+        is unknown."""
+        deadline = time.monotonic() + wait
+        while self._vm_id is None and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+            await self._credentials()
+        return self._vm_id
 
     # -- one message ---------------------------------------------------------------------------
 
@@ -263,7 +306,7 @@ class ExecutorActor:
         local = (
             isinstance(command, AttachCommand)
             and not self._serials_proven
-            and command.vm_id == local_vm_id
+            and command.vm_id == (local_vm_id or command.vm_id)  # unknown: maybe local
         )
         if not local:
             yield
@@ -363,7 +406,7 @@ class ExecutorActor:
                         actor="executor",
                         instance=self.instance,
                         at=time.time(),
-                        checks={"cloudstack": check},
+                        checks={"cloudstack": check, "local_vm": self.local_vm_check()},
                     ),
                 )
             except Exception as e:
@@ -376,14 +419,36 @@ class ExecutorActor:
             # The cheapest read every CloudStack (and simulator) has; proves the endpoint
             # answers and accepts the credentials.
             await self.cloud.call("listVolumes", page=1, pagesize=1)
-        except CloudStackError as e:
-            return CheckResult(status="down", detail=f"{e.code}: {e.message}")
         except Exception as e:
+            if isinstance(e, CloudStackError) and e.transient:
+                # Operations retry for the retry budget meanwhile: degraded, not down.
+                since = self._cloudstack_unavailable_since or time.time()
+                self._cloudstack_unavailable_since = since
+                at = dt.datetime.fromtimestamp(since, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                return CheckResult(
+                    status="degraded",
+                    detail=f"unavailable since {at} ({time.time() - since:.0f} s; operations "
+                    f"retry for {self.settings.cloudstack_retry_budget:.0f} s): {e.message}",
+                )
+            self._cloudstack_unavailable_since = None
+            if isinstance(e, CloudStackError):
+                return CheckResult(status="down", detail=f"{e.code}: {e.message}")
             return CheckResult(status="down", detail=f"{type(e).__name__}")
+        self._cloudstack_unavailable_since = None
         return CheckResult(
             status="ok",
             detail=f"listVolumes answered in {1000 * (time.perf_counter() - start):.0f} ms",
         )
+
+    def local_vm_check(self) -> CheckResult:
+        """Which VM this host is: attaches to it need the id to find their devices."""
+        if self._vm_id is None:
+            return CheckResult(
+                status="down",
+                detail=f"unknown, attaches wait for it and then fail: {self.vm_id_problem}",
+            )
+        source = "VOLUMED_VM_ID" if self.settings.vm_id else "ossea_configs.oma_vm_id"
+        return CheckResult(status="ok", detail=f"{self._vm_id} ({source})")
 
     # -- for operations ------------------------------------------------------------------------
 
@@ -417,8 +482,27 @@ class OperationRun:
         self.credentials = credentials
         self.cloud = self.executor.cloud.with_credentials(credentials)
 
-    async def local_vm_id(self) -> str | None:
-        return self.settings.vm_id or self.credentials.vm_id
+    @property
+    def owners(self) -> VolumeOwners:
+        return self.executor.owners
+
+    @property
+    def creates(self) -> CreatesInFlight:
+        return self.executor.creates
+
+    async def local_vm_id(self, *, wait: bool = False) -> str | None:
+        vm_id = self.settings.vm_id or self.credentials.vm_id
+        if vm_id is None and wait:
+            # An attach must not silently become an attach to another VM (no device).
+            vm_id = await self.executor.resolve_local_vm_id(self.settings.correlation_timeout)
+            if vm_id is None:
+                raise OperationFailed(
+                    "internal",
+                    "volumed does not know which VM this host is, so it cannot tell whether "
+                    "this attach is to it: set VOLUMED_VM_ID, or oma_vm_id in the active "
+                    f"ossea_configs row ({self.executor.vm_id_problem})",
+                )
+        return vm_id
 
     def note_proof(self, proof: str) -> None:
         self.executor.note_proof(proof)
@@ -471,9 +555,10 @@ class OperationRun:
         error: ErrorInfo | None = None,
         outcome: Outcome | None = None,
         target: str | None = None,
+        attached: bool | None = None,
     ) -> None:
         rec = self.record
-        extra: dict[str, Any] = {"error": error, "target": target}
+        extra: dict[str, Any] = {"error": error, "target": target, "attached": attached}
         if outcome is not None:
             rec.volume_id = outcome.volume_id or rec.volume_id
             rec.vm_id = outcome.vm_id or rec.vm_id
@@ -482,6 +567,7 @@ class OperationRun:
                 "by_id_path": outcome.by_id_path,
                 "size": outcome.size,
                 "response": outcome.response or None,
+                "attached": outcome.attached,
             }
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
@@ -506,6 +592,7 @@ class OperationRun:
                 "failed",
                 error=ErrorInfo(code=e.code, message=e.message),
                 target=getattr(command, "target", None),
+                attached=e.attached,
             )
             return
         except CloudStackError as e:

@@ -9,17 +9,26 @@ the job or the volume up before it considers sending anything again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from actors.executor.cloudstack import CloudStack, CloudStackError, Job
+from bus import Bucket, Conflict
 from schemas.commands import AttachCommand, CreateCommand, DeleteCommand, DetachCommand
 from schemas.common import GIB, ErrorCode, serial_of
 from schemas.config import Settings
-from schemas.internal import CorrelateRequest, CorrelateResult, OpRecord, ReleaseRequest
+from schemas.internal import (
+    CorrelateRequest,
+    CorrelateResult,
+    OpRecord,
+    ReleaseRequest,
+    VolumeOwner,
+)
 
 log = logging.getLogger("volumed.executor")
 T = TypeVar("T")
@@ -37,12 +46,16 @@ class OperationFailed(Exception):
         *,
         volume_id: str | None = None,
         vm_id: str | None = None,
+        attached: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
         self.volume_id = volume_id
         self.vm_id = vm_id
+        # The volume's attachment to vm_id after this failed operation, when the operation
+        # changed it (OperationEvent.attached); None: unchanged or unknown.
+        self.attached = attached
 
 
 @dataclass
@@ -53,6 +66,7 @@ class Outcome:
     by_id_path: str | None = None
     size: int | None = None
     response: dict[str, Any] = field(default_factory=dict)
+    attached: bool | None = None  # OperationEvent.attached
 
 
 class Devices(Protocol):
@@ -67,6 +81,85 @@ class Devices(Protocol):
     async def device_of(self, volume_id: str) -> str | None: ...
 
 
+class VolumeOwners:
+    """Which create made each volume (the volume owners bucket). Creating the key is the
+    claim, so of two operations that want one volume exactly one gets it."""
+
+    def __init__(self, bucket: Bucket[VolumeOwner]) -> None:
+        self._bucket = bucket
+
+    async def claim(self, volume_id: str, operation_id: str) -> str | None:
+        """Claim the volume for ``operation_id``; None when it holds the volume now, else
+        the operation that holds it."""
+        for _ in range(3):
+            try:
+                await self._bucket.create(
+                    volume_id, VolumeOwner(operation_id=operation_id, at=time.time())
+                )
+                return None
+            except Conflict:
+                holder = await self.owner(volume_id)
+                if holder is not None:
+                    return None if holder == operation_id else holder
+                # Expired or removed in between: claim again.
+        raise OperationFailed(
+            "internal", f"the claim of volume {volume_id} kept changing; try again"
+        )
+
+    async def owner(self, volume_id: str) -> str | None:
+        got = await self._bucket.get(volume_id)
+        return got[0].operation_id if got is not None else None
+
+
+CreateKey = tuple[str, int, str, str]  # name, size in bytes, zone, disk offering
+
+
+@dataclass
+class _Create:
+    key: CreateKey
+    record: OpRecord
+    claimed: bool = False  # its volume's id is known and claimed
+
+
+class CreatesInFlight:
+    """The creates this process runs. A create whose answer was lost may find a volume of
+    another create of the same name, size, zone and offering that has sent createVolume but
+    not claimed its volume yet: such a volume must not be adopted before that create has
+    settled. (Creates in other executor processes are not seen here: see the README.)"""
+
+    def __init__(self) -> None:
+        self._creates: dict[str, _Create] = {}
+
+    @contextlib.contextmanager
+    def running(self, key: CreateKey, record: OpRecord) -> Iterator[_Create]:
+        entry = _Create(key, record)
+        self._creates[record.operation_id] = entry
+        try:
+            yield entry
+        finally:
+            del self._creates[record.operation_id]
+
+    def in_doubt(self, key: CreateKey, operation_id: str) -> list[str]:
+        """Other creates with these parameters that may have made a volume not claimed yet."""
+        return [
+            op
+            for op, c in self._creates.items()
+            if op != operation_id
+            and c.key == key
+            and not c.claimed
+            and (c.record.mutation_sent is not None or c.record.job_id is not None)
+        ]
+
+    async def settled(self, key: CreateKey, operation_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no other create is in doubt."""
+        deadline = time.monotonic() + timeout
+        while self.in_doubt(key, operation_id):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
 class Context(Protocol):
     """What an operation needs from the executor around it."""
 
@@ -75,33 +168,50 @@ class Context(Protocol):
     devices: Devices
     record: OpRecord
 
+    @property
+    def owners(self) -> VolumeOwners: ...
+
+    @property
+    def creates(self) -> CreatesInFlight: ...
+
     async def save(self) -> None: ...
 
-    async def local_vm_id(self) -> str | None: ...
+    async def local_vm_id(self, *, wait: bool = False) -> str | None:
+        """The VM this host is; with ``wait``, waits a bounded time for it to be known and
+        fails the operation if it is not."""
+        ...
 
     def note_proof(self, proof: str) -> None: ...
 
 
 async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -> T:
-    """Run ``attempt(n)`` until it succeeds, retrying transient CloudStack failures with
-    bounded exponential backoff; then fail with cloudstack_unavailable."""
-    delay = settings.cloudstack_retry_backoff
-    tries = settings.cloudstack_retries + 1
-    for n in range(tries):
+    """Run ``attempt(n)`` until it succeeds. Transient CloudStack failures are retried for
+    ``cloudstack_retry_budget`` seconds (a management-server restart takes minutes), each
+    wait drawn at random below a doubling, capped delay ("full jitter": many operations
+    that failed together do not all come back at the same instant); then the operation
+    fails with cloudstack_unavailable. The one backoff loop of the executor."""
+    started = time.monotonic()
+    deadline = started + settings.cloudstack_retry_budget
+    n = 0
+    while True:
         try:
             return await attempt(n)
         except CloudStackError as e:
             if not e.transient:
                 raise
-            if n + 1 >= tries:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise CloudStackError(
                     "cloudstack_unavailable",
-                    f"CloudStack is unavailable: {e.message}; gave up after {tries} attempts",
+                    f"CloudStack is unavailable: {e.message}; gave up after {n + 1} attempts "
+                    f"over {time.monotonic() - started:.0f} s (VOLUMED_CLOUDSTACK_RETRY_BUDGET)",
                 ) from None
-            log.info("transient CloudStack failure (attempt %d of %d): %s", n + 1, tries, e.message)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")
+            ceiling = settings.cloudstack_retry_backoff * 2 ** min(n, 30)
+            delay = random.uniform(0, min(settings.cloudstack_retry_cap, ceiling))
+            log.info("transient CloudStack failure (attempt %d): %s", n + 1, e.message)
+            # The last wait ends at the deadline, so the budget is always used in full.
+            await asyncio.sleep(min(delay, left))
+            n += 1
 
 
 async def mutate(
@@ -112,11 +222,13 @@ async def mutate(
     already_done: Callable[[], Awaitable[dict[str, Any] | None]],
     *,
     is_async: bool = True,
+    learned: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Send one CloudStack mutation for ``phase`` of the operation, exactly once.
 
     ``already_done`` looks CloudStack up and returns the result if the mutation took effect
-    (used whenever it may have been sent before: lost answer, restart)."""
+    (used whenever it may have been sent before: lost answer, restart). ``learned`` is
+    called with the id of the volume a createVolume made, before the record keeps it."""
     rec = ctx.record
     if phase in rec.results:  # done before a restart
         done: dict[str, Any] = rec.results[phase]
@@ -150,6 +262,8 @@ async def mutate(
         job: Job = await ctx.cloud.start(command, **params)
         rec.job_id = job.job_id
         if job.volume_id and not rec.volume_id:
+            if learned is not None:
+                await learned(job.volume_id)
             rec.volume_id = job.volume_id
         await ctx.save()
         return await attempt(0)
@@ -220,42 +334,104 @@ async def _find_volume(ctx: Context, volume_id: str) -> dict[str, Any]:
 
 async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
     rec = ctx.record
+    key: CreateKey = (cmd.name, cmd.size, cmd.zone_id, cmd.disk_offering_id)
+    with ctx.creates.running(key, rec) as this:
 
-    async def already_done() -> dict[str, Any] | None:
-        if rec.volume_id:
-            found = await ctx.cloud.volume(rec.volume_id)
-            if found:
-                return {"volume": found}
-            # That volume is gone: its job failed and CloudStack dropped it. A later attempt
-            # whose answer was lost is only found by name (else it would be an orphan).
-        sent = rec.mutation_sent or time.time()
-        candidates = [
-            v
-            for v in await ctx.cloud.volumes_named(cmd.name)
-            if _created_near(v.get("created"), sent)
-        ]
-        if len(candidates) > 1:
-            ids = ", ".join(str(v.get("id")) for v in candidates)
+        async def claim(volume_id: str) -> None:
+            """Claim a volume this create made; it must not be another operation's."""
+            holder = await ctx.owners.claim(volume_id, rec.operation_id)
+            if holder is not None:
+                raise OperationFailed(
+                    "cloudstack_error",
+                    f"createVolume made volume {volume_id}, but operation {holder} holds it; "
+                    "volumed leaves it to that operation and made no other volume",
+                )
+            this.claimed = True
+
+        async def already_done() -> dict[str, Any] | None:
+            if rec.volume_id:
+                found = await ctx.cloud.volume(rec.volume_id)
+                if found:
+                    await claim(rec.volume_id)
+                    return {"volume": found}
+                # That volume is gone: its job failed and CloudStack dropped it. A later
+                # attempt whose answer was lost is only found by name (else an orphan).
+            return await _find_created(ctx, cmd, key, rec.mutation_sent or time.time(), this)
+
+        params = {
+            "name": cmd.name,
+            "size": cmd.size // GIB,
+            "diskofferingid": cmd.disk_offering_id,
+            "zoneid": cmd.zone_id,
+        }
+        result = await mutate(ctx, "create", "createVolume", params, already_done, learned=claim)
+        volume = _volume_of(result)
+        volume_id = str(volume.get("id") or rec.volume_id or "")
+        if not volume_id:
+            raise OperationFailed("cloudstack_error", "createVolume finished without a volume id")
+        if not this.claimed:  # the job's result after a restart: the claim was made before
+            await claim(volume_id)
+        rec.volume_id = volume_id
+        return Outcome(volume_id=volume_id, size=_int(volume.get("size")), response=volume)
+
+
+async def _find_created(
+    ctx: Context, cmd: CreateCommand, key: CreateKey, sent: float, this: _Create
+) -> dict[str, Any] | None:
+    """The volume a createVolume whose answer was lost made, or None if it made none.
+
+    A volume is this create's only if it has its name, size, zone and offering, was created
+    around the time the request was sent, and this create wins its claim: a volume another
+    operation holds is never taken. A matching volume that no one holds yet may still be
+    another create's in this process that has not learned its id: those are waited for, and
+    where volumed still cannot tell, the create fails without taking or deleting anything."""
+    me = ctx.record.operation_id
+    candidates = [
+        v
+        for v in await ctx.cloud.volumes_named(cmd.name)
+        if _int(v.get("size")) == cmd.size
+        and v.get("zoneid") == cmd.zone_id
+        and v.get("diskofferingid") == cmd.disk_offering_id
+        and _created_near(v.get("created"), sent)
+    ]
+    waited = False
+    while candidates:
+        free = []
+        for volume in candidates:
+            holder = await ctx.owners.owner(str(volume.get("id")))
+            if holder == me:
+                this.claimed = True
+                return {"volume": volume}  # claimed before a restart
+            if holder is None:
+                free.append(volume)
+        if not free:
+            return None  # every match is another operation's: this create made none
+        others = ctx.creates.in_doubt(key, me)
+        if others:
+            if not waited and await ctx.creates.settled(key, me, ctx.settings.cloudstack_timeout):
+                waited = True
+                continue
+            raise OperationFailed(
+                "cloudstack_error",
+                f"the answer to createVolume was lost, and volume {free[0].get('id')} named "
+                f"{cmd.name!r} may be this operation's or that of {', '.join(others)} (same "
+                "name, size, zone and offering, not yet known); volumed will not guess: "
+                "check the volumes of that name in CloudStack",
+            )
+        if len(free) > 1:
+            ids = ", ".join(str(v.get("id")) for v in free)
             raise OperationFailed(
                 "cloudstack_error",
                 f"the answer to createVolume was lost and several volumes named {cmd.name!r} "
-                f"were created since ({ids}); volumed will not guess which is this operation's",
+                f"of the same size, zone and offering were created since ({ids}) that no "
+                "operation holds; volumed will not guess which is this operation's",
             )
-        return {"volume": candidates[0]} if candidates else None
-
-    params = {
-        "name": cmd.name,
-        "size": cmd.size // GIB,
-        "diskofferingid": cmd.disk_offering_id,
-        "zoneid": cmd.zone_id,
-    }
-    result = await mutate(ctx, "create", "createVolume", params, already_done)
-    volume = _volume_of(result)
-    volume_id = str(volume.get("id") or rec.volume_id or "")
-    if not volume_id:
-        raise OperationFailed("cloudstack_error", "createVolume finished without a volume id")
-    rec.volume_id = volume_id
-    return Outcome(volume_id=volume_id, size=_int(volume.get("size")), response=volume)
+        holder = await ctx.owners.claim(str(free[0].get("id")), me)
+        if holder is None:
+            this.claimed = True
+            return {"volume": free[0]}
+        candidates = [v for v in candidates if v is not free[0]]  # taken meanwhile
+    return None
 
 
 def _created_near(created: Any, sent: float) -> bool:
@@ -277,8 +453,27 @@ def _created_near(created: Any, sent: float) -> bool:
 
 async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     rec = ctx.record
-    local_vm = await ctx.local_vm_id()
-    is_local = local_vm is not None and cmd.vm_id == local_vm
+    local_vm = await ctx.local_vm_id(wait=True)
+    is_local = cmd.vm_id == local_vm
+
+    if rec.phase == "" and CHECKED not in rec.results:
+        # Nothing sent yet: an attached volume is refused before anything is sent, so that
+        # a lost answer can never make another attachment look like this operation's (and
+        # a roll-back can never detach it). Not an idempotent "completed": a completed
+        # attach names the device this operation proved, and the old one is not its proof.
+        volume = await _find_volume(ctx, cmd.volume_id)
+        where = volume.get("virtualmachineid")
+        if where:
+            raise OperationFailed(
+                "conflict",
+                f"volume {cmd.volume_id} is already attached to VM {where}"
+                + (" (this host)" if where == local_vm else "")
+                + (f" as device {volume['deviceid']}" if volume.get("deviceid") is not None else "")
+                + "; detach it first",
+                volume_id=cmd.volume_id,
+                vm_id=cmd.vm_id,
+            )
+        rec.results[CHECKED] = {"virtualmachineid": None}  # saved with "mutation sent"
 
     async def already_done() -> dict[str, Any] | None:
         volume = await ctx.cloud.volume(cmd.volume_id)
@@ -286,7 +481,9 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             raise OperationFailed(
                 "not_found", f"volume {cmd.volume_id} does not exist", volume_id=cmd.volume_id
             )
-        return {"volume": volume} if volume.get("virtualmachineid") == cmd.vm_id else None
+        if volume.get("virtualmachineid") != cmd.vm_id:
+            return None
+        return {"volume": volume, LOOKED_UP: True}
 
     params: dict[str, Any] = {"id": cmd.volume_id, "virtualmachineid": cmd.vm_id}
     if cmd.as_root:
@@ -294,9 +491,14 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     if rec.attach_started_at is None:
         rec.attach_started_at = time.time()
     result = await mutate(ctx, "attach", "attachVolume", params, already_done)
+    # This operation made the attachment if its own job said so, or if the volume was free
+    # before it sent anything (then the attachment found after a lost answer is its own).
+    made = CHECKED in rec.results or not result.get(LOOKED_UP)
     volume = _volume_of(result)
     size = _int(volume.get("size"))
-    outcome = Outcome(volume_id=cmd.volume_id, vm_id=cmd.vm_id, size=size, response=volume)
+    outcome = Outcome(
+        volume_id=cmd.volume_id, vm_id=cmd.vm_id, size=size, response=volume, attached=True
+    )
     if not is_local:
         return outcome
 
@@ -318,14 +520,30 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
         return outcome
     code: ErrorCode = result_.error.code if result_.error else "device_timeout"
     message = result_.error.message if result_.error else "no device was found for the volume"
-    # Nothing half done: the volume is detached again before the attach is reported failed.
-    try:
-        await _detach_in_cloudstack(ctx, cmd.volume_id, cmd.vm_id, phase="rollback", local=True)
-        message += "; the volume was detached again"
-    except (CloudStackError, OperationFailed) as e:
-        detail = e.message if isinstance(e, CloudStackError | OperationFailed) else str(e)
-        message += f"; detaching it again FAILED, it is still attached: {detail}"
-    raise OperationFailed(code, message, volume_id=cmd.volume_id, vm_id=cmd.vm_id)
+    # Nothing half done: the volume is detached again before the attach is reported failed,
+    # but only an attachment this operation made.
+    attached = True
+    if not made:
+        message += (
+            "; the volume was not detached again: volumed cannot prove this operation "
+            "attached it, it is still attached"
+        )
+    else:
+        try:
+            await _detach_in_cloudstack(ctx, cmd.volume_id, cmd.vm_id, phase="rollback", local=True)
+            message += "; the volume was detached again"
+            attached = False
+        except (CloudStackError, OperationFailed) as e:
+            message += f"; detaching it again FAILED, it is still attached: {e.message}"
+    raise OperationFailed(
+        code, message, volume_id=cmd.volume_id, vm_id=cmd.vm_id, attached=attached
+    )
+
+
+# Keys of OpRecord.results beyond the phases: the volume was free before this attach sent
+# anything; a result that a look-up found rather than the operation's own job.
+CHECKED = "attach-check"
+LOOKED_UP = "looked_up"
 
 
 # -- detach and delete ------------------------------------------------------------------------
@@ -377,6 +595,7 @@ async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
         volume_id=cmd.volume_id,
         vm_id=str(vm_id),
         response=_volume_of(result) | {k: v for k, v in result.items() if k.startswith("device_")},
+        attached=False,
     )
 
 
@@ -398,10 +617,23 @@ async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
         volume = await ctx.cloud.volume(cmd.volume_id)
         return {"success": True} if volume is None else None
 
-    result = await mutate(
-        ctx, "delete", "deleteVolume", {"id": cmd.volume_id}, already_done, is_async=False
-    )
-    return Outcome(volume_id=cmd.volume_id, vm_id=rec.vm_id, response=result)
+    try:
+        result = await mutate(
+            ctx, "delete", "deleteVolume", {"id": cmd.volume_id}, already_done, is_async=False
+        )
+    except (CloudStackError, OperationFailed) as e:
+        if "detach-first" not in rec.results:
+            raise
+        # The detach took effect: say so, and let the mapping follow (attached False).
+        raise OperationFailed(
+            e.code,
+            f"volume {cmd.volume_id} was detached from VM {rec.vm_id}, then deleting it "
+            f"failed: {e.message}",
+            volume_id=cmd.volume_id,
+            vm_id=rec.vm_id,
+            attached=False,
+        ) from None
+    return Outcome(volume_id=cmd.volume_id, vm_id=rec.vm_id, response=result, attached=False)
 
 
 def _int(value: Any) -> int | None:

@@ -19,6 +19,7 @@ from actors.persistence.backends import Backend, Connection, Row, open_backend
 from actors.persistence.errors import StoreConflict, StoreRefused, StoreUnavailable
 from actors.persistence.records import Event, OperationRow, format_time, merge, utcnow
 from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_OPERATIONS
+from schemas.common import TERMINAL
 from schemas.internal import CloudStackCredentials
 from schemas.queries import Mapping, Operation, OperationsQuery
 
@@ -143,6 +144,22 @@ def _mapping(r: Row) -> Mapping:
     )
 
 
+def _attached_after(event: Event, row: OperationRow) -> bool | None:
+    """Whether the operation leaves the volume attached to its VM (the mapping follows);
+    None: it changed nothing that the mapping shows.
+
+    The event says so (``attached``, on failed events too: a delete that detached and then
+    failed, an attach whose roll-back failed); an event without it (an older executor)
+    follows the type: a completed attach attached, a completed detach or delete detached."""
+    if row.type not in ("attach", "detach", "delete"):
+        return None
+    if event.raw.attached is not None:
+        return event.raw.attached
+    if row.status != "completed":
+        return None
+    return row.type == "attach"
+
+
 class SqlStore:
     """The Store on either backend."""
 
@@ -187,7 +204,7 @@ class SqlStore:
         )
         rows = {r["id"]: _row(r) for r in found}
         changed: dict[str, OperationRow] = {}
-        effects: list[tuple[Event, OperationRow]] = []
+        effects: list[tuple[Event, OperationRow, bool]] = []
         now = utcnow()
         for event in events:
             before = rows.get(event.raw.operation_id)
@@ -195,18 +212,20 @@ class SqlStore:
             if after is None:
                 continue
             rows[after.id] = changed[after.id] = after
-            # A device mapping changes once per operation: when it first becomes completed.
-            if after.status == "completed" and (before is None or before.status != "completed"):
-                effects.append((event, after))
+            # A device mapping changes once per operation: when it first becomes terminal.
+            if after.status in TERMINAL and (before is None or before.status not in TERMINAL):
+                attached = _attached_after(event, after)
+                if attached is not None:
+                    effects.append((event, after, attached))
         if changed:
             await tx.executemany(
                 self._upsert_op,
                 [tuple(getattr(r, c) for c in _OP_COLUMNS) for r in changed.values()],
             )
-        for event, row in effects:
-            if row.type == "attach":
+        for event, row, attached in effects:
+            if attached:
                 await self._map(tx, event, row, now)
-            elif row.type in ("detach", "delete"):
+            else:
                 await self._unmap(tx, row)
 
     async def _map(self, tx: Connection, event: Event, row: OperationRow, now: dt.datetime) -> None:
