@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
 from actors.persistence.health import HealthChecker
@@ -14,7 +15,7 @@ from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
 from bus.topology import CONFIG_SUBJECT, PERSISTENCE
-from schemas.config import Settings, mask_url_password
+from schemas.config import Settings, mask_url_password, url_secrets
 from schemas.internal import CloudStackCredentials
 
 log = logging.getLogger("volumed.persistence")
@@ -158,6 +159,8 @@ class PersistenceActor:
                 answer = await store.cloudstack_credentials()
             except Exception as e:
                 answer = CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
+            # Masked in this process's log from now on, whatever form they take in it.
+            SECRETS.add(answer.secret, *url_secrets(answer.endpoint or ""))
         try:
             await self.bus.respond(reply, answer)
         except Exception as e:

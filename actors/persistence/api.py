@@ -15,6 +15,7 @@ from bus.service import EndpointHandler
 from bus.topology import API_PREFIX
 from schemas.common import explain_validation_error
 from schemas.queries import (
+    PATTERN_WORDS,
     Health,
     Mapping,
     MappingQuery,
@@ -62,7 +63,9 @@ class Api:
         try:
             result: T = decoder.decode(body)
         except msgspec.ValidationError as e:
-            raise BadRequest(explain_validation_error(str(e), what="request")) from None
+            raise BadRequest(
+                explain_validation_error(str(e), what="request", pattern_words=PATTERN_WORDS)
+            ) from None
         except msgspec.DecodeError as e:
             raise BadRequest(f"the request is not valid JSON: {e}") from None
         return result
