@@ -62,6 +62,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Seconds a detach from the local VM waits for its device to go."""
     heartbeat_interval: Seconds = 5.0
     """How often each actor refreshes its health heartbeat; three missed make it stale."""
+    query_wait: Annotated[float, Meta(ge=0)] = 2.0
+    """Seconds a query waits for the database to hold every event published before it
+    (the persistence consumer's ack floor); past it, it answers from the database as it
+    is and logs so. 0: answer at once."""
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     log_level: str = "INFO"
 

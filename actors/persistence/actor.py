@@ -11,6 +11,7 @@ from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
 from actors.persistence.health import HealthChecker
+from actors.persistence.read_after import ReadAfter
 from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
@@ -51,7 +52,11 @@ class PersistenceActor:
             lambda: self.store_error,
             stale_after=3 * settings.heartbeat_interval,
         )
-        self.api = Api(lambda: self.store, self.health)
+        self.read_after = ReadAfter(bus, timeout=settings.query_wait)
+        self.store_open = asyncio.Event()
+        if store is not None:
+            self.store_open.set()
+        self.api = Api(lambda: self.store, self.health, self.read_after, self.store_open)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -76,6 +81,7 @@ class PersistenceActor:
                 self.store = await self._open_store()
                 if self.store is None:
                     return  # stopped while waiting for the database
+                self.store_open.set()
             self.batcher = Batcher(self.store)
             batcher_task = asyncio.create_task(self.batcher.run(), name="persistence-batcher")
             self.consumer = Consumer(self.bus, PERSISTENCE, self._on_event, concurrency=CONCURRENCY)
@@ -92,6 +98,7 @@ class PersistenceActor:
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
+            await self.read_after.close()
             if self._owns_store and self.store is not None:
                 await self.store.close()
 
