@@ -12,7 +12,7 @@ import pytest
 
 from actors.persistence.read_after import ReadAfter
 from actors.supervisor import Supervisor
-from bus import Bus
+from bus import Bus, serve
 from bus.connection import ConsumerProgress
 from bus.topology import ConsumerSpec, StreamSpec, Topology
 from simulator import SimConfig, Simulator
@@ -118,6 +118,29 @@ async def test_waiting_queries_share_their_polls_and_end_at_the_bound(
         assert await waiting
     finally:
         await read_after.close()
+        await bus.close()
+
+
+async def test_a_waiting_query_holds_up_no_other(nats_server: NatsServer) -> None:
+    """Queries now wait for the writers: each must wait on its own, not in a line."""
+    bus = await Bus.connect(nats_server.url, "service")
+    release = asyncio.Event()
+
+    async def handler(body: bytes) -> dict[str, str]:
+        if body == b"slow":
+            await release.wait()
+        return {"answer": body.decode()}
+
+    service = await serve(bus, "h4test", "0.0.1", "", {"q": ("h4test.q", handler)})
+    try:
+        slow = asyncio.create_task(bus.request("h4test.q", b"slow", timeout=10))
+        await asyncio.sleep(0.05)  # the slow one is in first
+        assert json.loads(await bus.request("h4test.q", b"fast", timeout=5)) == {"answer": "fast"}
+        assert not slow.done()
+        release.set()
+        assert json.loads(await slow) == {"answer": "slow"}
+    finally:
+        await service.stop()
         await bus.close()
 
 
