@@ -104,11 +104,11 @@ async def test_waiting_queries_share_their_polls_and_end_at_the_bound(
         # An event that nobody writes: each query answers at the bound, and says so.
         await bus.publish("ra.x", b"unwritten")
         before = read_after.rounds
-        waits = await asyncio.gather(*(read_after.wait() for _ in range(50)))
-        assert waits == [False] * 50 and read_after.late == 50
+        waits = await asyncio.gather(*(read_after.wait() for _ in range(200)))
+        assert waits == [False] * 200 and read_after.late == 200
         rounds = read_after.rounds - before
-        assert rounds >= 2  # it kept looking, for all of them at once (not each on its own),
-        assert rounds < 50  # and less often as the floor stood still
+        assert rounds >= 2  # it kept looking, for all of them at once (not each on its own)
+        assert rounds < 200
 
         # The writer catches up: the next query waits only for that.
         sub = await bus.js.pull_subscribe_bind(consumer.durable, "RA")

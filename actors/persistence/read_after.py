@@ -27,7 +27,10 @@ from bus.topology import READ_AFTER, ConsumerSpec
 log = logging.getLogger("volumed.persistence.read_after")
 
 POLL = 0.002  # seconds between rounds while queries wait for the writer (one batch or so)
-_POLL_MAX = 0.05  # a writer whose floor does not move is asked less and less often
+# A floor that has not moved for this long belongs to a writer that is stuck or stopped:
+# it is asked less and less often, up to every _POLL_MAX.
+_STILL = 0.1
+_POLL_MAX = 0.05
 _ERROR_PAUSE = 0.1  # after a failed round (NATS away, consumer missing): no busy loop
 _LOG_EVERY = 10.0  # seconds: a writer that is behind is reported once per period
 
@@ -95,6 +98,7 @@ class ReadAfter:
     async def _poll(self) -> None:
         pause = self.poll
         floors: list[int] = []
+        moved_at = time.monotonic()
         while self._waiting:
             self._arrived.clear()
             self.rounds += 1
@@ -105,9 +109,10 @@ class ReadAfter:
                 log.debug("reading the consumers' progress failed: %s", self._last_error)
                 pause = _ERROR_PAUSE
             else:
-                moved = [p.ack_floor for p in progress] != floors
-                floors = [p.ack_floor for p in progress]
-                pause = self.poll if moved else min(pause * 2, _POLL_MAX)
+                if [p.ack_floor for p in progress] != floors:
+                    floors, moved_at = [p.ack_floor for p in progress], time.monotonic()
+                still = time.monotonic() - moved_at > _STILL
+                pause = min(pause * 2, _POLL_MAX) if still else self.poll
             # A query that arrived meanwhile needs a round of its own at once; the others
             # wait for the writer, which commits a batch every few milliseconds.
             with contextlib.suppress(TimeoutError):
