@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 
+from schemas.config import mask_secrets
+
 
 class SecretFilter(logging.Filter):
     """Replaces known secret values in log records by ***.
 
     Secrets reach volumed from the environment and, later, from ossea_configs rows; each is
     registered here when it is first read. Logging is process-wide, so this filter is too.
+    A password in any URL in a line is masked even if it was never registered.
     """
 
     def __init__(self) -> None:
@@ -23,24 +26,22 @@ class SecretFilter(logging.Filter):
                 self._secrets.add(s)
 
     def mask(self, text: str) -> str:
-        for s in self._secrets:
-            if s in text:
-                text = text.replace(s, "***")
-        return text
+        """``text`` without any registered secret or URL password."""
+        return mask_secrets(text, self._secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            masked = self.mask(message)
-            if masked != message or record.exc_info:
-                record.msg, record.args = masked, None
-                if record.exc_info:
-                    import traceback
+        # Every record, even before any secret is registered: URL passwords are masked too.
+        message = record.getMessage()
+        masked = self.mask(message)
+        if masked != message or record.exc_info:
+            record.msg, record.args = masked, None
+            if record.exc_info:
+                import traceback
 
-                    record.msg += "\n" + self.mask(
-                        "".join(traceback.format_exception(*record.exc_info))
-                    )
-                    record.exc_info, record.exc_text = None, None
+                record.msg += "\n" + self.mask(
+                    "".join(traceback.format_exception(*record.exc_info))
+                )
+                record.exc_info, record.exc_text = None, None
         return True
 
 

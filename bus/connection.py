@@ -36,6 +36,23 @@ def encode(message: Any) -> bytes:
 
 
 @dataclass(frozen=True)
+class ConsumerProgress:
+    """How far a durable consumer has got (its consumer info), as checked on nats-server
+    2.9.10 and 2.15: the ack floor passes terminated messages as well as acked ones; a
+    consumer with a filter keeps its floor at the last message it matched."""
+
+    ack_floor: int
+    """Every message of the stream up to this sequence has been acked or terminated."""
+    idle: bool
+    """Nothing waits to be delivered and nothing delivered waits for its ack."""
+
+    def covers(self, stream_seq: int) -> bool:
+        """Whether every message up to ``stream_seq`` is done (for a ``stream_seq`` read
+        before this progress was; ``idle`` also covers messages a filter skips)."""
+        return self.idle or self.ack_floor >= stream_seq
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     subject: str
     data: bytes
@@ -244,6 +261,19 @@ class Bus:
         except NotFoundError:
             return None
         return msg.data
+
+    async def consumer_progress(self, spec: ConsumerSpec) -> ConsumerProgress:
+        """The consumer's ack floor, from the server (one consumer info request)."""
+        info = await self.js.consumer_info(spec.stream, spec.durable)
+        return ConsumerProgress(
+            ack_floor=info.ack_floor.stream_seq if info.ack_floor else 0,
+            idle=not info.num_pending and not info.num_ack_pending,
+        )
+
+    async def last_sequence(self, stream: str) -> int:
+        """The sequence of the newest message in ``stream`` (0 if it never had one)."""
+        info = await self.js.stream_info(stream)
+        return info.state.last_seq
 
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
         return Bucket(self.js, spec.name, await self.js.key_value(spec.name), value_type)

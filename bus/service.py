@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,14 +32,24 @@ async def serve(
     A handler takes the request body and returns a Struct or dict (sent as JSON); it raises
     NotFound (→ 404) or BadRequest (→ 400); anything else answers 500 without details.
     Endpoints share the service's queue group, so several processes split the load.
+    Requests are answered concurrently.
     """
     service = await add_service(
         bus.nc, ServiceConfig(name=name, version=version, description=description)
     )
     encoder = msgspec.json.Encoder()
+    answering: set[asyncio.Task[None]] = set()
 
     def wrap(handler: EndpointHandler) -> Callable[[Request], Awaitable[None]]:
         async def on_request(req: Request) -> None:
+            # Each request in a task of its own: nats-py runs a subscription's callbacks one
+            # at a time, so one slow answer (a database read, a query waiting for the
+            # writers to catch up) would hold up every request behind it.
+            task = asyncio.create_task(answer(req))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+
+        async def answer(req: Request) -> None:
             try:
                 result = await handler(req.data)
             except NotFound as e:

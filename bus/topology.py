@@ -169,6 +169,12 @@ PERSISTENCE = ConsumerSpec(
     description="the database writers share the event stream",
 )
 
+# The consumers whose writes a query must see (contract §4: a query made after an event was
+# received reflects at least that event). Each acks a message only after its effect is
+# committed, so a query waits until each one's ack floor has reached the last sequence its
+# stream had when the query arrived.
+READ_AFTER: tuple[ConsumerSpec, ...] = (PERSISTENCE,)
+
 
 def correlator_consumer(vm_id: str) -> ConsumerSpec:
     """The correlator of one VM takes the attach and detach hand-offs for that VM only."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import uuid
-from collections.abc import Mapping
-from typing import Annotated, Any
-from urllib.parse import unquote, urlsplit
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, NamedTuple
+from urllib.parse import unquote
 
 import msgspec
 from msgspec import Meta, Struct
 
 Seconds = Annotated[float, Meta(gt=0)]
+# A glob of block device names; an empty one would match nothing (or, by accident, all).
+DevicePattern = Annotated[str, Meta(min_length=1, pattern=r"\S")]
 
 
 class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -30,7 +33,13 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """CloudStack id of the VM this host is. Unset: ossea_configs.oma_vm_id."""
     sysfs: str = "/sys"
     dev: str = "/dev"
-    devices: tuple[str, ...] = ("vd*", "sd*", "xvd*", "nvme*n*")
+    devices: Annotated[tuple[DevicePattern, ...], Meta(min_length=1)] = (
+        "vd*",
+        "sd*",
+        "xvd*",
+        "nvme*n*",
+    )
+    """At least one pattern: a watcher that watches nothing is a configuration error."""
     poll_interval: Seconds = 2.0
     correlation_timeout: Seconds = 30.0
 
@@ -56,6 +65,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Seconds a detach from the local VM waits for its device to go."""
     heartbeat_interval: Seconds = 5.0
     """How often each actor refreshes its health heartbeat; three missed make it stale."""
+    query_wait: Annotated[float, Meta(ge=0)] = 2.0
+    """Seconds a query waits for the database to hold every event published before it
+    (the persistence consumer's ack floor); past it, it answers from the database as it
+    is and logs so. 0: answer at once."""
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     log_level: str = "INFO"
 
@@ -71,13 +84,17 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
             out["cloudstack_secret"] = "***"
         out["db_dsn"] = mask_url_password(self.db_dsn)
         out["nats_url"] = ",".join(mask_url_password(u) for u in self.nats_url.split(","))
+        if self.cloudstack_endpoint:
+            out["cloudstack_endpoint"] = mask_url_password(self.cloudstack_endpoint)
         return out
 
     def secrets(self) -> list[str]:
-        """Every secret value in these settings, for the log redaction filter."""
+        """Every secret value in these settings (URL passwords as written and decoded),
+        for the log redaction filter."""
         found = [self.cloudstack_secret or ""]
-        found += [url_password(u) or "" for u in [self.db_dsn, *self.nats_url.split(",")]]
-        return [s for s in found if s]
+        for url in (self.db_dsn, self.cloudstack_endpoint or "", *self.nats_url.split(",")):
+            found += url_secrets(url)
+        return list(dict.fromkeys(s for s in found if s))
 
     @property
     def instance_name(self) -> str:
@@ -113,31 +130,104 @@ def load_settings(
         if value is not None and value != "":
             raw[key] = value
     if isinstance(raw.get("devices"), str):
-        raw["devices"] = [p.strip() for p in raw["devices"].split(",") if p.strip()]
+        # Empty entries are kept, so that "," or "vd*,,sd*" is refused rather than shrunk.
+        raw["devices"] = [p.strip() for p in raw["devices"].split(",")]
     try:
         # str_values lets "2" from the environment become a float; TOML values stay typed.
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as e:
-        # The message names the field, never the value.
-        raise ConfigError(f"invalid configuration: {e}") from None
+        # The message names the setting, never the value.
+        raise ConfigError(f"invalid configuration: {_name_the_setting(str(e))}") from None
+
+
+def _name_the_setting(error: str) -> str:
+    """msgspec's "... - at `$.devices[0]`" with the environment variable's name in front."""
+    m = re.search(r" - at `\$\.(\w+)", error)
+    if m is None or m[1] not in Settings.__struct_fields__:
+        return error
+    return f"{env_name(m[1])} ({m[1]}): {error}"
+
+
+# -- URLs with credentials: the one parser -----------------------------------------------
+
+
+class UrlParts(NamedTuple):
+    scheme: str
+    user: str | None
+    """As written (percent-encoded, if it was)."""
+    password: str | None
+    """As written; ``url_password`` decodes it."""
+    host: str
+    """host[:port], never the user information."""
+    hostname: str
+    port: str
+    rest: str
+    """The path, query and fragment."""
+
+
+def split_url(url: str) -> UrlParts:
+    """``scheme://[user[:password]@]host[:port][/path][?query]``.
+
+    A password may hold any character unescaped, '#', '/', '?', ':' and '@' included: the
+    user information runs to the *last* '@' (urllib would cut it at '#', '/' or '?', and
+    then both connect to the wrong place and show the rest of the password). The price: an
+    '@' in a path or query must be written %40.
+    """
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    user = password = None
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, pw = userinfo.partition(":")
+        password = pw if colon else None
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    host, tail = rest[:end], rest[end:]
+    if host.startswith("[") and "]" in host:  # an IPv6 literal
+        hostname, _, after = host[1:].partition("]")
+        port = after.removeprefix(":")
+    else:
+        hostname, _, port = host.partition(":")
+    return UrlParts(scheme, user, password, host, hostname, port, tail)
 
 
 def url_password(url: str) -> str | None:
-    try:
-        pw = urlsplit(url.strip()).password
-    except ValueError:
-        return None
-    return unquote(pw) if pw else None
+    """The URL's password, percent-decoded, or None."""
+    password = split_url(url).password
+    return unquote(password) if password else None
+
+
+def url_secrets(url: str) -> list[str]:
+    """The URL's password in every form it may be printed in: as written and decoded."""
+    password = split_url(url).password
+    return list(dict.fromkeys((password, unquote(password)))) if password else []
+
+
+def url_host(url: str) -> str:
+    """host[:port] of the URL, for messages: never its user information."""
+    return split_url(url).host or "?"
 
 
 def mask_url_password(url: str) -> str:
     """The URL with its password replaced by ***."""
-    try:
-        parts = urlsplit(url.strip())
-        if parts.password is None:
-            return url
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    parts = split_url(url)
+    if parts.password is None:
+        return url
+    scheme = f"{parts.scheme}://" if parts.scheme else ""
+    return f"{scheme}{parts.user}:***@{parts.host}{parts.rest}"
+
+
+# scheme://user:password@ anywhere in a text; the password runs to the token's last '@'.
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):\S+@")
+
+
+def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every known secret and every URL password in it replaced by ***.
+
+    The safety net for texts built from other texts (exception messages, error texts
+    from elsewhere): whatever form a secret took on the way, it does not get through."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return _URL_CREDENTIALS.sub(r"\1:***@", text)

@@ -8,6 +8,10 @@ from msgspec import Meta, Struct
 
 from schemas.common import CloudStackId, OperationId, OpType, Status
 
+# What an id's pattern allows, in words, for a 400's text (explain_validation_error):
+# CloudStack ids are its default, but '.' is not allowed in an operation id.
+PATTERN_WORDS = {"operation_id": "an operation id: 1 to 64 characters of A-Z a-z 0-9 _ -"}
+
 
 class OperationQuery(Struct, kw_only=True, forbid_unknown_fields=True):
     operation_id: OperationId

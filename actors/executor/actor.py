@@ -62,7 +62,7 @@ from schemas.commands import (
     volume_of,
 )
 from schemas.common import TERMINAL, OpType, Status, is_operation_id, now_rfc3339
-from schemas.config import Settings
+from schemas.config import Settings, url_secrets
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     CheckResult,
@@ -168,7 +168,8 @@ class ExecutorActor:
         creds.key = s.cloudstack_key or creds.key
         creds.secret = s.cloudstack_secret or creds.secret
         creds.vm_id = s.vm_id or creds.vm_id
-        SECRETS.add(creds.secret)
+        # The row's endpoint may carry a password too (http://user:password@host/...).
+        SECRETS.add(creds.secret, *url_secrets(creds.endpoint or ""))
         self._vm_id = creds.vm_id
         self.vm_id_problem = (
             ""
@@ -508,6 +509,11 @@ class OperationRun:
         self.executor.note_proof(proof)
 
     def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
+        error = extra.get("error")
+        if isinstance(error, ErrorInfo):
+            # The safety net: error texts quote CloudStack's and libraries' texts, which must
+            # not carry a known secret (or any URL's password) into events and records.
+            extra["error"] = ErrorInfo(code=error.code, message=SECRETS.mask(error.message))
         return OperationEvent(
             operation_id=rec.operation_id,
             type=rec.type,

@@ -17,6 +17,7 @@ import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
 from schemas.common import ErrorCode
+from schemas.config import url_host
 from schemas.internal import CloudStackCredentials
 
 log = logging.getLogger("volumed.executor.cloudstack")
@@ -244,9 +245,5 @@ def _first_arg(e: Exception) -> str:
 
 
 def _endpoint_host(endpoint: str | None) -> str:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(endpoint or "").netloc or "?"
-    except ValueError:
-        return "?"
+    # host[:port] only: an endpoint may carry user:password@, which no message may show.
+    return url_host(endpoint or "")

@@ -7,14 +7,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
 from actors.persistence.health import HealthChecker
+from actors.persistence.read_after import ReadAfter
 from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
 from bus.topology import CONFIG_SUBJECT, PERSISTENCE
-from schemas.config import Settings, mask_url_password
+from schemas.config import Settings, mask_url_password, url_secrets
 from schemas.internal import CloudStackCredentials
 
 log = logging.getLogger("volumed.persistence")
@@ -50,7 +52,11 @@ class PersistenceActor:
             lambda: self.store_error,
             stale_after=3 * settings.heartbeat_interval,
         )
-        self.api = Api(lambda: self.store, self.health)
+        self.read_after = ReadAfter(bus, timeout=settings.query_wait)
+        self.store_open = asyncio.Event()
+        if store is not None:
+            self.store_open.set()
+        self.api = Api(lambda: self.store, self.health, self.read_after, self.store_open)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -75,6 +81,7 @@ class PersistenceActor:
                 self.store = await self._open_store()
                 if self.store is None:
                     return  # stopped while waiting for the database
+                self.store_open.set()
             self.batcher = Batcher(self.store)
             batcher_task = asyncio.create_task(self.batcher.run(), name="persistence-batcher")
             self.consumer = Consumer(self.bus, PERSISTENCE, self._on_event, concurrency=CONCURRENCY)
@@ -91,6 +98,7 @@ class PersistenceActor:
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
+            await self.read_after.close()
             if self._owns_store and self.store is not None:
                 await self.store.close()
 
@@ -158,6 +166,8 @@ class PersistenceActor:
                 answer = await store.cloudstack_credentials()
             except Exception as e:
                 answer = CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
+            # Masked in this process's log from now on, whatever form they take in it.
+            SECRETS.add(answer.secret, *url_secrets(answer.endpoint or ""))
         try:
             await self.bus.respond(reply, answer)
         except Exception as e:

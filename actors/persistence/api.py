@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -9,12 +11,14 @@ import msgspec
 
 from actors.persistence.errors import StoreUnavailable
 from actors.persistence.health import HealthChecker
+from actors.persistence.read_after import ReadAfter
 from actors.persistence.store import Store
 from bus import BadRequest, NotFound
 from bus.service import EndpointHandler
 from bus.topology import API_PREFIX
 from schemas.common import explain_validation_error
 from schemas.queries import (
+    PATTERN_WORDS,
     Health,
     Mapping,
     MappingQuery,
@@ -34,11 +38,22 @@ SERVICE_DESCRIPTION = "volumed: operations, device mappings and health"
 
 
 class Api:
-    """Decodes requests, asks the store, and answers with the contract's shapes."""
+    """Decodes requests, asks the store, and answers with the contract's shapes.
 
-    def __init__(self, store: Callable[[], Store | None], health: HealthChecker) -> None:
+    Every query but health first waits (``read_after``) until the database holds every
+    event published before it arrived."""
+
+    def __init__(
+        self,
+        store: Callable[[], Store | None],
+        health: HealthChecker,
+        read_after: ReadAfter | None = None,
+        store_open: asyncio.Event | None = None,
+    ) -> None:
         self._store = store
         self._health = health
+        self._read_after = read_after
+        self._store_open = store_open
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
     def endpoints(self) -> dict[str, tuple[str, EndpointHandler]]:
@@ -62,38 +77,53 @@ class Api:
         try:
             result: T = decoder.decode(body)
         except msgspec.ValidationError as e:
-            raise BadRequest(explain_validation_error(str(e), what="request")) from None
+            raise BadRequest(
+                explain_validation_error(str(e), what="request", pattern_words=PATTERN_WORDS)
+            ) from None
         except msgspec.DecodeError as e:
             raise BadRequest(f"the request is not valid JSON: {e}") from None
         return result
 
-    def _db(self) -> Store:
+    async def _db(self) -> Store:
+        """The store, once it holds every event published before the query arrived (or
+        the wait's bound passed: then as it is, and the lag is logged)."""
         store = self._store()
+        if store is None and self._store_open is not None and self._read_after is not None:
+            # Starting up: the events before this query wait in the stream for the database,
+            # so the query waits for it too, within the same bound.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._store_open.wait(), self._read_after.timeout)
+            store = self._store()
         if store is None:
             raise StoreUnavailable("the database is not connected yet")
+        if self._read_after is not None:
+            await self._read_after.wait()
         return store
 
     async def operation(self, body: bytes) -> Operation:
         q = self._decode(body, OperationQuery)
-        found = await self._db().operation(q.operation_id)
+        db = await self._db()
+        found = await db.operation(q.operation_id)
         if found is None:
             raise NotFound(f"no operation {q.operation_id!r}")
         return found
 
     async def operations(self, body: bytes) -> Operations:
         q = self._decode(body, OperationsQuery, empty=True)
-        return Operations(operations=await self._db().operations(q))
+        db = await self._db()
+        return Operations(operations=await db.operations(q))
 
     async def mapping(self, body: bytes) -> Mapping:
         q = self._decode(body, MappingQuery)
         if (q.volume_id is None) == (q.device_path is None):
             raise BadRequest("give exactly one of volume_id and device_path")
+        db = await self._db()
         if q.volume_id is not None:
-            found = await self._db().mapping_by_volume(q.volume_id)
+            found = await db.mapping_by_volume(q.volume_id)
             what = f"volume {q.volume_id!r}"
         else:
             assert q.device_path is not None
-            found = await self._db().mapping_by_device(q.device_path)
+            found = await db.mapping_by_device(q.device_path)
             what = f"device {q.device_path!r}"
         if found is None:
             raise NotFound(f"no device mapping for {what}: it is not attached")
@@ -101,7 +131,8 @@ class Api:
 
     async def vm_volumes(self, body: bytes) -> VmVolumes:
         q = self._decode(body, VmVolumesQuery)
-        return VmVolumes(volumes=await self._db().vm_volumes(q.vm_id))
+        db = await self._db()
+        return VmVolumes(volumes=await db.vm_volumes(q.vm_id))
 
     async def health(self, body: bytes) -> Health:
         if body.strip():

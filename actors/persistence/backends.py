@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import aiomysql
 import pymysql
@@ -31,7 +31,7 @@ from actors.persistence.errors import (
     StoreUnavailable,
 )
 from actors.persistence.schema import MYSQL, SQLITE, TABLES, Dialect
-from schemas.config import mask_url_password, url_password
+from schemas.config import mask_secrets, mask_url_password, split_url, url_password, url_secrets
 
 log = logging.getLogger("volumed.persistence.db")
 T = TypeVar("T")
@@ -59,10 +59,6 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-def _scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
 # -- MariaDB ------------------------------------------------------------------------------
 
 # Client errors (2xxx) are all about the connection; these server errors are transient too:
@@ -80,34 +76,33 @@ class MySQLBackend:
 
     dialect = MYSQL
 
-    def __init__(self, pool: Any, where: str, secret: str | None) -> None:
+    def __init__(self, pool: Any, where: str, secrets: Sequence[str]) -> None:
         self._pool = pool
         self.where = where
-        self._secret = secret
+        self._secrets = secrets
         self._closed = False
 
     @classmethod
     async def open(cls, dsn: str, *, connect_timeout: float = 5.0) -> MySQLBackend:
         where = mask_url_password(dsn)
-        secret = url_password(dsn)
-        parts = urlsplit(dsn)
-        database = parts.path.lstrip("/") or "volumed"
+        secrets = url_secrets(dsn)
+        # The one URL parser: a password may hold '#', '/', '?' or '@' unescaped.
+        parts = split_url(dsn)
+        database = parts.rest.partition("?")[0].lstrip("/") or "volumed"
         if not _DB_NAME.fullmatch(database):
             raise StoreRefused(f"{where}: the database name must be letters, digits, _ or $")
-        try:
-            port = parts.port or 3306
-        except ValueError:
-            raise StoreRefused(f"{where}: the port is not a number") from None
+        if parts.port and not parts.port.isdigit():
+            raise StoreRefused(f"{where}: the port is not a number")
         params: dict[str, Any] = {
             "host": parts.hostname or "127.0.0.1",
-            "port": port,
-            "user": unquote(parts.username or "root"),
-            "password": secret or "",
+            "port": int(parts.port or 3306),
+            "user": unquote(parts.user or "root"),
+            "password": url_password(dsn) or "",
             "connect_timeout": connect_timeout,
             "charset": "utf8mb4",
             "autocommit": True,
         }
-        wrap = _MySQLErrors(where, secret)
+        wrap = _MySQLErrors(where, secrets)
         try:
             await cls._create_database(params, database, where)
             pool = await aiomysql.create_pool(
@@ -115,7 +110,7 @@ class MySQLBackend:
             )
         except Exception as e:
             raise wrap(e) from None
-        backend = cls(pool, where, secret)
+        backend = cls(pool, where, secrets)
         try:
             async with backend.connection() as conn:
                 # Only the missing ones: "IF NOT EXISTS" on an existing table is a warning,
@@ -160,7 +155,7 @@ class MySQLBackend:
     async def connection(self) -> AsyncIterator[Connection]:
         if self._closed:
             raise StoreClosed(f"the store for {self.where} is closed")
-        wrap = _MySQLErrors(self.where, self._secret)
+        wrap = _MySQLErrors(self.where, self._secrets)
         try:
             raw = await self._pool.acquire()
         except Exception as e:
@@ -201,14 +196,14 @@ class MySQLBackend:
 
 
 class _MySQLErrors:
-    def __init__(self, where: str, secret: str | None) -> None:
+    def __init__(self, where: str, secrets: Sequence[str]) -> None:
         self.where = where
-        self.secret = secret
+        self.secrets = secrets
 
     def __call__(self, e: BaseException) -> StoreError:
         if isinstance(e, StoreError):
             return e
-        text = _scrub(f"{self.where}: {_describe(e)}", self.secret)
+        text = mask_secrets(f"{self.where}: {_describe(e)}", self.secrets)
         code = e.args[0] if isinstance(e, pymysql.err.MySQLError) and e.args else None
         if code in _MYSQL_CONFLICT:
             return StoreConflict(text)

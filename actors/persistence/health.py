@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from actors.logs import SECRETS
 from actors.persistence.store import Store
 from bus import Bucket, Bus
 from bus.topology import HEALTH_BUCKET
@@ -58,6 +59,10 @@ class HealthChecker:
             self._nats(), self._database(), self._heartbeats()
         )
         checks = {"nats": nats, "database": database, **beats}
+        # The safety net: details quote other actors' and libraries' error texts, which
+        # must not carry a secret (a password in a CloudStack endpoint, say) into the reply.
+        for check in checks.values():
+            check.detail = SECRETS.mask(check.detail)
         if any(checks[name].status == "down" for name in OWN):
             overall: HealthStatus = "down"
         elif any(c.status != "ok" for c in checks.values()):
