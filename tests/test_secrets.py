@@ -128,7 +128,7 @@ async def _volumed_facing_a_dead_cloudstack(
         {
             "VOLUMED_NATS_URL": nats_server.url,
             "VOLUMED_DB_DSN": database.dsn,
-            "VOLUMED_CLOUDSTACK_RETRIES": "1",
+            "VOLUMED_CLOUDSTACK_RETRY_BUDGET": "0.5",
             "VOLUMED_CLOUDSTACK_RETRY_BACKOFF": "0.05",
             "VOLUMED_HEARTBEAT_INTERVAL": "0.5",
             "VOLUMED_LOG_LEVEL": "DEBUG",  # the most a log can say
