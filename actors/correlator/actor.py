@@ -10,6 +10,12 @@ Inputs, all for this VM:
 - CorrelateRequest / ReleaseRequest from the durable ``correlator_consumer(vm_id)``; a
   request is acknowledged only after its decision is published.
 
+Output besides the decisions: a ``MappingProof`` on ``proof_subject(vm_id)`` whenever the
+devices may no longer be what the database's mappings name (once the device state is known
+at start, after every device that appears, goes or changes, and every
+``REPROVE_INTERVAL`` as reconciliation): the VM's mappings are read from the
+``vm_volumes`` query and each is proven again by the engine, or names no device.
+
 The engine is synchronous and only ever called from this event loop, so it needs no lock.
 """
 
@@ -29,6 +35,7 @@ import msgspec
 from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.topology import (
+    API_PREFIX,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
     HEALTH_BUCKET,
@@ -37,10 +44,11 @@ from bus.topology import (
     correlate_result_subject,
     correlator_consumer,
     device_subject,
+    proof_subject,
     release_result_subject,
 )
 from schemas.config import Settings
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, MappingProof
 from schemas.events import OperationEvent
 from schemas.internal import (
     CheckResult,
@@ -55,6 +63,10 @@ log = logging.getLogger("volumed.correlator")
 
 _IDLE_WAKE = 1.0  # seconds between checks for a NATS reconnect when nothing is due
 _SCAN_CONCURRENCY = 64
+REPROVE_INTERVAL = 30.0
+"""Seconds between re-proofs of the VM's mappings when no device changed (reconciliation:
+catches a mapping recorded after the last proof, e.g. one persistence wrote late)."""
+_QUERY_TIMEOUT = 5.0
 
 
 class PublishFailed(Exception):
@@ -80,10 +92,13 @@ class CorrelatorActor:
         self._wake = asyncio.Event()
         self._need_sync = asyncio.Event()
         self._beat_now = asyncio.Event()
+        self._reprove = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: Consumer | None = None
         self.device_state_known = False
         self.published = 0
+        self.proofs_published = 0
+        self.proof_error: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -114,6 +129,7 @@ class CorrelatorActor:
                 tg.create_task(self._clock())
                 tg.create_task(self._sync_loop())
                 tg.create_task(self._heartbeat_loop())
+                tg.create_task(self._proof_loop())
         finally:
             self._consumer.stop()
             for unsub in unsubscribe:
@@ -128,6 +144,7 @@ class CorrelatorActor:
         self._wake.set()
         self._need_sync.set()
         self._beat_now.set()
+        self._reprove.set()
         if self._consumer is not None:
             self._consumer.stop()
 
@@ -142,9 +159,14 @@ class CorrelatorActor:
         if self._buffer is not None:
             self._buffer.append(event)
             return
+        self._device_event(event, time.time())
+
+    def _device_event(self, event: DeviceEvent, now: float) -> None:
         if event.kind == "inventory":
             self.device_state_known = True
-        self._apply(self.engine.device_event(event, time.time()))
+        self._apply(self.engine.device_event(event, now))
+        # A device came, went or changed: the mappings may name another disk now.
+        self._reprove.set()
 
     async def _on_operation_event(self, subject: str, data: bytes, reply: str | None) -> None:
         try:
@@ -334,20 +356,70 @@ class CorrelatorActor:
             )
         now = time.time()
         if state is not None:
-            self.device_state_known = True
-            self._apply(self.engine.device_event(state, now))
+            self._device_event(state, now)
         elif self._buffer is not None:
             log.info("no device state for VM %s yet; waiting for the watcher", self.vm_id)
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
-            if event.kind == "inventory":
-                self.device_state_known = True
-            self._apply(self.engine.device_event(event, now))
+            self._device_event(event, now)
+
+    # -- mapping proofs -------------------------------------------------------------------
+
+    async def _proof_loop(self) -> None:
+        """Prove the VM's mappings again whenever asked to, and every REPROVE_INTERVAL."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reprove.wait(), REPROVE_INTERVAL)
+            if self._stopping.is_set():
+                return
+            if not self.device_state_known:
+                continue  # proven against no device list, every mapping would be dropped
+            self._reprove.clear()
+            try:
+                await self._publish_proof()
+            except Exception as e:
+                self.proof_error = f"{type(e).__name__}: {e}"
+                log.warning("cannot prove the mappings of VM %s (%s); retrying", self.vm_id, e)
+                self._reprove.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.proof_error = None
+            delay = 0.2
+
+    async def _publish_proof(self) -> None:
+        data = await self.bus.request(
+            f"{API_PREFIX}.vm_volumes", {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
+        )
+        mapped = _vm_volumes_decoder.decode(data).volumes
+        if not mapped:
+            return
+        # The engine's state now, after the query: a mapping is proven against the newest
+        # device list, never against one older than the rows.
+        now = time.time()
+        proof = MappingProof(
+            vm_id=self.vm_id,
+            at=now,
+            correlator=self.instance,
+            mappings=tuple(self.engine.prove(mapped)),
+        )
+        await self.bus.publish(proof_subject(self.vm_id), proof)
+        self.proofs_published += 1
+        for p in proof.mappings:
+            if p.proof == "none":
+                log.warning("volume %s names no device: %s", p.volume_id, p.reason)
+        log.info(
+            "mappings of VM %s proven: %s",
+            self.vm_id,
+            ", ".join(f"{p.volume_id}={p.device_path or '-'}" for p in proof.mappings),
+        )
 
     def checks(self) -> dict[str, CheckResult]:
-        """This correlator's own health checks."""
+        """This correlator's own health checks; ``correlator`` sums them up (health requires
+        it, so a VM whose correlator is not running is reported, not silently ``ok``)."""
         e = self.engine
-        return {
+        parts = {
             "device_state": CheckResult(
                 status="ok" if self.device_state_known else "degraded",
                 detail=f"{len(e.devices())} devices known"
@@ -360,8 +432,20 @@ class CorrelatorActor:
                 if e.attaches_known
                 else "attaches in flight not known yet: devices without serial wait",
             ),
+            "mapping_proofs": CheckResult(
+                status="ok" if self.proof_error is None else "degraded",
+                detail=f"{self.proofs_published} published"
+                if self.proof_error is None
+                else f"cannot prove the mappings again: {self.proof_error}",
+            ),
             "requests": CheckResult(status="ok", detail=f"{e.waiting} waiting"),
         }
+        problems = [f"{n}: {c.detail}" for n, c in parts.items() if c.status != "ok"]
+        parts["correlator"] = CheckResult(
+            status="degraded" if problems else "ok",
+            detail=f"VM {self.vm_id}: " + ("; ".join(problems) if problems else "running"),
+        )
+        return parts
 
     async def _heartbeat_loop(self) -> None:
         key = re.sub(r"[^-/_=.a-zA-Z0-9]", "_", f"correlator.{self.instance}")
@@ -385,6 +469,15 @@ class CorrelatorActor:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _VmVolumes(msgspec.Struct, kw_only=True):
+    """The ``vm_volumes`` reply, as far as the correlator needs it."""
+
+    volumes: list[MappedVolume]
+
+
+_vm_volumes_decoder = msgspec.json.Decoder(_VmVolumes)
 
 
 class _SavedDevices(msgspec.Struct, kw_only=True):

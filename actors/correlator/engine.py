@@ -52,6 +52,15 @@ roll-back detach is done; the watcher stamps ``appeared_at`` when it first sees 
 (its start scan is marked ``source="start"``, and devices first learned from it count as
 present since an unknown time).
 
+**Proving mappings again** (``prove``). A mapping recorded earlier names a kernel name, and
+the kernel may give that name to another disk (a reboot names disks again, in any order). A
+mapped volume is proven again by the one present device with its serial, or by the device
+without serial that this engine itself proved for that same attach, as long as that
+appearance is present and unchanged; otherwise it names no device, with the reason. A
+restarted engine has proven nothing, so devices without serial name nothing after a restart.
+A ``changed`` device (resized: same name, serial and controller) keeps its appearance: its
+owner, its claim and when it was seen; it is never a fresh candidate for another attach.
+
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
 with its serial, else the given path if that device has no serial and no other owner) is
@@ -69,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from schemas.common import GIB, TERMINAL, ErrorCode, serial_of
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, ProvenMapping
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     CorrelateRequest,
@@ -226,6 +235,17 @@ class CorrelationEngine:
                     if known is not None:
                         out += self._remove(info.name, now)
                     self._add(info, _seen_at(info, event.at))
+            elif event.kind == "changed":
+                if known is not None and _resized(known.info, info):
+                    # The same disk with a new size: it keeps its appearance (owner, claim,
+                    # when it was seen), so it can never prove another attach.
+                    known.info = _merge(known.info, info)
+                else:
+                    # A change of a disk this engine did not know as such: present since
+                    # an unknown time, never a fresh candidate.
+                    if known is not None:
+                        out += self._remove(info.name, now)
+                    self._add(info, _UNKNOWN)
             elif known is not None:
                 out += self._remove(info.name, now)
         return out + self._evaluate(now)
@@ -361,6 +381,60 @@ class CorrelationEngine:
                 out.append(self._release_answer(r.request, False, msg, now))
         self._forget_old(now)
         return out + self._evaluate(now)
+
+    def prove(self, mapped: Iterable[MappedVolume]) -> list[ProvenMapping]:
+        """Prove each mapped volume of this VM again against the devices present now: the
+        one device with its serial, else the device without serial that this engine proved
+        for that very attach, still the same appearance. Anything else names no device, with
+        the reason: after a reboot the kernel may have given the old name to another disk."""
+        return [self._prove(m) for m in mapped]
+
+    def _prove(self, m: MappedVolume) -> ProvenMapping:
+        serial = serial_of(m.volume_id)
+        was = f" (it was {m.device_path})" if m.device_path else ""
+
+        def none(reason: str) -> ProvenMapping:
+            return ProvenMapping(
+                volume_id=m.volume_id, operation_id=m.operation_id, proof="none", reason=reason
+            )
+
+        def on(d: _Device, proof: Literal["serial", "exclusive"]) -> ProvenMapping:
+            return ProvenMapping(
+                volume_id=m.volume_id,
+                operation_id=m.operation_id,
+                proof=proof,
+                device_path=d.info.path,
+                by_id_path=d.info.by_id_path,
+            )
+
+        same = [d for d in self._devices.values() if d.info.serial == serial]
+        live = [d for d in same if not d.released]
+        if len(live) == 1:
+            return on(live[0], "serial")
+        if live:
+            names = ", ".join(sorted(d.info.name for d in live))
+            return none(f"devices {names} all carry serial {serial}{was}")
+        if same:
+            return none(f"the volume was detached: its device {same[0].info.name} is going{was}")
+        key = self._mapped.get(m.volume_id)
+        mine = next((d for d in self._devices.values() if d.key == key), None)
+        if (
+            mine is not None
+            and m.operation_id is not None
+            and mine.claimed_by == m.operation_id
+            and not mine.released
+        ):
+            return on(mine, "exclusive")
+        missing = f"no device with serial {serial} is present"
+        if key is not None and mine is None:
+            return none(f"{missing}, and the device proven to be this volume's is gone{was}")
+        if self.serial_host:
+            return none(f"{missing}{was}")
+        return none(
+            f"{missing}, and no device without serial was proven to be this volume's by this "
+            f"correlator since it started (a restart or a reboot may have given its name to "
+            f"another disk){was}"
+        )
 
     # -- state the actor reads ------------------------------------------------------------
 
@@ -689,6 +763,12 @@ class CorrelationEngine:
 def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
     """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at)."""
     return a.serial == b.serial and a.size == b.size
+
+
+def _resized(a: DeviceInfo, b: DeviceInfo) -> bool:
+    """The same disk with another size, as the watcher tells a resize (``changed``): same
+    name, serial and controller."""
+    return a.name == b.name and a.serial == b.serial and a.controller == b.controller
 
 
 def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:
