@@ -15,11 +15,11 @@ import pytest
 from actors.correlator import CorrelatorActor
 from bus import Bus
 from bus.topology import (
+    ATTACHING_BUCKET,
     CORRELATED_PREFIX,
     DEAD_LETTERS,
     DEVICES_BUCKET,
     HEALTH_BUCKET,
-    OPERATIONS_BUCKET,
     TOPOLOGY,
     correlate_request_subject,
     device_subject,
@@ -31,10 +31,10 @@ from schemas.config import Settings
 from schemas.devices import DeviceEvent, DeviceInfo
 from schemas.events import OperationEvent
 from schemas.internal import (
+    AttachInFlight,
     CorrelateRequest,
     CorrelateResult,
     Heartbeat,
-    OpRecord,
     ReleaseRequest,
     ReleaseResult,
 )
@@ -203,24 +203,28 @@ async def test_timeout_and_ambiguity(bus: Bus, results: Results) -> None:
         await stop(actor, task)
 
 
-async def test_attach_in_flight_from_the_executors_records(bus: Bus, results: Results) -> None:
-    """An attach the executor is running when the correlator starts competes for devices."""
-    ops = await bus.bucket(OPERATIONS_BUCKET, OpRecord)
+async def test_attach_in_flight_from_the_attaching_bucket(bus: Bus, results: Results) -> None:
+    """An attach the executor is running when the correlator starts competes for devices;
+    one to another VM does not."""
+    attaching = await bus.bucket(ATTACHING_BUCKET, AttachInFlight)
     other = str(uuid.uuid4())
-    await ops.create(
+    await attaching.create(
         "op-other",
-        OpRecord(
+        AttachInFlight(
             operation_id="op-other",
-            type="attach",
-            status="executing",
-            stream_seq=1,
             volume_id=other,
             vm_id=VM,
             accepted_at="2020-01-01T00:00:00Z",
         ),
     )
+    await attaching.create(
+        "op-far",
+        AttachInFlight(operation_id="op-far", volume_id=str(uuid.uuid4()), vm_id="another-vm"),
+    )
     actor, task = await start(bus)
     try:
+        assert "op-other" in actor.engine._claimants
+        assert "op-far" not in actor.engine._claimants
         v = str(uuid.uuid4())
         t0 = time.time()
         await device_added(bus, dev("vdb", GIB, None, t0 + 0.01))

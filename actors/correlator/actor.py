@@ -5,8 +5,9 @@ Inputs, all for this VM:
   state from the devices bucket (key: vm id) so that the devices present at start are known;
 - the executor's operation events on ``volume.events.>`` (core subscription): an attach to
   this VM that is ``executing`` may own a device before its request arrives;
-- the attaches in flight at start (and after a NATS reconnect), read from the executor's
-  operation records: until they are known no device without serial is mapped;
+- the attaches in flight at start (and after a NATS reconnect), read from the attaching
+  bucket (AttachInFlight, written by the executor): until they are known no device without
+  serial is mapped;
 - CorrelateRequest / ReleaseRequest from the durable ``correlator_consumer(vm_id)``; a
   request is acknowledged only after its decision is published.
 
@@ -36,10 +37,10 @@ from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.topology import (
     API_PREFIX,
+    ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
     HEALTH_BUCKET,
-    OPERATIONS_BUCKET,
     Topology,
     correlate_result_subject,
     correlator_consumer,
@@ -51,11 +52,11 @@ from schemas.config import Settings
 from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, MappingProof
 from schemas.events import OperationEvent
 from schemas.internal import (
+    AttachInFlight,
     CheckResult,
     CorrelateRequest,
     CorrelateResult,
     Heartbeat,
-    OpRecord,
     ReleaseRequest,
 )
 
@@ -307,33 +308,33 @@ class CorrelatorActor:
             self._beat_now.set()
 
     async def _read_in_flight(self) -> list[InFlightAttach]:
-        """Attaches to this VM the executor is working on, from its operation records."""
-        ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
-        keys = await ops.keys()
+        """Attaches to this VM that may be running in CloudStack, from the attaching bucket
+        (the executor puts one before an attach turns executing, deletes it once over)."""
+        attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
+        keys = await attaching.keys()
         found: list[InFlightAttach] = []
         sem = asyncio.Semaphore(_SCAN_CONCURRENCY)
 
         async def one(key: str) -> None:
             async with sem:
                 try:
-                    got = await ops.get(key)
+                    got = await attaching.get(key)
                 except msgspec.MsgspecError:
                     # Unreadable: it might be an attach to this VM, so it counts as one.
                     found.append(InFlightAttach(operation_id=key))
                     return
-            if got is None:
+            if got is None or got[0].vm_id != self.vm_id:
                 return
-            rec = got[0]
-            # A pending one has not sent anything yet; its "executing" event will come.
-            if rec.type != "attach" or rec.status != "executing":
-                return
-            if rec.vm_id not in (None, self.vm_id):
-                return
+            a = got[0]
+            # Its device cannot appear before the attach was sent; the earliest time known
+            # (accepted, else sent) is the safe window start.
+            accepted = _parse(a.accepted_at) if a.accepted_at else None
+            times = [t for t in (accepted, a.started_at) if t is not None]
             found.append(
                 InFlightAttach(
-                    operation_id=rec.operation_id,
-                    volume_id=rec.volume_id,
-                    started_at=_parse(rec.accepted_at),
+                    operation_id=a.operation_id,
+                    volume_id=a.volume_id,
+                    started_at=min(times) if times else float("-inf"),
                 )
             )
 
@@ -450,6 +451,8 @@ class CorrelatorActor:
     async def _heartbeat_loop(self) -> None:
         key = re.sub(r"[^-/_=.a-zA-Z0-9]", "_", f"correlator.{self.instance}")
         while not self._stopping.is_set():
+            # Cleared before the checks are read: a change meanwhile makes another beat.
+            self._beat_now.clear()
             try:
                 health = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
                 beat = Heartbeat(
@@ -461,7 +464,6 @@ class CorrelatorActor:
                 await health.put(key, beat)
             except Exception as e:
                 log.debug("heartbeat failed: %s", e)
-            self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
 

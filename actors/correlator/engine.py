@@ -43,7 +43,7 @@ without a device) taints the devices it could own until they go, and for ``linge
 after its terminal event also new ones, so its late device is never given to another
 attach. Attaches that may have started while nothing was listening (process start, NATS
 reconnect) count as one "unknown" competitor that blocks every exclusion proof until the
-actor has read the in-flight attaches from the executor's records again.
+actor has read the in-flight attaches from the attaching bucket again.
 
 Requirements on the others: every attach to this VM goes through volumed (a disk
 hot-plugged by hand inside a window of the same size would be indistinguishable); the
@@ -103,7 +103,7 @@ ClaimantKind = Literal["announced", "open", "failed", "unknown"]
 
 @dataclass(frozen=True)
 class InFlightAttach:
-    """An attach to this VM that may be running in CloudStack (from the executor's records)."""
+    """An attach to this VM that may be running in CloudStack (from the attaching bucket)."""
 
     operation_id: str
     volume_id: str | None = None
@@ -322,7 +322,7 @@ class CorrelationEngine:
         return []
 
     def sync_attaches(self, in_flight: Iterable[InFlightAttach], now: float) -> list[Decision]:
-        """The attaches in flight are known again (read from the executor's records): they
+        """The attaches in flight are known again (read from the attaching bucket): they
         replace the "unknown" competitors; attaches starting from now on are announced."""
         for a in in_flight:
             if a.operation_id in self._ended or a.operation_id in self._answers:
