@@ -393,6 +393,9 @@ class CorrelatorActor:
         data = await self.bus.request(
             f"{API_PREFIX}.vm_volumes", {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
         )
+        if not data.strip():
+            # A micro-service error carries its reason in headers only.
+            raise RuntimeError("the vm_volumes query failed (is the database connected?)")
         mapped = _vm_volumes_decoder.decode(data).volumes
         if not mapped:
             return
