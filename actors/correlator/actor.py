@@ -49,7 +49,13 @@ from bus.topology import (
     release_result_subject,
 )
 from schemas.config import Settings
-from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, MappingProof
+from schemas.devices import (
+    DeviceEvent,
+    DeviceInfo,
+    MappedVolume,
+    MappingProof,
+    ProvenMapping,
+)
 from schemas.events import OperationEvent
 from schemas.internal import (
     AttachInFlight,
@@ -100,6 +106,7 @@ class CorrelatorActor:
         self.published = 0
         self.proofs_published = 0
         self.proof_error: str | None = None
+        self._last_proof: tuple[ProvenMapping, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -356,6 +363,16 @@ class CorrelatorActor:
                 e,
             )
         now = time.time()
+        if state is not None and state.at < (booted := boot_time()):
+            # Saved before this host booted: the kernel has named its disks again since,
+            # so nothing is known (or proven) from it; the watcher's inventory will come.
+            log.info(
+                "the saved device state of VM %s predates this boot (%.0f s before); "
+                "waiting for the watcher",
+                self.vm_id,
+                booted - state.at,
+            )
+            state = None
         if state is not None:
             self._device_event(state, now)
         elif self._buffer is not None:
@@ -410,6 +427,9 @@ class CorrelatorActor:
         )
         await self.bus.publish(proof_subject(self.vm_id), proof)
         self.proofs_published += 1
+        if proof.mappings == self._last_proof:
+            return  # reconciliation found nothing new: logged once is enough
+        self._last_proof = proof.mappings
         for p in proof.mappings:
             if p.proof == "none":
                 log.warning("volume %s names no device: %s", p.volume_id, p.reason)
@@ -515,6 +535,18 @@ def _saved_state(raw: bytes) -> DeviceEvent:
         devices=saved.devices,
         watcher=saved.watcher,
     )
+
+
+def boot_time(stat: str = "/proc/stat") -> float:
+    """When this host booted (time.time() scale), from the kernel's ``btime``; 0 unknown."""
+    try:
+        with open(stat) as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def _parse(value: str) -> float:
