@@ -120,16 +120,18 @@ async def test_restart_without_serials_names_no_device(
     async with Simulator(hotplugging(sysfs, dev, seed=22, serials=False)) as sim:
         async with daemon(nats_server, database, sim, tree) as v:
             volumes = await create_many(v, sim, 2, [1])
-            await attach_local(v, sim, volumes)
+            paths = await attach_local(v, sim, volumes)
+            await rows_when(database, sim, lambda rows: len(rows) == 2)
+            # Another disk appears: the mappings are proven again, and while this correlator
+            # runs the appearances it proved still prove them.
+            (sysfs / "block" / "vdz").mkdir()
+            (sysfs / "block" / "vdz" / "size").write_text(f"{3 * GIB // 512}\n")
             await rows_when(
                 database,
                 sim,
-                lambda rows: (
-                    len(rows) == 2
-                    and all(
-                        r["device_path"] and r["proof"] in (None, "exclusive")
-                        for r in rows.values()
-                    )
+                lambda rows: all(
+                    rows[vol]["proof"] == "exclusive" and rows[vol]["device_path"] == paths[vol]
+                    for vol in volumes
                 ),
             )
 

@@ -183,6 +183,9 @@ class CorrelatorActor:
             return  # not ours to judge: persistence dead-letters bad events
         if event.type == "attach":
             self._apply(self.engine.operation_event(event, time.time()))
+            if event.status == "completed" and event.vm_id == self.vm_id:
+                # A new mapping: proven again (with the proof recorded) once it is stored.
+                self._reprove.set()
 
     async def _handle(self, delivery: Delivery) -> None:
         kind = delivery.subject.rsplit(".", 1)[-1]
