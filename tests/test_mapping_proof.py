@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import time
@@ -19,13 +20,23 @@ import pytest
 from actors.persistence.records import Event, parse_time
 from actors.persistence.schema import DEVICE_MAPPINGS, MYSQL, SQLITE
 from actors.persistence.store import open_store
+from bus import Bus
 from schemas.common import GIB, serial_of
 from schemas.devices import MappingProof, ProvenMapping
 from schemas.events import OperationEvent
 from simulator import Simulator
-from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
+from tests.conftest import (
+    Database,
+    Harness,
+    NatsServer,
+    VolumedProcess,
+    start_volumed,
+    stop_volumed,
+    volumed_env,
+    wait_for,
+)
 from tests.test_devices_e2e import create_many, fake_tree, hotplugging, start
-from tests.test_lifecycle import op, settings_for
+from tests.test_lifecycle import create_body, op, settings_for
 
 
 @contextlib.asynccontextmanager
@@ -323,3 +334,82 @@ async def test_a_proof_swaps_names_only_for_the_same_attach_and_never_goes_back(
         assert await store.mapping_by_device("/dev/vdb") is None
     finally:
         await store.close()
+
+
+async def test_reboot_of_a_real_volumed_process(
+    nats_server: NatsServer, database: Database, tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same reboot from outside: `volumed run` as a process, SIGTERM, the disks renamed,
+    a new process; only the bus, the database and the fake tree are looked at."""
+    sysfs, dev = tree
+    async with Simulator(hotplugging(sysfs, dev, seed=25, serials=True)) as sim:
+        env = volumed_env(
+            nats_server.url,
+            database.dsn,
+            sim,
+            VOLUMED_SYSFS=str(sysfs),
+            VOLUMED_DEV=str(dev),
+            VOLUMED_DEVICES="vd*",
+            VOLUMED_POLL_INTERVAL="0.05",
+        )
+        log = tmp_path / "volumed.log"
+        user = await Bus.connect(nats_server.url, "user")
+        completed: dict[str, dict[str, object]] = {}
+
+        async def on_event(_s: str, data: bytes, _r: str | None) -> None:
+            event = json.loads(data)
+            if event["status"] in ("completed", "failed"):
+                completed[event["operation_id"]] = event
+
+        await user.subscribe("volume.events.>", on_event)
+        process = VolumedProcess(env, (), log_path=log)
+        try:
+            await process.start()
+            creates = [op() for _ in range(3)]
+            for i, o in enumerate(creates):
+                body = create_body(sim, o, f"proc-{i}")
+                await wait_for(lambda b=body: publish(user, "volume.cmd.create", b), 30, 0.2)
+            volumes = []
+            for o in creates:
+                event = await wait_for(lambda o=o: completed.get(o), 30)
+                assert event["status"] == "completed", event
+                volumes.append(str(event["volume_id"]))
+            for vol in volumes:
+                o = op()
+                await user.publish(
+                    "volume.cmd.attach",
+                    {"operation_id": o, "volume_id": vol, "vm_id": sim.local_vm_id},
+                )
+                event = await wait_for(lambda o=o: completed.get(o), 30)
+                assert event["status"] == "completed", event
+            await rows_when(database, sim, lambda rows: len(rows) == 3)
+            assert await process.stop() == 0
+
+            after = {
+                vol: os.path.join(str(dev), name) for vol, name in sim.hotplug.reboot().items()
+            }
+            process = VolumedProcess(env, (), log_path=log)
+            await process.start()
+            await rows_when(
+                database,
+                sim,
+                lambda rows: all(rows[vol]["device_path"] == after[vol] for vol in volumes),
+            )
+            for vol in volumes:
+                reply = json.loads(await user.request("volume.api.mapping", {"volume_id": vol}))
+                assert (reply["device_path"], reply["proof"]) == (after[vol], "serial")
+            assert await process.stop() == 0
+        finally:
+            await user.close()
+            if process.proc is not None and process.proc.returncode is None:
+                await process.kill()
+        assert sim.secret_key not in log.read_text()
+
+
+async def publish(bus: Bus, subject: str, body: object) -> bool:
+    """Publish a command once the stream exists (the process provisions it)."""
+    try:
+        await bus.publish(subject, body)
+        return True
+    except Exception:
+        return False
