@@ -394,9 +394,11 @@ class CorrelatorActor:
                 await asyncio.wait_for(self._reprove.wait(), REPROVE_INTERVAL)
             if self._stopping.is_set():
                 return
-            if not self.device_state_known:
-                continue  # proven against no device list, every mapping would be dropped
             self._reprove.clear()
+            if not self.device_state_known:
+                # Against no device list every mapping would be dropped; the list's arrival
+                # asks again.
+                continue
             try:
                 await self._publish_proof()
             except Exception as e:
