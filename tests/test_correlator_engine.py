@@ -971,3 +971,17 @@ def test_a_resized_device_keeps_its_owner_and_never_proves_another_attach() -> N
     # The waiting attach times out: it never got the owner's disk.
     b = only(e.tick(20.5 + 31.0))
     assert b.operation_id == "b" and b.error.code == "device_timeout"
+
+
+def test_an_unclaimed_device_resized_to_a_waiting_attachs_size_is_not_its_one() -> None:
+    e = engine()
+    v = new_volume()
+    assert e.attach(request("r", v, 2 * GIB, 10.0), 10.2) == []
+    # A disk of 1 GiB appears in R's window (another volume's: not R's size)...
+    info = DeviceInfo(name="vdb", path="/dev/vdb", size=GIB, controller="virtio5", appeared_at=10.5)
+    assert e.device_event(added(info), 10.5) == []
+    # ...and grows to R's size: still not R's device.
+    grown = DeviceInfo(name="vdb", path="/dev/vdb", size=2 * GIB, controller="virtio5")
+    assert e.device_event(changed(grown, 11.0), 11.0) == []
+    r = only(e.tick(10.2 + 31.0))
+    assert r.operation_id == "r" and r.error.code == "device_timeout"

@@ -59,7 +59,8 @@ without serial that this engine itself proved for that same attach, as long as t
 appearance is present and unchanged; otherwise it names no device, with the reason. A
 restarted engine has proven nothing, so devices without serial name nothing after a restart.
 A ``changed`` device (resized: same name, serial and controller) keeps its appearance: its
-owner, its claim and when it was seen; it is never a fresh candidate for another attach.
+owner, its claim and when it was seen; it is never a candidate for an attach by exclusion
+(a disk that came with another size is not the one an attach of its new size made).
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -123,6 +124,9 @@ class _Device:
     taint: str | None = None  # why it may belong to a failed attach: never proven by exclusion
     released: bool = False  # its volume was detached since: never the volume's device again
     suspects: set[str] = field(default_factory=set)  # volumes of failed attaches it may be
+    # Its size changed since it appeared (``changed``): a disk that came with another size
+    # is not one an attach of its new size made, so it never proves one by exclusion.
+    resized: bool = False
 
 
 @dataclass
@@ -240,6 +244,7 @@ class CorrelationEngine:
                     # The same disk with a new size: it keeps its appearance (owner, claim,
                     # when it was seen), so it can never prove another attach.
                     known.info = _merge(known.info, info)
+                    known.resized = True
                 else:
                     # A change of a disk this engine did not know as such: present since
                     # an unknown time, never a fresh candidate.
@@ -652,6 +657,7 @@ class CorrelationEngine:
             not d.info.serial
             and d.claimed_by is None
             and not d.released
+            and not d.resized
             and d.seen_at >= c.own_start
             and d.info.size == c.request.size
         )
