@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -111,6 +112,7 @@ class Stats:
     releases: int = 0
     reproven: int = 0
     unproven: int = 0
+    resized: int = 0
 
 
 @dataclass(eq=False)
@@ -213,6 +215,24 @@ class World:
             del self.observed[app.name]
             assert app.info is not None
             self.feed(self.engine.device_event(removed(app.info, self.now), self.now))
+            self.check_proofs()
+
+        self.observe(seen)
+
+    def resize(self) -> None:
+        """A present disk changes size (the watcher reports ``changed``): still its owner's."""
+        if not self.present:
+            return
+        app = self.rng.choice(sorted(self.present.values(), key=lambda a: a.name))
+        app.size = self.rng.choice([GIB, 2 * GIB, 3 * GIB, 4 * GIB])
+        self.log.append(f"{self.now:.3f} resize {app.name} {app.size // GIB}G")
+
+        def seen() -> None:
+            if self.watcher_down or self.observed.get(app.name) is not app or app.info is None:
+                return
+            app.info = msgspec.structs.replace(app.info, size=app.size)
+            self.stats.resized += 1
+            self.feed(self.engine.device_event(changed(app.info, self.now), self.now))
             self.check_proofs()
 
         self.observe(seen)
@@ -466,6 +486,9 @@ def simulate(seed: int, mode: str) -> World:
                 w.unplug(rng.choice(others))
 
         w.at(rng.uniform(0.5, spread + 10), drop)
+    if rng.random() < 0.3:
+        for _ in range(1 + rng.randrange(3)):
+            w.at(rng.uniform(1, spread + 10), w.resize)
     if rng.random() < 0.15:
         w.at(rng.uniform(1, spread + 5), lambda: w.watcher_restart(rng.uniform(0.1, 3)))
     if rng.random() < 0.15:
@@ -508,7 +531,7 @@ def test_generated_worlds_never_map_a_device_to_the_wrong_volume(mode: str) -> N
         assert total.exclusive > (2000 if mode == "off" else 300), total
         assert total.ambiguous > 100, total
     assert total.releases > 1000
-    assert total.reproven > 1000 and total.unproven > 100, total
+    assert total.reproven > 1000 and total.unproven > 100 and total.resized > 300, total
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
