@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -11,6 +11,28 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
+
+_PASSES = 3  # listings of a bucket whose key count keeps changing, before taking their union
+_INFO_TIMEOUT = 30.0  # a page of 100,000 subjects is a few MB
+
+
+class _StreamState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    state: _StreamState = msgspec.field(default_factory=_StreamState)
+    total: int = 0
+    error: dict[str, Any] | None = None
+
+
+class _SubjectsPage(NamedTuple):
+    subjects: list[str]
+    total: int
+
+
+_info_decoder = msgspec.json.Decoder(_StreamInfo)
+_encode_json = msgspec.json.Encoder().encode
 
 
 class Conflict(Exception):
@@ -52,11 +74,38 @@ class Bucket(Generic[T]):
         """Keys that have a value (deleted or expired ones may still be listed: get() says).
 
         Read from the bucket's stream state: nats-py's KV keys() can return a partial or
-        empty list while keys exist (nats-io/nats.py#842)."""
+        empty list while keys exist (nats-io/nats.py#842). One stream-info reply lists at
+        most 100,000 subjects (the server's limit) and nats-py does not page it, so the
+        pages are asked for here, by offset, until the total the server reports is read.
+        A pass during which the total changed (keys added or expired) is read again, so
+        that a key present throughout is never skipped by a shifted offset."""
         prefix = f"$KV.{self._name}."
-        info = await self._js.stream_info(f"KV_{self._name}", subjects_filter=">")
+        found: set[str] = set()
+        for _ in range(_PASSES):
+            offset, totals = 0, set()
+            while True:
+                page = await self._stream_subjects(f"{prefix}>", offset)
+                found.update(s.removeprefix(prefix) for s in page.subjects if s.startswith(prefix))
+                totals.add(page.total)
+                offset += len(page.subjects)
+                if not page.subjects or offset >= page.total:
+                    break
+            if len(totals) == 1:
+                break
+        return sorted(found)
+
+    async def _stream_subjects(self, subjects_filter: str, offset: int) -> _SubjectsPage:
+        request = _encode_json({"subjects_filter": subjects_filter, "offset": offset})
+        # The JetStream API directly: nats-py's stream_info() sends no offset.
+        reply = await self._js._nc.request(
+            f"{self._js._prefix}.STREAM.INFO.KV_{self._name}", request, timeout=_INFO_TIMEOUT
+        )
+        info = _info_decoder.decode(reply.data)
+        if info.error is not None:
+            raise RuntimeError(f"stream info of bucket {self._name}: {info.error}")
         subjects = info.state.subjects or {}
-        return [s.removeprefix(prefix) for s in subjects if s.startswith(prefix)]
+        # A server that does not page (one reply) reports no total.
+        return _SubjectsPage(list(subjects), info.total if info.total else len(subjects))
 
     async def items(self) -> AsyncIterator[tuple[str, T]]:
         for key in await self.keys():

@@ -23,6 +23,9 @@ DEVICE_PREFIX = "volumed.device"  # volumed.device.<vm_id>
 # side can pick up where it was after a restart.
 CORRELATE_PREFIX = "volumed.correlate"
 CORRELATED_PREFIX = "volumed.correlated"
+# correlator → persistence: volumed.proof.<vm_id> (MappingProof), every mapped volume of the
+# VM proven again against the devices present now.
+PROOF_PREFIX = "volumed.proof"
 CONFIG_SUBJECT = "volumed.internal.cloudstack_config"
 DEAD_LETTER_PREFIX = "volumed.dead"  # .<stream>.<consumer>
 
@@ -37,6 +40,10 @@ def event_subject(operation_id: str) -> str:
 
 def device_subject(vm_id: str) -> str:
     return f"{DEVICE_PREFIX}.{vm_id}"
+
+
+def proof_subject(vm_id: str) -> str:
+    return f"{PROOF_PREFIX}.{vm_id}"
 
 
 def correlate_request_subject(vm_id: str) -> str:
@@ -124,6 +131,15 @@ CORRELATION = StreamSpec(
     max_age=DAY,
     description="attach/detach hand-offs between executor and correlator",
 )
+MAPPING_PROOFS = StreamSpec(
+    name="VOLUMED_MAPPING_PROOFS",
+    subjects=(f"{PROOF_PREFIX}.>",),
+    max_age=DAY,
+    # Each proof covers every mapping of its VM and supersedes the earlier ones: only the
+    # newest per VM is worth applying (persistence also ignores one older than the rows).
+    max_msgs_per_subject=1,
+    description="each VM's device mappings proven again against its present devices",
+)
 DEAD_LETTERS = StreamSpec(
     name="VOLUMED_DEAD_LETTERS",
     subjects=(f"{DEAD_LETTER_PREFIX}.>",),
@@ -169,11 +185,20 @@ PERSISTENCE = ConsumerSpec(
     description="the database writers share the event stream",
 )
 
+PERSISTENCE_PROOFS = ConsumerSpec(
+    stream=MAPPING_PROOFS.name,
+    durable="persistence_proofs",
+    ack_wait=30.0,
+    # Unbounded like the events: a database outage delays a proof, never drops it.
+    max_deliver=-1,
+    description="the database writers apply the correlators' mapping proofs",
+)
+
 # The consumers whose writes a query must see (contract §4: a query made after an event was
 # received reflects at least that event). Each acks a message only after its effect is
 # committed, so a query waits until each one's ack floor has reached the last sequence its
 # stream had when the query arrived.
-READ_AFTER: tuple[ConsumerSpec, ...] = (PERSISTENCE,)
+READ_AFTER: tuple[ConsumerSpec, ...] = (PERSISTENCE, PERSISTENCE_PROOFS)
 
 
 def correlator_consumer(vm_id: str) -> ConsumerSpec:
@@ -232,8 +257,8 @@ DEVICES_BUCKET = BucketSpec(
 )
 
 TOPOLOGY = Topology(
-    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, DEAD_LETTERS, GIVEN_UP),
-    consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE),
+    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, MAPPING_PROOFS, DEAD_LETTERS, GIVEN_UP),
+    consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE, PERSISTENCE_PROOFS),
     buckets=(
         OPERATIONS_BUCKET,
         HEALTH_BUCKET,

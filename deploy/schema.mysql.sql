@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS device_mappings (
   last_sync DATETIME(6) NOT NULL,
   operation_id VARCHAR(64),
   attached_at DATETIME(6),
+  proof VARCHAR(16),
+  proof_reason TEXT,
+  proven_at DATETIME(6),
   UNIQUE KEY uq_device_mappings_volume_id (volume_id),
   UNIQUE KEY uq_device_mappings_device_path (device_path),
   KEY idx_device_mappings_vm_id (vm_id)

@@ -6,7 +6,9 @@ from typing import Literal
 
 from msgspec import Struct
 
-DeviceEventKind = Literal["added", "removed", "inventory"]
+# "changed": a present device's size changed (same name, serial and controller): the same
+# disk, resized, never a new one.
+DeviceEventKind = Literal["added", "removed", "changed", "inventory"]
 
 
 class DeviceInfo(Struct, kw_only=True, frozen=True):
@@ -49,3 +51,41 @@ class DeviceSnapshot(Struct, kw_only=True, frozen=True):
     at: float
     devices: tuple[DeviceInfo, ...] = ()
     seq: int = 0
+
+
+# How a mapping names its device now: "serial" (the device carries the volume's serial),
+# "exclusive" (a device without serial that this correlator proved by exclusion and whose
+# appearance has not changed since), or "none" (no device can be proven: device_path null).
+ProofKind = Literal["serial", "exclusive", "none"]
+
+
+class MappedVolume(Struct, kw_only=True, frozen=True):
+    """A device mapping of this VM as the database holds it (what is to be proven)."""
+
+    volume_id: str
+    operation_id: str | None = None  # the attach that made the mapping
+    device_path: str | None = None
+
+
+class ProvenMapping(Struct, kw_only=True, frozen=True):
+    """One mapped volume of a VM, proven again against the devices present now."""
+
+    volume_id: str
+    operation_id: str | None  # applies only to the mapping made by this attach
+    proof: ProofKind
+    device_path: str | None = None  # None when proof is "none"
+    by_id_path: str | None = None
+    reason: str = ""  # why nothing could be proven (proof "none")
+
+
+class MappingProof(Struct, kw_only=True, frozen=True):
+    """Correlator → persistence: every mapped volume of one VM proven again (at start, when
+    a device appears or goes, and periodically), so that a mapping names the disk as it is
+    now or names nothing, never a name the kernel may have given another disk since (a
+    reboot renames disks). ``at`` is time.time() of the correlator's device state: an older
+    proof never overwrites a newer one."""
+
+    vm_id: str
+    at: float
+    correlator: str = ""
+    mappings: tuple[ProvenMapping, ...] = ()

@@ -64,6 +64,12 @@ class Mapping(Struct, kw_only=True, omit_defaults=False):
     size: int | None  # bytes
     last_sync: str | None
     operation_id: str | None = None  # the attach that created the mapping
+    # The latest proof of device_path since the attach ("serial", "exclusive", or "none":
+    # device_path is null because no device can be proven to be the volume's now, for
+    # ``proof_reason``); null: as the attach proved it.
+    proof: str | None = None
+    proof_reason: str | None = None
+    proven_at: str | None = None
 
 
 HealthStatus = Literal["ok", "degraded", "down"]

@@ -106,6 +106,40 @@ class Hotplug:
         finally:
             self._tidy()
 
+    def reboot(self, order: list[str] | None = None) -> dict[str, str]:
+        """The guest rebooted: the kernel names the disks again, here the volumes in
+        ``order`` (default: the reverse of their names now) take the same names in turn.
+        Serials, controllers and by-id links stay with their disk. Returns volume → name."""
+        if self.sysfs_root is None or self.dev_root is None:
+            raise ValueError("a reboot needs both a sysfs and a dev root")
+        self.close()
+        names = sorted(self.devices.values(), key=lambda n: (len(n), n))
+        if order is None:
+            order = sorted(self.devices, key=lambda v: (len(self.devices[v]), self.devices[v]))
+            order.reverse()
+        if sorted(order) != sorted(self.devices):
+            raise ValueError("order must list every volume with a device, once")
+        work = self._workdir()
+        by_id = self.dev_root / "disk" / "by-id"
+        try:
+            aside: dict[str, Path] = {}
+            for volume_id, name in self.devices.items():
+                aside[volume_id] = work / f"reboot.{volume_id}"
+                os.rename(self.sysfs_root / "block" / name, aside[volume_id])
+                (self.dev_root / name).unlink(missing_ok=True)
+                if self.serials:
+                    (by_id / f"virtio-{serial_of(volume_id)}").unlink(missing_ok=True)
+            self.devices = dict(zip(order, names, strict=True))
+            for volume_id, name in self.devices.items():
+                # The scratch directory is as deep as block/: the device link still holds.
+                os.rename(aside[volume_id], self.sysfs_root / "block" / name)
+                (self.dev_root / name).touch()
+                if self.serials:
+                    os.symlink(f"../../{name}", by_id / f"virtio-{serial_of(volume_id)}")
+        finally:
+            self._tidy()
+        return dict(self.devices)
+
     def clear(self) -> None:
         """Remove every device made and forget pending changes."""
         self.close()

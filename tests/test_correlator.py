@@ -13,13 +13,14 @@ import msgspec
 import pytest
 
 from actors.correlator import CorrelatorActor
+from actors.correlator.actor import boot_time
 from bus import Bus
 from bus.topology import (
+    ATTACHING_BUCKET,
     CORRELATED_PREFIX,
     DEAD_LETTERS,
     DEVICES_BUCKET,
     HEALTH_BUCKET,
-    OPERATIONS_BUCKET,
     TOPOLOGY,
     correlate_request_subject,
     device_subject,
@@ -31,10 +32,10 @@ from schemas.config import Settings
 from schemas.devices import DeviceEvent, DeviceInfo
 from schemas.events import OperationEvent
 from schemas.internal import (
+    AttachInFlight,
     CorrelateRequest,
     CorrelateResult,
     Heartbeat,
-    OpRecord,
     ReleaseRequest,
     ReleaseResult,
 )
@@ -97,6 +98,12 @@ def dev(name: str, size: int, serial: str | None, at: float) -> DeviceInfo:
 async def device_added(bus: Bus, info: DeviceInfo) -> None:
     event = DeviceEvent(kind="added", vm_id=VM, at=info.appeared_at, source="uevent", device=info)
     await bus.publish(device_subject(VM), event)
+
+
+async def watcher_started(bus: Bus, *devices: DeviceInfo) -> None:
+    """The watcher's start inventory, now."""
+    inv = DeviceEvent(kind="inventory", vm_id=VM, at=time.time(), source="start", devices=devices)
+    await bus.publish(device_subject(VM), inv)
 
 
 def attach_request(op: str, volume_id: str, size: int, started_at: float) -> CorrelateRequest:
@@ -203,24 +210,28 @@ async def test_timeout_and_ambiguity(bus: Bus, results: Results) -> None:
         await stop(actor, task)
 
 
-async def test_attach_in_flight_from_the_executors_records(bus: Bus, results: Results) -> None:
-    """An attach the executor is running when the correlator starts competes for devices."""
-    ops = await bus.bucket(OPERATIONS_BUCKET, OpRecord)
+async def test_attach_in_flight_from_the_attaching_bucket(bus: Bus, results: Results) -> None:
+    """An attach the executor is running when the correlator starts competes for devices;
+    one to another VM does not."""
+    attaching = await bus.bucket(ATTACHING_BUCKET, AttachInFlight)
     other = str(uuid.uuid4())
-    await ops.create(
+    await attaching.create(
         "op-other",
-        OpRecord(
+        AttachInFlight(
             operation_id="op-other",
-            type="attach",
-            status="executing",
-            stream_seq=1,
             volume_id=other,
             vm_id=VM,
             accepted_at="2020-01-01T00:00:00Z",
         ),
     )
+    await attaching.create(
+        "op-far",
+        AttachInFlight(operation_id="op-far", volume_id=str(uuid.uuid4()), vm_id="another-vm"),
+    )
     actor, task = await start(bus)
     try:
+        assert "op-other" in actor.engine._claimants
+        assert "op-far" not in actor.engine._claimants
         v = str(uuid.uuid4())
         t0 = time.time()
         await device_added(bus, dev("vdb", GIB, None, t0 + 0.01))
@@ -298,23 +309,29 @@ async def test_undecodable_request_is_rejected_and_health(bus: Bus, results: Res
         await stop(actor, task)
 
 
-async def test_inventory_event_when_there_is_no_state(bus: Bus, results: Results) -> None:
-    """Without the watcher's saved state the actor works from its inventory event."""
+@pytest.mark.parametrize("saved", ["none", "before the host booted"])
+async def test_inventory_event_when_there_is_no_state(
+    bus: Bus, results: Results, saved: str
+) -> None:
+    """Without the watcher's saved state the actor works from its inventory event. A state
+    saved before the host booted is none: the kernel has named its disks again since."""
+    v = str(uuid.uuid4())
+    if saved != "none":
+        before_boot = boot_time() - 60
+        snapshot = {
+            "vm_id": VM,
+            "watcher": "w-1",
+            "at": before_boot,
+            "devices": [msgspec.to_builtins(dev("vdb", GIB, serial_of(v), before_boot))],
+        }
+        await (await bus.bucket(DEVICES_BUCKET, dict)).put(VM, snapshot)
     actor, task = await start(bus)
     try:
-        assert not actor.device_state_known
-        v = str(uuid.uuid4())
-        inv = DeviceEvent(
-            kind="inventory",
-            vm_id=VM,
-            at=time.time(),
-            source="start",
-            devices=(dev("vdb", GIB, serial_of(v), time.time()),),
-        )
-        await bus.publish(device_subject(VM), inv)
+        assert not actor.device_state_known and actor.engine.devices() == []
+        await watcher_started(bus, dev("vdc", GIB, serial_of(v), time.time()))
         await wait_for(lambda: actor.device_state_known, timeout=5)
         await bus.publish(correlate_request_subject(VM), attach_request("op-1", v, GIB, 0.0))
         r = await wait_for(lambda: results.attach.get("op-1"), timeout=5)
-        assert (r.device_path, r.proof) == ("/dev/vdb", "serial")
+        assert (r.device_path, r.proof) == ("/dev/vdc", "serial")
     finally:
         await stop(actor, task)

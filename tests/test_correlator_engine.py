@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.correlator.engine import SKEW, CorrelationEngine, Decision, InFlightAttach
 from schemas.common import GIB, serial_of
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume
 from schemas.events import OperationEvent
 from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, ReleaseResult
 
@@ -109,6 +110,9 @@ class Stats:
     ambiguous: int = 0
     timeout: int = 0
     releases: int = 0
+    reproven: int = 0
+    unproven: int = 0
+    resized: int = 0
 
 
 @dataclass(eq=False)
@@ -142,6 +146,7 @@ class World:
     rolling_back: dict[str, Attach] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
     log: list[str] = field(default_factory=list)
+    mapped: dict[str, str] = field(default_factory=dict)  # volume → attach: the mapping rows
 
     def __post_init__(self) -> None:
         # Short time-outs make devices that come after their attach has failed.
@@ -193,6 +198,7 @@ class World:
             app.info = device(app.name, size, serial, self.now)
             self.observed[app.name] = app
             self.feed(self.engine.device_event(added(app.info), self.now))
+            self.check_proofs()
 
         self.observe(seen)
         return app
@@ -209,6 +215,25 @@ class World:
             del self.observed[app.name]
             assert app.info is not None
             self.feed(self.engine.device_event(removed(app.info, self.now), self.now))
+            self.check_proofs()
+
+        self.observe(seen)
+
+    def resize(self) -> None:
+        """A present disk changes size (the watcher reports ``changed``): still its owner's."""
+        if not self.present:
+            return
+        app = self.rng.choice(sorted(self.present.values(), key=lambda a: a.name))
+        app.size = self.rng.choice([GIB, 2 * GIB, 3 * GIB, 4 * GIB])
+        self.log.append(f"{self.now:.3f} resize {app.name} {app.size // GIB}G")
+
+        def seen() -> None:
+            if self.watcher_down or self.observed.get(app.name) is not app or app.info is None:
+                return
+            app.info = msgspec.structs.replace(app.info, size=app.size)
+            self.stats.resized += 1
+            self.feed(self.engine.device_event(changed(app.info, self.now), self.now))
+            self.check_proofs()
 
         self.observe(seen)
 
@@ -226,6 +251,7 @@ class World:
             devs = [app.info for app in self.present.values() if app.info]
             self.log.append(f"{self.now:.3f} watcher restart inventory")
             self.feed(self.engine.device_event(inventory(devs, self.now, "start"), self.now))
+            self.check_proofs()
 
         self.at(self.now + gap, back)
 
@@ -311,6 +337,8 @@ class World:
                 f"WRONG MAPPING: {r.operation_id} (volume {a.volume_id}) got {name} owned by "
                 f"{app.owner} via {r.proof}\n" + self.trace()
             )
+            self.mapped[a.volume_id] = a.op
+            self.check_proofs()
             if r.proof == "serial":
                 self.stats.serial += 1
             else:
@@ -358,6 +386,23 @@ class World:
             # Re-attach the same volume once the detach is over (the executor orders the
             # operations of a volume): the lowest free letter is often the same one.
             self.reattach[rel.operation_id] = a
+
+    def check_proofs(self) -> None:
+        """A mapping proven again names its volume's device (as the watcher saw it) or
+        nothing, whatever came and went since the attach."""
+        rows = [MappedVolume(volume_id=v, operation_id=op) for v, op in self.mapped.items()]
+        for p in self.engine.prove(rows):
+            if p.proof == "none":
+                assert p.device_path is None and p.reason
+                self.stats.unproven += 1
+                continue
+            assert p.device_path is not None
+            app = self.observed.get(p.device_path.removeprefix("/dev/"))
+            assert app is not None and app.owner == p.volume_id, (
+                f"WRONG PROOF: volume {p.volume_id} proven on {p.device_path} owned by "
+                f"{app and app.owner} via {p.proof}\n" + self.trace()
+            )
+            self.stats.reproven += 1
 
     def on_release_result(self, r: ReleaseResult) -> None:
         self.stats.releases += 1
@@ -441,6 +486,9 @@ def simulate(seed: int, mode: str) -> World:
                 w.unplug(rng.choice(others))
 
         w.at(rng.uniform(0.5, spread + 10), drop)
+    if rng.random() < 0.3:
+        for _ in range(1 + rng.randrange(3)):
+            w.at(rng.uniform(1, spread + 10), w.resize)
     if rng.random() < 0.15:
         w.at(rng.uniform(1, spread + 5), lambda: w.watcher_restart(rng.uniform(0.1, 3)))
     if rng.random() < 0.15:
@@ -483,6 +531,7 @@ def test_generated_worlds_never_map_a_device_to_the_wrong_volume(mode: str) -> N
         assert total.exclusive > (2000 if mode == "off" else 300), total
         assert total.ambiguous > 100, total
     assert total.releases > 1000
+    assert total.reproven > 1000 and total.unproven > 100 and total.resized > 300, total
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -857,3 +906,105 @@ def test_other_vms_are_ignored() -> None:
     v = new_volume()
     e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
     assert only(e.attach(request("a", v, GIB, 10.0), 11.0)).proof == "exclusive"
+
+
+# -- mapping proofs (prove) and resized devices (changed) ------------------------------------
+
+
+def rows(*pairs: tuple[str, str]) -> list[MappedVolume]:
+    return [MappedVolume(volume_id=v, operation_id=o) for v, o in pairs]
+
+
+def test_after_a_reboot_serials_prove_the_new_names() -> None:
+    # A new correlator (the reboot restarted it) sees the disks renamed in another order.
+    va, vb, vc = new_volume(), new_volume(), new_volume()
+    e = engine(100.0)
+    renamed = [
+        device("vdb", GIB, serial_of(vc), 99.0),
+        device("vdc", GIB, serial_of(vb), 99.0),
+        device("vdd", GIB, serial_of(va), 99.0),
+    ]
+    e.device_event(inventory(renamed, 100.0, "start"), 100.0)
+    proofs = e.prove(rows((va, "a"), (vb, "b"), (vc, "c")))
+    assert [(p.volume_id, p.device_path, p.proof) for p in proofs] == [
+        (va, "/dev/vdd", "serial"),
+        (vb, "/dev/vdc", "serial"),
+        (vc, "/dev/vdb", "serial"),
+    ]
+
+
+def test_without_serial_only_the_appearance_this_engine_proved_counts() -> None:
+    e = engine()
+    v, w = new_volume(), new_volume()
+    info = device("vdb", GIB, None, 10.5)
+    e.device_event(added(info), 10.5)
+    r = only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    assert r.proof == "exclusive"
+    (p,) = e.prove(rows((v, "a")))
+    assert (p.device_path, p.proof) == ("/dev/vdb", "exclusive")
+    # Another attach's row of the same volume (a re-attach) is not proven by this claim.
+    (p,) = e.prove(rows((v, "a2")))
+    assert p.proof == "none" and p.device_path is None
+    # The disk goes and a same-size one takes its name: a new appearance, proves nothing.
+    e.device_event(removed(info, 12.0), 12.0)
+    e.device_event(added(device("vdb", GIB, None, 12.1)), 12.1)
+    (p,) = e.prove(rows((v, "a")))
+    assert p.proof == "none" and "gone" in p.reason
+    # A restarted correlator proved nothing: devices without serial name nothing.
+    fresh = engine(50.0)
+    fresh.device_event(inventory([info], 50.0, "start"), 50.0)
+    (p,) = fresh.prove(rows((v, "a")))
+    assert p.proof == "none" and p.device_path is None
+    assert "restart or a reboot" in p.reason
+    (q,) = fresh.prove(rows((w, "x")))
+    assert q.proof == "none"
+
+
+def test_a_detached_or_doubled_serial_proves_nothing() -> None:
+    e = engine()
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, serial_of(v), 1.0)), 1.0)
+    e.device_event(added(device("vdc", GIB, serial_of(v), 1.1)), 1.1)
+    (p,) = e.prove(rows((v, "a")))
+    assert p.proof == "none" and "vdb, vdc" in p.reason
+    e.device_event(removed(device("vdc", GIB, serial_of(v)), 1.2), 1.2)
+    assert e.release(ReleaseRequest(operation_id="d", volume_id=v), 1.3) == []
+    (p,) = e.prove(rows((v, "a")))
+    assert p.proof == "none" and "detached" in p.reason
+
+
+def changed(info: DeviceInfo, at: float) -> DeviceEvent:
+    return DeviceEvent(kind="changed", vm_id=VM, at=at, source="rescan", device=info)
+
+
+def test_a_resized_device_keeps_its_owner_and_never_proves_another_attach() -> None:
+    e = engine()
+    owner, waiting = new_volume(), new_volume()
+    info = DeviceInfo(name="vdb", path="/dev/vdb", size=GIB, controller="virtio5", appeared_at=10.5)
+    e.device_event(added(info), 10.5)
+    r = only(e.attach(request("a", owner, GIB, 10.0), 11.0))
+    assert r.proof == "exclusive"
+    # An attach of 2 GiB waits; the owner's disk grows to 2 GiB meanwhile.
+    assert e.attach(request("b", waiting, 2 * GIB, 20.0), 20.5) == []
+    grown = DeviceInfo(name="vdb", path="/dev/vdb", size=2 * GIB, controller="virtio5")
+    assert e.device_event(changed(grown, 21.0), 21.0) == []
+    (p,) = e.prove(rows((owner, "a")))
+    assert (p.device_path, p.proof) == ("/dev/vdb", "exclusive")
+    assert e.devices()[0].size == 2 * GIB
+    # The waiting attach times out: it never got the owner's disk.
+    b = only(e.tick(20.5 + 31.0))
+    assert b.operation_id == "b" and b.error.code == "device_timeout"
+
+
+def test_an_unclaimed_device_resized_to_a_waiting_attachs_size_is_not_its_one() -> None:
+    e = engine()
+    v = new_volume()
+    assert e.attach(request("r", v, 2 * GIB, 10.0), 10.2) == []
+    # A disk of 1 GiB appears in R's window (another volume's: not R's size)...
+    info = DeviceInfo(name="vdb", path="/dev/vdb", size=GIB, controller="virtio5", appeared_at=10.5)
+    assert e.device_event(added(info), 10.5) == []
+    # ...and grows to R's size: still not R's device.
+    grown = DeviceInfo(name="vdb", path="/dev/vdb", size=2 * GIB, controller="virtio5")
+    assert e.device_event(changed(grown, 11.0), 11.0) == []
+    r = only(e.tick(10.2 + 31.0))
+    assert r.operation_id == "r" and r.error.code == "device_timeout"

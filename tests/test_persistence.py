@@ -461,6 +461,10 @@ async def test_health_reads_heartbeats_and_checks_the_database(
 
             await put_heartbeat(bus, "watcher", "device_watcher")
             health = await request(bus, "health", {})
+            assert health["status"] == "degraded"
+            assert "no correlator heartbeat" in health["checks"]["correlator"]["detail"]
+            await put_heartbeat(bus, "correlator", "correlator")
+            health = await request(bus, "health", {})
             assert health["status"] == "ok", health
 
             await store.close()

@@ -183,15 +183,24 @@ def test_diff() -> None:
     assert diff_one(None, a) == [("added", a)]
     assert diff_one(a, None) == [("removed", a)]
     assert diff_one(a, a) == []
+    # A resize (same name, serial, controller) is a change of the same disk.
     bigger = msgspec.structs.replace(a, size=20)
-    assert diff_one(a, bigger) == [("removed", a), ("added", bigger)]
+    assert diff_one(a, bigger) == [("changed", bigger)]
+    # Another serial or controller under the name: it went and another came.
+    other = msgspec.structs.replace(a, size=20, serial="s2")
+    assert diff_one(a, other) == [("removed", a), ("added", other)]
+    moved = msgspec.structs.replace(a, size=20, controller="virtio9")
+    assert diff_one(a, moved) == [("removed", a), ("added", moved)]
     linked = msgspec.structs.replace(a, by_id_path="/dev/disk/by-id/virtio-s1", appeared_at=5.0)
     assert diff_one(a, linked) == [("updated", linked)]
     c = DeviceInfo(name="vdc", path="/dev/vdc", size=10)
-    assert diff({"vdb": a}, {"vdb": bigger, "vdc": c}) == [
-        ("removed", a),
-        ("added", bigger),
+    d = DeviceInfo(name="vdd", path="/dev/vdd", size=10)
+    replaced = msgspec.structs.replace(d, size=20, serial="s2")
+    assert diff({"vdb": a, "vdd": d}, {"vdb": bigger, "vdc": c, "vdd": replaced}) == [
+        ("removed", d),
+        ("changed", bigger),
         ("added", c),
+        ("added", replaced),
     ]
 
 
@@ -372,3 +381,31 @@ async def test_loop_device_seen_through_rescans(loops: Loops, bus: Bus, events: 
         await wait_for(lambda: actor.rescans >= rescans + 3)
         assert events.of(name) == [("added", "rescan"), ("removed", "rescan")]
         assert actor.uevents_seen == 0
+
+
+@pytest.mark.loopdev
+@pytest.mark.parametrize("use_uevents", [True, False])
+async def test_resized_loop_device_is_one_changed_event(
+    loops: Loops, bus: Bus, events: Events, use_uevents: bool
+) -> None:
+    """A disk that changes size (truncate + ``losetup -c``) is the same disk: one ``changed``
+    event with the new size, never removed + added."""
+    actor = WatcherActor(bus, kernel_settings(poll_interval=0.1), VM, "k3", use_uevents=use_uevents)
+    async with running(actor):
+        await wait_for(lambda: events.items)
+        path = await loops.attach()
+        name = os.path.basename(path)
+        await wait_for(lambda: events.of(name), timeout=5)
+        added = events.device(name, "added")
+        os.truncate(loops.image, 128 * MiB)
+        proc = await asyncio.create_subprocess_exec("losetup", "-c", path)
+        assert await proc.wait() == 0
+        await wait_for(lambda: len(events.of(name)) >= 2, timeout=5)
+        rescans = actor.rescans
+        await wait_for(lambda: actor.rescans >= rescans + 3)  # and nothing more comes
+        source = "uevent" if use_uevents else "rescan"
+        assert events.of(name) == [("added", source), ("changed", source)]
+        changed = events.device(name, "changed")
+        assert changed.size == 128 * MiB
+        assert changed.appeared_at == added.appeared_at  # the same disk, seen since then
+        assert actor.known[name].size == 128 * MiB

@@ -5,10 +5,17 @@ Inputs, all for this VM:
   state from the devices bucket (key: vm id) so that the devices present at start are known;
 - the executor's operation events on ``volume.events.>`` (core subscription): an attach to
   this VM that is ``executing`` may own a device before its request arrives;
-- the attaches in flight at start (and after a NATS reconnect), read from the executor's
-  operation records: until they are known no device without serial is mapped;
+- the attaches in flight at start (and after a NATS reconnect), read from the attaching
+  bucket (AttachInFlight, written by the executor): until they are known no device without
+  serial is mapped;
 - CorrelateRequest / ReleaseRequest from the durable ``correlator_consumer(vm_id)``; a
   request is acknowledged only after its decision is published.
+
+Output besides the decisions: a ``MappingProof`` on ``proof_subject(vm_id)`` whenever the
+devices may no longer be what the database's mappings name (once the device state is known
+at start, after every device that appears, goes or changes, and every
+``REPROVE_INTERVAL`` as reconciliation): the VM's mappings are read from the
+``vm_volumes`` query and each is proven again by the engine, or names no device.
 
 The engine is synchronous and only ever called from this event loop, so it needs no lock.
 """
@@ -29,25 +36,33 @@ import msgspec
 from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.topology import (
+    API_PREFIX,
+    ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
     HEALTH_BUCKET,
-    OPERATIONS_BUCKET,
     Topology,
     correlate_result_subject,
     correlator_consumer,
     device_subject,
+    proof_subject,
     release_result_subject,
 )
 from schemas.config import Settings
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import (
+    DeviceEvent,
+    DeviceInfo,
+    MappedVolume,
+    MappingProof,
+    ProvenMapping,
+)
 from schemas.events import OperationEvent
 from schemas.internal import (
+    AttachInFlight,
     CheckResult,
     CorrelateRequest,
     CorrelateResult,
     Heartbeat,
-    OpRecord,
     ReleaseRequest,
 )
 
@@ -55,6 +70,10 @@ log = logging.getLogger("volumed.correlator")
 
 _IDLE_WAKE = 1.0  # seconds between checks for a NATS reconnect when nothing is due
 _SCAN_CONCURRENCY = 64
+REPROVE_INTERVAL = 30.0
+"""Seconds between re-proofs of the VM's mappings when no device changed (reconciliation:
+catches a mapping recorded after the last proof, e.g. one persistence wrote late)."""
+_QUERY_TIMEOUT = 5.0
 
 
 class PublishFailed(Exception):
@@ -80,10 +99,14 @@ class CorrelatorActor:
         self._wake = asyncio.Event()
         self._need_sync = asyncio.Event()
         self._beat_now = asyncio.Event()
+        self._reprove = asyncio.Event()
         self._stopping = asyncio.Event()
         self._consumer: Consumer | None = None
         self.device_state_known = False
         self.published = 0
+        self.proofs_published = 0
+        self.proof_error: str | None = None
+        self._last_proof: tuple[ProvenMapping, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -114,6 +137,7 @@ class CorrelatorActor:
                 tg.create_task(self._clock())
                 tg.create_task(self._sync_loop())
                 tg.create_task(self._heartbeat_loop())
+                tg.create_task(self._proof_loop())
         finally:
             self._consumer.stop()
             for unsub in unsubscribe:
@@ -128,6 +152,7 @@ class CorrelatorActor:
         self._wake.set()
         self._need_sync.set()
         self._beat_now.set()
+        self._reprove.set()
         if self._consumer is not None:
             self._consumer.stop()
 
@@ -142,9 +167,14 @@ class CorrelatorActor:
         if self._buffer is not None:
             self._buffer.append(event)
             return
+        self._device_event(event, time.time())
+
+    def _device_event(self, event: DeviceEvent, now: float) -> None:
         if event.kind == "inventory":
             self.device_state_known = True
-        self._apply(self.engine.device_event(event, time.time()))
+        self._apply(self.engine.device_event(event, now))
+        # A device came, went or changed: the mappings may name another disk now.
+        self._reprove.set()
 
     async def _on_operation_event(self, subject: str, data: bytes, reply: str | None) -> None:
         try:
@@ -153,6 +183,9 @@ class CorrelatorActor:
             return  # not ours to judge: persistence dead-letters bad events
         if event.type == "attach":
             self._apply(self.engine.operation_event(event, time.time()))
+            if event.status == "completed" and event.vm_id == self.vm_id:
+                # A new mapping: proven again (with the proof recorded) once it is stored.
+                self._reprove.set()
 
     async def _handle(self, delivery: Delivery) -> None:
         kind = delivery.subject.rsplit(".", 1)[-1]
@@ -285,33 +318,33 @@ class CorrelatorActor:
             self._beat_now.set()
 
     async def _read_in_flight(self) -> list[InFlightAttach]:
-        """Attaches to this VM the executor is working on, from its operation records."""
-        ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
-        keys = await ops.keys()
+        """Attaches to this VM that may be running in CloudStack, from the attaching bucket
+        (the executor puts one before an attach turns executing, deletes it once over)."""
+        attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
+        keys = await attaching.keys()
         found: list[InFlightAttach] = []
         sem = asyncio.Semaphore(_SCAN_CONCURRENCY)
 
         async def one(key: str) -> None:
             async with sem:
                 try:
-                    got = await ops.get(key)
+                    got = await attaching.get(key)
                 except msgspec.MsgspecError:
                     # Unreadable: it might be an attach to this VM, so it counts as one.
                     found.append(InFlightAttach(operation_id=key))
                     return
-            if got is None:
+            if got is None or got[0].vm_id != self.vm_id:
                 return
-            rec = got[0]
-            # A pending one has not sent anything yet; its "executing" event will come.
-            if rec.type != "attach" or rec.status != "executing":
-                return
-            if rec.vm_id not in (None, self.vm_id):
-                return
+            a = got[0]
+            # Its device cannot appear before the attach was sent; the earliest time known
+            # (accepted, else sent) is the safe window start.
+            accepted = _parse(a.accepted_at) if a.accepted_at else None
+            times = [t for t in (accepted, a.started_at) if t is not None]
             found.append(
                 InFlightAttach(
-                    operation_id=rec.operation_id,
-                    volume_id=rec.volume_id,
-                    started_at=_parse(rec.accepted_at),
+                    operation_id=a.operation_id,
+                    volume_id=a.volume_id,
+                    started_at=min(times) if times else float("-inf"),
                 )
             )
 
@@ -333,21 +366,89 @@ class CorrelatorActor:
                 e,
             )
         now = time.time()
+        if state is not None and state.at < (booted := boot_time()):
+            # Saved before this host booted: the kernel has named its disks again since,
+            # so nothing is known (or proven) from it; the watcher's inventory will come.
+            log.info(
+                "the saved device state of VM %s predates this boot (%.0f s before); "
+                "waiting for the watcher",
+                self.vm_id,
+                booted - state.at,
+            )
+            state = None
         if state is not None:
-            self.device_state_known = True
-            self._apply(self.engine.device_event(state, now))
+            self._device_event(state, now)
         elif self._buffer is not None:
             log.info("no device state for VM %s yet; waiting for the watcher", self.vm_id)
         buffered, self._buffer = self._buffer or [], None
         for event in buffered:
-            if event.kind == "inventory":
-                self.device_state_known = True
-            self._apply(self.engine.device_event(event, now))
+            self._device_event(event, now)
+
+    # -- mapping proofs -------------------------------------------------------------------
+
+    async def _proof_loop(self) -> None:
+        """Prove the VM's mappings again whenever asked to, and every REPROVE_INTERVAL."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reprove.wait(), REPROVE_INTERVAL)
+            if self._stopping.is_set():
+                return
+            self._reprove.clear()
+            if not self.device_state_known:
+                # Against no device list every mapping would be dropped; the list's arrival
+                # asks again.
+                continue
+            try:
+                await self._publish_proof()
+            except Exception as e:
+                self.proof_error = f"{type(e).__name__}: {e}"
+                log.warning("cannot prove the mappings of VM %s (%s); retrying", self.vm_id, e)
+                self._reprove.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.proof_error = None
+            delay = 0.2
+
+    async def _publish_proof(self) -> None:
+        data = await self.bus.request(
+            f"{API_PREFIX}.vm_volumes", {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
+        )
+        if not data.strip():
+            # A micro-service error carries its reason in headers only.
+            raise RuntimeError("the vm_volumes query failed (is the database connected?)")
+        mapped = _vm_volumes_decoder.decode(data).volumes
+        if not mapped:
+            return
+        # The engine's state now, after the query: a mapping is proven against the newest
+        # device list, never against one older than the rows.
+        now = time.time()
+        proof = MappingProof(
+            vm_id=self.vm_id,
+            at=now,
+            correlator=self.instance,
+            mappings=tuple(self.engine.prove(mapped)),
+        )
+        await self.bus.publish(proof_subject(self.vm_id), proof)
+        self.proofs_published += 1
+        if proof.mappings == self._last_proof:
+            return  # reconciliation found nothing new: logged once is enough
+        self._last_proof = proof.mappings
+        for p in proof.mappings:
+            if p.proof == "none":
+                log.warning("volume %s names no device: %s", p.volume_id, p.reason)
+        log.info(
+            "mappings of VM %s proven: %s",
+            self.vm_id,
+            ", ".join(f"{p.volume_id}={p.device_path or '-'}" for p in proof.mappings),
+        )
 
     def checks(self) -> dict[str, CheckResult]:
-        """This correlator's own health checks."""
+        """This correlator's own health checks; ``correlator`` sums them up (health requires
+        it, so a VM whose correlator is not running is reported, not silently ``ok``)."""
         e = self.engine
-        return {
+        parts = {
             "device_state": CheckResult(
                 status="ok" if self.device_state_known else "degraded",
                 detail=f"{len(e.devices())} devices known"
@@ -360,12 +461,26 @@ class CorrelatorActor:
                 if e.attaches_known
                 else "attaches in flight not known yet: devices without serial wait",
             ),
+            "mapping_proofs": CheckResult(
+                status="ok" if self.proof_error is None else "degraded",
+                detail=f"{self.proofs_published} published"
+                if self.proof_error is None
+                else f"cannot prove the mappings again: {self.proof_error}",
+            ),
             "requests": CheckResult(status="ok", detail=f"{e.waiting} waiting"),
         }
+        problems = [f"{n}: {c.detail}" for n, c in parts.items() if c.status != "ok"]
+        parts["correlator"] = CheckResult(
+            status="degraded" if problems else "ok",
+            detail=f"VM {self.vm_id}: " + ("; ".join(problems) if problems else "running"),
+        )
+        return parts
 
     async def _heartbeat_loop(self) -> None:
         key = re.sub(r"[^-/_=.a-zA-Z0-9]", "_", f"correlator.{self.instance}")
         while not self._stopping.is_set():
+            # Cleared before the checks are read: a change meanwhile makes another beat.
+            self._beat_now.clear()
             try:
                 health = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
                 beat = Heartbeat(
@@ -377,7 +492,6 @@ class CorrelatorActor:
                 await health.put(key, beat)
             except Exception as e:
                 log.debug("heartbeat failed: %s", e)
-            self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
 
@@ -385,6 +499,15 @@ class CorrelatorActor:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _VmVolumes(msgspec.Struct, kw_only=True):
+    """The ``vm_volumes`` reply, as far as the correlator needs it."""
+
+    volumes: list[MappedVolume]
+
+
+_vm_volumes_decoder = msgspec.json.Decoder(_VmVolumes)
 
 
 class _SavedDevices(msgspec.Struct, kw_only=True):
@@ -417,6 +540,18 @@ def _saved_state(raw: bytes) -> DeviceEvent:
         devices=saved.devices,
         watcher=saved.watcher,
     )
+
+
+def boot_time(stat: str = "/proc/stat") -> float:
+    """When this host booted (time.time() scale), from the kernel's ``btime``; 0 unknown."""
+    try:
+        with open(stat) as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def _parse(value: str) -> float:

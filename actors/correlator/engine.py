@@ -43,7 +43,7 @@ without a device) taints the devices it could own until they go, and for ``linge
 after its terminal event also new ones, so its late device is never given to another
 attach. Attaches that may have started while nothing was listening (process start, NATS
 reconnect) count as one "unknown" competitor that blocks every exclusion proof until the
-actor has read the in-flight attaches from the executor's records again.
+actor has read the in-flight attaches from the attaching bucket again.
 
 Requirements on the others: every attach to this VM goes through volumed (a disk
 hot-plugged by hand inside a window of the same size would be indistinguishable); the
@@ -51,6 +51,16 @@ executor publishes ``executing`` before it sends an attach and ``failed`` only a
 roll-back detach is done; the watcher stamps ``appeared_at`` when it first sees a device
 (its start scan is marked ``source="start"``, and devices first learned from it count as
 present since an unknown time).
+
+**Proving mappings again** (``prove``). A mapping recorded earlier names a kernel name, and
+the kernel may give that name to another disk (a reboot names disks again, in any order). A
+mapped volume is proven again by the one present device with its serial, or by the device
+without serial that this engine itself proved for that same attach, as long as that
+appearance is present and unchanged; otherwise it names no device, with the reason. A
+restarted engine has proven nothing, so devices without serial name nothing after a restart.
+A ``changed`` device (resized: same name, serial and controller) keeps its appearance: its
+owner, its claim and when it was seen; it is never a candidate for an attach by exclusion
+(a disk that came with another size is not the one an attach of its new size made).
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -69,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from schemas.common import GIB, TERMINAL, ErrorCode, serial_of
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, ProvenMapping
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     CorrelateRequest,
@@ -94,7 +104,7 @@ ClaimantKind = Literal["announced", "open", "failed", "unknown"]
 
 @dataclass(frozen=True)
 class InFlightAttach:
-    """An attach to this VM that may be running in CloudStack (from the executor's records)."""
+    """An attach to this VM that may be running in CloudStack (from the attaching bucket)."""
 
     operation_id: str
     volume_id: str | None = None
@@ -114,6 +124,9 @@ class _Device:
     taint: str | None = None  # why it may belong to a failed attach: never proven by exclusion
     released: bool = False  # its volume was detached since: never the volume's device again
     suspects: set[str] = field(default_factory=set)  # volumes of failed attaches it may be
+    # Its size changed since it appeared (``changed``): a disk that came with another size
+    # is not one an attach of its new size made, so it never proves one by exclusion.
+    resized: bool = False
 
 
 @dataclass
@@ -226,6 +239,18 @@ class CorrelationEngine:
                     if known is not None:
                         out += self._remove(info.name, now)
                     self._add(info, _seen_at(info, event.at))
+            elif event.kind == "changed":
+                if known is not None and _resized(known.info, info):
+                    # The same disk with a new size: it keeps its appearance (owner, claim,
+                    # when it was seen), so it can never prove another attach.
+                    known.info = _merge(known.info, info)
+                    known.resized = True
+                else:
+                    # A change of a disk this engine did not know as such: present since
+                    # an unknown time, never a fresh candidate.
+                    if known is not None:
+                        out += self._remove(info.name, now)
+                    self._add(info, _UNKNOWN)
             elif known is not None:
                 out += self._remove(info.name, now)
         return out + self._evaluate(now)
@@ -302,7 +327,7 @@ class CorrelationEngine:
         return []
 
     def sync_attaches(self, in_flight: Iterable[InFlightAttach], now: float) -> list[Decision]:
-        """The attaches in flight are known again (read from the executor's records): they
+        """The attaches in flight are known again (read from the attaching bucket): they
         replace the "unknown" competitors; attaches starting from now on are announced."""
         for a in in_flight:
             if a.operation_id in self._ended or a.operation_id in self._answers:
@@ -361,6 +386,60 @@ class CorrelationEngine:
                 out.append(self._release_answer(r.request, False, msg, now))
         self._forget_old(now)
         return out + self._evaluate(now)
+
+    def prove(self, mapped: Iterable[MappedVolume]) -> list[ProvenMapping]:
+        """Prove each mapped volume of this VM again against the devices present now: the
+        one device with its serial, else the device without serial that this engine proved
+        for that very attach, still the same appearance. Anything else names no device, with
+        the reason: after a reboot the kernel may have given the old name to another disk."""
+        return [self._prove(m) for m in mapped]
+
+    def _prove(self, m: MappedVolume) -> ProvenMapping:
+        serial = serial_of(m.volume_id)
+        was = f" (it was {m.device_path})" if m.device_path else ""
+
+        def none(reason: str) -> ProvenMapping:
+            return ProvenMapping(
+                volume_id=m.volume_id, operation_id=m.operation_id, proof="none", reason=reason
+            )
+
+        def on(d: _Device, proof: Literal["serial", "exclusive"]) -> ProvenMapping:
+            return ProvenMapping(
+                volume_id=m.volume_id,
+                operation_id=m.operation_id,
+                proof=proof,
+                device_path=d.info.path,
+                by_id_path=d.info.by_id_path,
+            )
+
+        same = [d for d in self._devices.values() if d.info.serial == serial]
+        live = [d for d in same if not d.released]
+        if len(live) == 1:
+            return on(live[0], "serial")
+        if live:
+            names = ", ".join(sorted(d.info.name for d in live))
+            return none(f"devices {names} all carry serial {serial}{was}")
+        if same:
+            return none(f"the volume was detached: its device {same[0].info.name} is going{was}")
+        key = self._mapped.get(m.volume_id)
+        mine = next((d for d in self._devices.values() if d.key == key), None)
+        if (
+            mine is not None
+            and m.operation_id is not None
+            and mine.claimed_by == m.operation_id
+            and not mine.released
+        ):
+            return on(mine, "exclusive")
+        missing = f"no device with serial {serial} is present"
+        if key is not None and mine is None:
+            return none(f"{missing}, and the device proven to be this volume's is gone{was}")
+        if self.serial_host:
+            return none(f"{missing}{was}")
+        return none(
+            f"{missing}, and no device without serial was proven to be this volume's by this "
+            f"correlator since it started (a restart or a reboot may have given its name to "
+            f"another disk){was}"
+        )
 
     # -- state the actor reads ------------------------------------------------------------
 
@@ -578,6 +657,7 @@ class CorrelationEngine:
             not d.info.serial
             and d.claimed_by is None
             and not d.released
+            and not d.resized
             and d.seen_at >= c.own_start
             and d.info.size == c.request.size
         )
@@ -689,6 +769,12 @@ class CorrelationEngine:
 def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
     """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at)."""
     return a.serial == b.serial and a.size == b.size
+
+
+def _resized(a: DeviceInfo, b: DeviceInfo) -> bool:
+    """The same disk with another size, as the watcher tells a resize (``changed``): same
+    name, serial and controller."""
+    return a.name == b.name and a.serial == b.serial and a.controller == b.controller
 
 
 def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:

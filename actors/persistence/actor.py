@@ -11,11 +11,12 @@ from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
 from actors.persistence.health import HealthChecker
+from actors.persistence.proofs import ProofHandler
 from actors.persistence.read_after import ReadAfter
 from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
-from bus.topology import CONFIG_SUBJECT, PERSISTENCE
+from bus.topology import CONFIG_SUBJECT, PERSISTENCE, PERSISTENCE_PROOFS
 from schemas.config import Settings, mask_url_password, url_secrets
 from schemas.internal import CloudStackCredentials
 
@@ -46,6 +47,8 @@ class PersistenceActor:
         self._owns_store = store is None
         self.batcher: Batcher | None = None
         self.consumer: Consumer | None = None
+        self.proof_consumer: Consumer | None = None
+        self.proofs = ProofHandler(lambda: self.store)
         self.health = HealthChecker(
             bus,
             lambda: self.store,
@@ -62,8 +65,9 @@ class PersistenceActor:
     def stop(self) -> None:
         """Finish like a cancellation, but let ``run`` return normally."""
         self._stopping.set()
-        if self.consumer is not None:
-            self.consumer.stop()
+        for consumer in (self.consumer, self.proof_consumer):
+            if consumer is not None:
+                consumer.stop()
 
     async def run(self) -> None:
         service = None
@@ -85,10 +89,16 @@ class PersistenceActor:
             self.batcher = Batcher(self.store)
             batcher_task = asyncio.create_task(self.batcher.run(), name="persistence-batcher")
             self.consumer = Consumer(self.bus, PERSISTENCE, self._on_event, concurrency=CONCURRENCY)
+            # Proofs of one VM supersede each other: a few at a time is plenty.
+            self.proof_consumer = Consumer(
+                self.bus, PERSISTENCE_PROOFS, self.proofs.handle, concurrency=4
+            )
             if self._stopping.is_set():
-                self.consumer.stop()
+                self.stop()
             log.info("persistence %s consuming events into %s", self.instance, self.store.where)
-            await self._consume(self.consumer)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._consume(self.consumer))
+                tg.create_task(self._consume(self.proof_consumer))
         finally:
             if self.batcher is not None and batcher_task is not None:
                 await self.batcher.close(batcher_task)

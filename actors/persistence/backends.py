@@ -59,6 +59,17 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+def missing_columns(dialect: Dialect, present: set[tuple[str, str]]) -> list[str]:
+    """ALTER statements for the columns added to volumed's tables since a database was
+    created (``present``: its (table, column) pairs), so an upgrade needs no manual step."""
+    return [
+        dialect.column_ddl(table, column)
+        for table in TABLES
+        for column in table.columns
+        if (table.name, column.name) not in present
+    ]
+
+
 # -- MariaDB ------------------------------------------------------------------------------
 
 # Client errors (2xxx) are all about the connection; these server errors are transient too:
@@ -126,6 +137,12 @@ class MySQLBackend:
                     if table.name not in present:
                         for statement in MYSQL.table_ddl(table):
                             await conn.execute(statement)
+                columns = await conn.fetch(
+                    "SELECT TABLE_NAME AS t, COLUMN_NAME AS c FROM information_schema.COLUMNS "
+                    "WHERE TABLE_SCHEMA = DATABASE()"
+                )
+                for statement in missing_columns(MYSQL, {(r["t"], r["c"]) for r in columns}):
+                    await conn.execute(statement)
         except BaseException:
             await backend.close()
             raise
@@ -302,6 +319,13 @@ class SQLiteBackend:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         for statement in SQLITE.ddl():
+            db.execute(statement)
+        present = {
+            (table.name, row[1])
+            for table in TABLES
+            for row in db.execute(f"PRAGMA table_info({table.name})")
+        }
+        for statement in missing_columns(SQLITE, present):
             db.execute(statement)
         self._db = db
 

@@ -22,7 +22,11 @@ STALE_AFTER = 15.0  # seconds: heartbeats come every few seconds
 CHECK_TIMEOUT = 3.0
 
 # Checks that must be present, and the actor whose heartbeat carries each.
-REQUIRED: dict[str, str] = {"cloudstack": "executor", "device_watcher": "watcher"}
+REQUIRED: dict[str, str] = {
+    "cloudstack": "executor",
+    "device_watcher": "watcher",
+    "correlator": "correlator",
+}
 # Checks this process makes itself: an overall "down" when either fails.
 OWN = ("nats", "database")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ColumnType = Literal["id", "ref", "short", "path", "json", "datetime", "bigint", "rank", "serial"]
+ColumnType = Literal[
+    "id", "ref", "short", "path", "text", "json", "datetime", "bigint", "rank", "serial"
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,12 @@ DEVICE_MAPPINGS = Table(
         # that happened before it (events applied out of order) must not delete it.
         Column("operation_id", "id"),
         Column("attached_at", "datetime"),
+        # The correlator's latest proof of device_path (schemas.devices.MappingProof): how
+        # ("serial", "exclusive", or "none" with device_path null), why not, and when (its
+        # clock): an older proof never overwrites a newer one. NULL: as the attach proved it.
+        Column("proof", "short"),
+        Column("proof_reason", "text"),
+        Column("proven_at", "datetime"),
     ),
     indexes=(
         Index("uq_device_mappings_volume_id", ("volume_id",), unique=True),
@@ -147,6 +155,11 @@ class Dialect:
         create = f"CREATE TABLE IF NOT EXISTS {table.name} (\n  {body}\n){self.table_options}"
         return [create, *separate]
 
+    def column_ddl(self, table: Table, column: Column) -> str:
+        """ALTER TABLE for a column added to ``table`` since it was created (always
+        nullable, so existing rows stay valid)."""
+        return f"ALTER TABLE {table.name} ADD COLUMN {column.name} {self.types[column.type]}"
+
     def sql(self, text: str) -> str:
         """Shared SQL is written with ``?`` placeholders; none of it contains a literal ``?``
         or ``%``."""
@@ -168,6 +181,7 @@ MYSQL = Dialect(
         "ref": "VARCHAR(255)",
         "short": "VARCHAR(16)",
         "path": "VARCHAR(512)",
+        "text": "TEXT",
         "json": "JSON",
         "datetime": "DATETIME(6)",
         "bigint": "BIGINT",
@@ -190,6 +204,7 @@ SQLITE = Dialect(
         "ref": "TEXT",
         "short": "TEXT",
         "path": "TEXT",
+        "text": "TEXT",
         "json": "TEXT",
         "datetime": "TEXT",
         "bigint": "INTEGER",

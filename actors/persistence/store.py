@@ -10,8 +10,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -20,10 +20,12 @@ from actors.persistence.errors import StoreConflict, StoreRefused, StoreUnavaila
 from actors.persistence.records import Event, OperationRow, format_time, merge, utcnow
 from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_OPERATIONS
 from schemas.common import TERMINAL
+from schemas.devices import MappingProof, ProvenMapping
 from schemas.internal import CloudStackCredentials
 from schemas.queries import Mapping, Operation, OperationsQuery
 
 log = logging.getLogger("volumed.persistence.store")
+T = TypeVar("T")
 
 
 class Store(Protocol):
@@ -34,6 +36,10 @@ class Store(Protocol):
 
     async def apply(self, events: Sequence[Event]) -> None:
         """Apply events (in this order) in one transaction, idempotently and forward-only."""
+        ...
+
+    async def apply_proof(self, proof: MappingProof) -> int:
+        """Apply a correlator's mapping proof in one transaction; return the rows changed."""
         ...
 
     async def operation(self, operation_id: str) -> Operation | None: ...
@@ -67,7 +73,11 @@ async def open_store(dsn: str) -> Store:
 
 
 _OP_COLUMNS = VOLUME_OPERATIONS.column_names
-_MAP_COLUMNS = tuple(c for c in DEVICE_MAPPINGS.column_names if c != "id")
+# Written only by a mapping proof (apply_proof), never by an attach's upsert.
+_PROOF_COLUMNS = ("proof", "proof_reason", "proven_at")
+_MAP_COLUMNS = tuple(
+    c for c in DEVICE_MAPPINGS.column_names if c != "id" and c not in _PROOF_COLUMNS
+)
 _json_decode = msgspec.json.decode
 
 
@@ -141,6 +151,9 @@ def _mapping(r: Row) -> Mapping:
         size=None if r["size"] is None else int(r["size"]),
         last_sync=format_time(_as_datetime(r["last_sync"])),
         operation_id=r["operation_id"],
+        proof=r["proof"],
+        proof_reason=r["proof_reason"],
+        proven_at=format_time(_as_datetime(r["proven_at"])),
     )
 
 
@@ -170,20 +183,24 @@ class SqlStore:
         self._sql = d.sql
         self._for_update = d.for_update
         self._upsert_op = d.upsert_sql(VOLUME_OPERATIONS, "id", _OP_COLUMNS)
-        self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS)
+        # An attach's row starts with no proof of its own: a row it replaces (a detach that
+        # was never recorded) must not lend it an older attach's proof.
+        self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS + _PROOF_COLUMNS)
         self._op_select = f"SELECT {', '.join(_OP_COLUMNS)} FROM volume_operations"
-        self._map_select = f"SELECT {', '.join(_MAP_COLUMNS)} FROM device_mappings"
+        self._map_select = f"SELECT {', '.join(_MAP_COLUMNS + _PROOF_COLUMNS)} FROM device_mappings"
 
     # -- writing --------------------------------------------------------------------------
 
     async def apply(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
+        if events:
+            await self._transaction(lambda tx: self._apply(tx, events))
+
+    async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, again when another writer held its rows."""
         for attempt in range(4):
             try:
                 async with self._db.transaction() as tx:
-                    await self._apply(tx, events)
-                return
+                    return await work(tx)
             except StoreConflict:
                 # Another writer holds the rows (several persistence processes): go again.
                 if attempt == 3:
@@ -195,6 +212,7 @@ class SqlStore:
                     # They wait in the stream for an operator instead of dead-lettering.
                     raise StoreUnavailable(f"the schema does not match: {e}") from None
                 raise
+        raise AssertionError("unreachable")
 
     async def _apply(self, tx: Connection, events: Sequence[Event]) -> None:
         ids = sorted({e.raw.operation_id for e in events})
@@ -274,7 +292,8 @@ class SqlStore:
             "operation_id": row.id,
             "attached_at": attached_at,
         }
-        await tx.execute(self._upsert_map, tuple(values[c] for c in _MAP_COLUMNS))
+        proofless = (None,) * len(_PROOF_COLUMNS)
+        await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proofless))
 
     async def _unmap(self, tx: Connection, row: OperationRow) -> None:
         if row.volume_id is None:
@@ -288,6 +307,71 @@ class SqlStore:
             ),
             (row.volume_id, detached_at),
         )
+
+    async def apply_proof(self, proof: MappingProof) -> int:
+        if not proof.mappings:
+            return 0
+        return await self._transaction(lambda tx: self._apply_proof(tx, proof))
+
+    async def _apply_proof(self, tx: Connection, proof: MappingProof) -> int:
+        """Only rows of the same attach (operation id) that no newer proof has set change.
+        Names that change are nulled first, so that a swap (vdb <-> vdc) never meets the
+        unique index; a name still recorded for a volume outside this proof is not taken."""
+        at = dt.datetime.fromtimestamp(proof.at, dt.UTC).replace(tzinfo=None)
+        wanted = {m.volume_id: m for m in proof.mappings}
+        ids = sorted(wanted)
+        marks = ", ".join("?" for _ in ids)
+        found = await tx.fetch(
+            self._sql(
+                "SELECT volume_id, operation_id, device_path, proven_at FROM device_mappings "
+                f"WHERE vm_id = ? AND volume_id IN ({marks}){self._for_update}"
+            ),
+            (proof.vm_id, *ids),
+        )
+        rows = [
+            r
+            for r in found
+            if r["operation_id"] == wanted[r["volume_id"]].operation_id
+            and (r["proven_at"] is None or _required_datetime(r["proven_at"]) <= at)
+        ]
+        moving = [
+            r["volume_id"] for r in rows if r["device_path"] != wanted[r["volume_id"]].device_path
+        ]
+        if moving:
+            marks = ", ".join("?" for _ in moving)
+            await tx.execute(
+                self._sql(
+                    f"UPDATE device_mappings SET device_path = NULL WHERE volume_id IN ({marks})"
+                ),
+                moving,
+            )
+        now = utcnow()
+        for r in rows:
+            m = wanted[r["volume_id"]]
+            if m.device_path is not None:
+                holder = await tx.fetch(
+                    self._sql(
+                        "SELECT volume_id FROM device_mappings WHERE device_path = ? "
+                        "AND volume_id <> ?"
+                    ),
+                    (m.device_path, m.volume_id),
+                )
+                if holder:
+                    m = ProvenMapping(
+                        volume_id=m.volume_id,
+                        operation_id=m.operation_id,
+                        proof="none",
+                        reason=f"{m.device_path} is proven to be this volume's, but it is "
+                        f"still recorded for volume {holder[0]['volume_id']}",
+                    )
+            await tx.execute(
+                self._sql(
+                    "UPDATE device_mappings SET device_path = ?, by_id_path = ?, proof = ?, "
+                    "proof_reason = ?, proven_at = ?, last_sync = ? WHERE volume_id = ?"
+                ),
+                (m.device_path, m.by_id_path, m.proof, m.reason or None, at, now, m.volume_id),
+            )
+        return len(rows)
 
     # -- reading --------------------------------------------------------------------------
 

@@ -253,13 +253,21 @@ class WatcherActor:
                 info = replace(info, appeared_at=at)
                 self.known[info.name] = info
                 self._emit("added", info, source, at)
+            elif kind == "changed":  # resized: the same disk, seen since it first was
+                info = replace(info, appeared_at=self.known[info.name].appeared_at)
+                self.known[info.name] = info
+                self._emit("changed", info, source, at)
             else:  # a late by-id link of the same disk: recorded, not announced
                 old = self.known[info.name]
                 self.known[info.name] = replace(info, appeared_at=old.appeared_at)
         return changes
 
     def _emit(
-        self, kind: Literal["added", "removed"], info: DeviceInfo, source: Source, at: float
+        self,
+        kind: Literal["added", "removed", "changed"],
+        info: DeviceInfo,
+        source: Source,
+        at: float,
     ) -> None:
         log.info(
             "device %s %s (%d bytes, serial %s) via %s",

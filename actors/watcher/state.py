@@ -8,7 +8,7 @@ from typing import Literal
 
 from schemas.devices import DeviceInfo
 
-ChangeKind = Literal["added", "removed", "updated"]
+ChangeKind = Literal["added", "removed", "changed", "updated"]
 Change = tuple[ChangeKind, DeviceInfo]
 
 
@@ -25,13 +25,28 @@ def same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
     )
 
 
+def resized(a: DeviceInfo, b: DeviceInfo) -> bool:
+    """Whether ``b`` is disk ``a`` with another size (the kernel's capacity change): same
+    name, serial, controller and node. A resize is a change of a known disk, never a remove
+    and an add: it keeps its owner and can never be taken for a new disk."""
+    return (
+        a.size != b.size
+        and a.name == b.name
+        and a.serial == b.serial
+        and a.controller == b.controller
+        and a.path == b.path
+    )
+
+
 def diff_one(old: DeviceInfo | None, new: DeviceInfo | None) -> list[Change]:
-    """What changed for one name. ``updated`` carries a new by-id link of the same disk,
-    which is recorded but not announced."""
+    """What changed for one name. ``changed`` is a resize of the same disk; ``updated``
+    carries a new by-id link of the same disk, which is recorded but not announced."""
     if old is None:
         return [] if new is None else [("added", new)]
     if new is None:
         return [("removed", old)]
+    if resized(old, new):
+        return [("changed", new)]
     if not same_device(old, new):
         return [("removed", old), ("added", new)]
     if new.by_id_path != old.by_id_path and new.by_id_path is not None:
@@ -47,5 +62,5 @@ def diff(known: Mapping[str, DeviceInfo], seen: Mapping[str, DeviceInfo]) -> lis
         for name in sorted(known.keys() | seen.keys())
         for c in diff_one(known.get(name), seen.get(name))
     ]
-    order = {"removed": 0, "updated": 1, "added": 2}
+    order = {"removed": 0, "changed": 1, "updated": 1, "added": 2}
     return sorted(changes, key=lambda c: order[c[0]])  # stable: name order kept per kind
