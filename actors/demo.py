@@ -245,6 +245,7 @@ class Demo:
             await client.subscribe(f"{EVENTS_PREFIX}.>", self._on_event)
 
             walk = asyncio.create_task(self._walk_through(client, sim, sysfs, dev))
+            stack.callback(walk.cancel)  # Ctrl-C in the middle of it
             await asyncio.wait([walk, running], return_when=asyncio.FIRST_COMPLETED)
             if not walk.done():
                 walk.cancel()
@@ -486,6 +487,10 @@ async def _main(options: Options) -> int:
     except DemoFailed as e:
         say(f"\nvolumed demo failed: {e}")
         return 2 if isinstance(e, BadOption) else 1
+    except Exception as e:
+        # An actor failed: its traceback is in the log; the terminal gets the gist.
+        say(f"\nvolumed demo failed: {SECRETS.mask(repr(e))}")
+        return 1
     return 0
 
 
