@@ -444,6 +444,25 @@ def _describe(event: OperationEvent) -> str:
     return "  ".join(parts)
 
 
+MACHINE_PORTS = {4222: "NATS", 3306: "MariaDB"}
+"""The machine's own services' ports: the demo never listens on or connects to them."""
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if port in MACHINE_PORTS:
+        raise argparse.ArgumentTypeError(
+            f"{port} is the port of the machine's own {MACHINE_PORTS[port]}: "
+            "the demo never uses it (leave the option out for a free port)"
+        )
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {port}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="volumed demo",
@@ -457,9 +476,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the JetStream store, database and logs in DIR (empty, new, or a previous "
         "demo's); default: a temporary directory, removed at exit",
     )
-    p.add_argument("--nats-port", type=int, metavar="N", help="default: a free port")
+    p.add_argument("--nats-port", type=_port, metavar="N", help="default: a free port")
     p.add_argument(
-        "--cloudstack-port", type=int, default=0, metavar="N", help="default: a free port"
+        "--cloudstack-port", type=_port, default=0, metavar="N", help="default: a free port"
     )
     p.add_argument("--once", action="store_true", help="stop after the walk-through")
     p.add_argument("--log-level", default="INFO", help="of the actors' log file")
