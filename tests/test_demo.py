@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors.demo import DEMO_SEED
+from actors.demo import main as demo_main
 from bus import Bus
 from simulator import SimConfig, Simulator
 
@@ -277,3 +278,28 @@ async def test_demo_stays_up_for_the_commands_it_prints_until_ctrl_c(
     assert not state.exists()
     assert no_process_mentions(state)
     assert not run.ports_seen & MACHINE_PORTS, run.ports_seen
+
+
+def test_a_state_dir_that_is_not_the_demos_is_refused_and_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped --state-dir (a home, /, a project) must never be written to or emptied.
+    precious = tmp_path / "precious"
+    (precious / "guest").mkdir(parents=True)
+    (precious / "guest" / "keep.txt").write_text("mine")
+    before = sorted(p.relative_to(precious) for p in precious.rglob("*"))
+    assert demo_main(["--once", "--state-dir", str(precious)]) == 2
+    assert "neither empty nor a volumed demo's state directory" in capsys.readouterr().out
+    assert sorted(p.relative_to(precious) for p in precious.rglob("*")) == before
+    assert (precious / "guest" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("option", ["--nats-port", "--cloudstack-port"])
+@pytest.mark.parametrize("port", ["4222", "3306"])
+def test_the_machines_own_ports_are_refused(
+    option: str, port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        demo_main(["--once", option, port])
+    assert exit_.value.code == 2
+    assert f"{port} is the port of the machine's own" in capsys.readouterr().err
