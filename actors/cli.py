@@ -1,4 +1,4 @@
-"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`."""
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`, `volumed demo`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         from simulator.cli import main as simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        # Imported only here: nothing of the demo is loaded by `volumed run`.
+        from actors.demo import main as demo_main
+
+        return demo_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="volumed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML file with the same keys as the environment, lower case, without VOLUMED_",
     )
     sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
+    sub.add_parser(
+        "demo", help="everything private on this machine, walked through (volumed demo -h)"
+    )
     args = parser.parse_args(argv)
 
     try:

@@ -48,8 +48,11 @@ class SecretFilter(logging.Filter):
 SECRETS = SecretFilter()
 
 
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "INFO", path: str | None = None) -> None:
+    """Log to stderr, or to the file ``path`` (appending), through the secret filter."""
+    handler: logging.Handler = (
+        logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(SECRETS)
     root = logging.getLogger()

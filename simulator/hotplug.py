@@ -41,6 +41,18 @@ def serial_of(volume_id: str) -> str:
     return volume_id.replace("-", "")[:SERIAL_LENGTH]
 
 
+def make_guest_tree(sysfs_root: str | Path, dev_root: str | Path, root_disk_bytes: int) -> None:
+    """A guest's device tree before any attach: its root disk ``vda`` (which has no serial
+    and is not a volume volumed made) and an empty ``disk/by-id``. Hot-plugged disks then
+    take ``vdb``, ``vdc``... as in a real guest."""
+    root = Path(sysfs_root) / "block" / disk_name(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "size").write_text(f"{root_disk_bytes // SECTOR}\n")
+    dev = Path(dev_root)
+    (dev / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
+    (dev / disk_name(0)).touch()
+
+
 class Hotplug:
     """Makes and removes the fake devices of volumes attached to the local VM."""
 
