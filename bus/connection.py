@@ -20,8 +20,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
+from bus.errors import Unavailable
 from bus.kv import Bucket
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 
@@ -211,9 +212,14 @@ class Bus:
     # -- messaging ------------------------------------------------------------------------
 
     async def publish(self, subject: str, message: Any, *, msg_id: str | None = None) -> int:
-        """Publish to a stream and wait for its acknowledgement; return the stream sequence."""
+        """Publish to a stream and wait for its acknowledgement; return the stream sequence.
+
+        Raises Unavailable when no stream captures ``subject``."""
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        ack = await self.js.publish(subject, encode(message), headers=headers)
+        try:
+            ack = await self.js.publish(subject, encode(message), headers=headers)
+        except NoStreamResponseError:
+            raise Unavailable(f"no stream captures {subject}") from None
         return ack.seq
 
     async def publish_core(self, subject: str, message: Any) -> None:
