@@ -1,4 +1,5 @@
-"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`."""
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`, and the user
+commands of the client (`volumed create|attach|...|watch|health`, see client/cli.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 
 from actors.logs import SECRETS, setup_logging
 from actors.supervisor import ACTORS, run_until_signalled
+from client import cli as user_cli
 from schemas.config import ConfigError, load_settings
 
 
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML file with the same keys as the environment, lower case, without VOLUMED_",
     )
     sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
+    user_cli.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in user_cli.COMMANDS:
+        return user_cli.run(args)
 
     try:
         settings = load_settings(args.config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -243,6 +244,11 @@ class Bus:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
         return sub.unsubscribe
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything sent so far: a subscription
+        made before is then in effect for messages that others publish."""
+        await self.nc.flush(math.ceil(timeout))  # nats-py takes whole seconds
 
     async def respond(self, reply: str, message: Any) -> None:
         await self.nc.publish(reply, encode(message))

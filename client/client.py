@@ -311,6 +311,13 @@ class Client:
         """Every operation's events published from now on (subscribed when this returns)."""
         events = Events()
         events._unsubscribe = await self._on_events(f"{EVENTS_PREFIX}.>", events._offer)
+        try:
+            # Only this connection's own messages are ordered behind the subscription; an
+            # event published by volumed right after this returns must not be missed.
+            await self._translated(self.bus.flush(self.request_timeout))
+        except BaseException:
+            await events.close()
+            raise
         return events
 
     async def _subscribe(self, operation_id: str) -> Progress:
