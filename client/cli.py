@@ -71,7 +71,9 @@ class Output:
 
     def __init__(self, json: bool) -> None:
         self.json = json
-        self.console = Console(highlight=False)
+        # Piped to a pager or a file, a line may be as long as it needs: an id cut short
+        # to fit 80 columns would be useless to copy.
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
         self.errors = Console(stderr=True, highlight=False)
 
     def line(self, value: Any) -> None:
@@ -134,10 +136,18 @@ def _detail(event: OperationEvent | Operation) -> str:
 
 
 def _table(columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
+    # Folded, never cut: ids are copied from here.
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     return table
+
+
+def _fields(rows: Iterable[tuple[str, Any]]) -> Table:
+    """One record, a field per line (the fields that have a value)."""
+    return _table(("", ""), (row for row in rows if row[1] is not None))
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -202,7 +212,7 @@ async def status(client: Client, args: argparse.Namespace, out: Output) -> int:
         ]
         if record.error:
             rows.append(("error", _detail(record)))
-        out.console.print(_table(("", ""), (r for r in rows if r[1] is not None)))
+        out.console.print(_fields(rows))
     return FAILED if record.status in TERMINAL and record.status != "completed" else OK
 
 
@@ -234,14 +244,21 @@ async def list_operations(client: Client, args: argparse.Namespace, out: Output)
     return OK
 
 
-def _mapping_rows(mappings: Iterable[Mapping]) -> Table:
+def _device(mapping: Mapping) -> str | None:
+    """The mapping's device, or why it names none."""
+    if mapping.device_path is None and mapping.proof_reason:
+        return f"none: {mapping.proof_reason}"
+    return mapping.device_path
+
+
+def _mappings(mappings: Iterable[Mapping]) -> Table:
     return _table(
         ("volume", "vm", "device", "by-id", "size", "proof", "attach"),
         (
             (
                 m.volume_id,
                 m.vm_id,
-                m.device_path or (f"none: {m.proof_reason}" if m.proof_reason else None),
+                _device(m),
                 m.by_id_path,
                 _size(m.size),
                 m.proof,
@@ -257,7 +274,21 @@ async def mapping(client: Client, args: argparse.Namespace, out: Output) -> int:
     if out.json:
         out.line(found)
     else:
-        out.console.print(_mapping_rows([found]))
+        out.console.print(
+            _fields(
+                [
+                    ("volume", found.volume_id),
+                    ("vm", found.vm_id),
+                    ("device", _device(found)),
+                    ("by-id", found.by_id_path),
+                    ("size", _size(found.size)),
+                    ("proof", found.proof),
+                    ("proven", found.proven_at),
+                    ("attach", found.operation_id),
+                    ("synced", found.last_sync),
+                ]
+            )
+        )
     return OK
 
 
@@ -266,7 +297,7 @@ async def vm_volumes(client: Client, args: argparse.Namespace, out: Output) -> i
     if out.json:
         out.line({"volumes": volumes})
     else:
-        out.console.print(_mapping_rows(volumes))
+        out.console.print(_mappings(volumes))
     return OK
 
 

@@ -18,7 +18,9 @@ import pytest
 
 from schemas.common import STATUS_RANK
 from simulator import Fault, Simulator
-from tests.conftest import Harness, NatsServer, free_port
+from tests.conftest import Database, Harness, NatsServer, free_port, stop_volumed
+from tests.test_devices_e2e import device_of_volume, fake_tree, hotplugging
+from tests.test_devices_e2e import start as start_devices
 from tests.test_lifecycle import create_body, remote_vm, sim, volumed  # noqa: F401  (fixtures)
 
 VOLUMED = str(Path(sysconfig.get_path("scripts")) / "volumed")
@@ -243,3 +245,27 @@ async def test_help_lists_the_user_commands(entry: str) -> None:
     assert proc.returncode == 0
     for command in ("create", "attach", "watch", "vm-volumes", "health"):
         assert command in out.decode()
+
+
+async def test_a_local_attach_ends_with_its_device(
+    nats_server: NatsServer, database: Database, tmp_path: Path
+) -> None:
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=5, serials=True)) as local:
+        harness = await start_devices(nats_server, database, local, sysfs, dev)
+        try:
+            ran = await volumed_cli(nats_server, *create_args(local, "local"), "--json")
+            volume_id = ran.lines()[-1]["volume_id"]
+            vm = str(local.local_vm_id)
+            ran = await volumed_cli(nats_server, "attach", volume_id, vm)
+            assert ran.code == 0, ran
+            device = os.path.join(str(dev), str(device_of_volume(sysfs, volume_id)))
+            # The last line a person reads names the device the volume became.
+            assert device in ran.out.splitlines()[-1]
+
+            ran = await volumed_cli(nats_server, "mapping", "--device", device, "--json")
+            assert ran.code == 0 and ran.lines()[0]["volume_id"] == volume_id
+            ran = await volumed_cli(nats_server, "mapping", "--volume", volume_id)
+            assert ran.code == 0 and device in ran.out
+        finally:
+            await stop_volumed(harness, harness.task)  # type: ignore[attr-defined]
