@@ -128,20 +128,26 @@ def _detail(event: OperationEvent | Operation) -> str:
     if event.device_path:
         by_id = f"  ({event.by_id_path})" if event.by_id_path else ""
         return f"volume {event.volume_id} is [bold]{event.device_path}[/]{by_id}"
-    if event.type == "attach":
-        return f"volume {event.volume_id} attached to VM {event.vm_id}"
-    if event.type == "cancel" and event.target:
-        return f"cancelled {event.target}"
-    return f"volume {event.volume_id}" if event.volume_id else ""
+    done = {
+        "create": f"created volume {event.volume_id}",
+        "attach": f"volume {event.volume_id} attached to VM {event.vm_id}",
+        "detach": f"volume {event.volume_id} detached from VM {event.vm_id}",
+        "delete": f"volume {event.volume_id} deleted",
+        "cancel": f"cancelled {event.target}",
+    }
+    return done.get(event.type, "")
 
 
 def _table(columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    # Folded, never cut: ids are copied from here.
+    """The rows under their columns, leaving out a column that is empty in every row."""
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    names = list(columns)
+    kept = [i for i in range(len(names)) if not cells or any(row[i] for row in cells)]
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    for i in kept:
+        table.add_column(names[i], overflow="fold")  # folded, never cut: ids are copied
+    for row in cells:
+        table.add_row(*(row[i] for i in kept))
     return table
 
 
@@ -165,6 +171,12 @@ async def follow(progress: Progress, out: Output, title: str, timeout: float | N
                     async for event in progress:
                         out.event(event)
                         spinner.update(f"{title}: {event.status}")
+    except asyncio.CancelledError:  # Ctrl-C: only this program stops, not the operation
+        out.errors.print(
+            f"stopped following {progress.operation_id}; it goes on "
+            f"(`volumed watch {progress.operation_id}` follows it again)"
+        )
+        raise
     except TimeoutError:
         status = progress.last.status if progress.last else "not seen yet"
         raise Timeout(
@@ -225,7 +237,7 @@ async def list_operations(client: Client, args: argparse.Namespace, out: Output)
     else:
         out.console.print(
             _table(
-                ("operation", "type", "status", "volume", "vm", "device", "error", "updated"),
+                ("operation", "type", "status", "volume", "vm", "device", "error", "updated (UTC)"),
                 (
                     (
                         o.operation_id,
@@ -235,7 +247,7 @@ async def list_operations(client: Client, args: argparse.Namespace, out: Output)
                         o.vm_id,
                         o.device_path,
                         o.error and o.error.get("code"),
-                        o.updated_at,
+                        _when(o.updated_at),
                     )
                     for o in operations
                 ),
@@ -319,6 +331,11 @@ async def health(client: Client, args: argparse.Namespace, out: Output) -> int:
 def _health_styled(status: str) -> str:
     style = {"ok": "green", "degraded": "yellow", "down": "red"}.get(status, "")
     return f"[{style}]{status}[/]"
+
+
+def _when(timestamp: str | None) -> str | None:
+    """An RFC 3339 UTC timestamp to the second, as a person reads it."""
+    return timestamp and timestamp[:19].replace("T", " ")
 
 
 def _size(size: int | None) -> str | None:
