@@ -123,6 +123,8 @@ def _detail(event: OperationEvent | Operation) -> str:
             else (error.code, error.message)
         )
         return f"[red]{code}[/]: {message}"
+    if event.status == "cancelled" and event.target:
+        return f"volume {event.volume_id}: cancelled by operation {event.target}"
     if event.status != "completed":
         return f"volume {event.volume_id}" if event.volume_id else ""
     if event.device_path:
@@ -217,7 +219,7 @@ async def status(client: Client, args: argparse.Namespace, out: Output) -> int:
             ("vm", record.vm_id),
             ("device", record.device_path),
             ("by-id", record.by_id_path),
-            ("target", record.target),
+            ("cancelled by" if record.status == "cancelled" else "target", record.target),
             ("created", record.created_at),
             ("updated", record.updated_at),
             ("completed", record.completed_at),

@@ -163,6 +163,11 @@ class Client:
         self.bus = bus
         self.request_timeout = request_timeout
         """Seconds a query, or the acknowledgement of a published command, may take."""
+        # Events published while the connection was down never reach a subscription: after
+        # a reconnect each open Progress reads its operation's latest stored event again.
+        self._following: set[Progress] = set()
+        self._catching_up: set[asyncio.Task[None]] = set()
+        bus.on_reconnect.append(self._after_reconnect)
 
     @classmethod
     async def connect(
@@ -186,6 +191,8 @@ class Client:
         return cls(bus, request_timeout=request_timeout)
 
     async def close(self) -> None:
+        for task in self._catching_up:
+            task.cancel()
         await self.bus.close()
 
     async def __aenter__(self) -> Client:
@@ -235,16 +242,10 @@ class Client:
             raise BadRequest(f"not an operation id: {operation_id!r}")
         progress = await self._subscribe(operation_id)
         try:
-            # Read after subscribing: what is stored is at least as new as anything the
-            # subscription already has, and older duplicates are skipped.
-            latest = await self._translated(
-                self.bus.last_message(EVENTS.name, event_subject(operation_id))
-            )
+            await self._catch_up(progress)
         except BaseException:
             await progress.close()
             raise
-        if latest is not None:
-            progress._offer(_event_decoder.decode(latest))
         return progress
 
     async def create(
@@ -322,8 +323,37 @@ class Client:
 
     async def _subscribe(self, operation_id: str) -> Progress:
         progress = Progress(operation_id)
-        progress._unsubscribe = await self._on_events(event_subject(operation_id), progress._offer)
+        unsubscribe = await self._on_events(event_subject(operation_id), progress._offer)
+
+        async def stop() -> None:
+            self._following.discard(progress)
+            await unsubscribe()
+
+        progress._unsubscribe = stop
+        self._following.add(progress)
         return progress
+
+    async def _catch_up(self, progress: Progress) -> None:
+        """Offer ``progress`` its operation's latest stored event. Read after subscribing:
+        it is at least as new as anything the subscription had, and older ones are skipped."""
+        latest = await self._translated(
+            self.bus.last_message(EVENTS.name, event_subject(progress.operation_id))
+        )
+        if latest is not None:
+            progress._offer(_event_decoder.decode(latest))
+
+    def _after_reconnect(self) -> None:
+        for progress in self._following:
+            if not progress.done:
+                task = asyncio.create_task(self._catch_up_quietly(progress))
+                self._catching_up.add(task)
+                task.add_done_callback(self._catching_up.discard)
+
+    async def _catch_up_quietly(self, progress: Progress) -> None:
+        try:
+            await self._catch_up(progress)
+        except Exception as e:  # the connection went again: its reconnect tries again
+            log.warning("cannot read the latest event of %s: %s", progress.operation_id, e)
 
     async def _on_events(
         self, subject: str, deliver: Callable[[OperationEvent], None]

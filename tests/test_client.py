@@ -3,6 +3,7 @@ and persistence) and the CloudStack simulator."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -219,3 +220,72 @@ async def test_events_follow_every_operation(
     assert [(e.operation_id, e.status) for e in seen] == [
         (done.operation_id, status) for status in ("pending", "executing", "completed")
     ]
+
+
+class Door:
+    """A TCP forwarder in front of nats-server that a test can shut (every connection
+    through it cut, new ones refused) and open again: a client's network outage that the
+    rest of the stack does not have."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = True
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Door:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shut()
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def shut(self) -> None:
+        self.open = False
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_events_published_while_disconnected_are_caught_up(
+    volumed: Harness,  # noqa: F811
+    nats_server: NatsServer,
+    sim: Simulator,  # noqa: F811
+) -> None:
+    async with Door(nats_server.port) as door, await Client.connect(door.url) as client:
+        # CloudStack is slow to answer, so the create is still executing when the door shuts.
+        sim.inject(Fault(kind="hang", command="createVolume", seconds=2))
+        async with await client.send(create_command(sim, "across")) as progress:
+            assert [e.status async for e in _first(progress, 2)] == ["pending", "executing"]
+            door.shut()
+            # The terminal event is published while this client cannot receive it.
+            done = await volumed.terminal(progress.operation_id)
+            assert done["status"] == "completed"
+            door.open = True
+            result = await progress.result(timeout=30)
+            assert result.volume_id == done["volume_id"]
