@@ -47,7 +47,7 @@ from schemas.commands import (
     operation_type_of,
 )
 from schemas.common import STATUS_RANK, TERMINAL, OpType, Status, is_operation_id
-from schemas.config import mask_url_password
+from schemas.config import Settings, mask_url_password
 from schemas.events import OperationEvent
 from schemas.queries import (
     Health,
@@ -65,7 +65,7 @@ from schemas.queries import (
 log = logging.getLogger("volumed.client")
 T = TypeVar("T")
 
-DEFAULT_SERVER = "nats://127.0.0.1:4222"
+DEFAULT_SERVER = Settings().nats_url  # where the daemon looks by default
 
 _event_decoder = msgspec.json.Decoder(OperationEvent)
 
