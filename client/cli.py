@@ -201,7 +201,14 @@ async def watch(client: Client, args: argparse.Namespace, out: Output) -> int:
             return await follow(progress, out, f"watch {args.operation_id}", args.timeout)
     async with await client.events() as events:
         out.errors.print("watching every operation's events (Ctrl-C to stop)")
+        gaps = 0
         async for event in events:
+            if events.gaps != gaps:
+                gaps = events.gaps
+                out.errors.print(
+                    "[yellow]the connection to NATS was lost: events published meanwhile are "
+                    "not shown (`volumed list` has every operation)[/]"
+                )
             out.event(event, with_operation=True)
     return OK
 

@@ -82,6 +82,9 @@ class Events:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[OperationEvent] = asyncio.Queue()
         self._unsubscribe: Callable[[], Awaitable[None]] | None = None
+        self.gaps = 0
+        """How often the connection was lost and came back while subscribed: the events
+        published meanwhile are missing here (the operations' records still have them)."""
 
     def _offer(self, event: OperationEvent) -> None:
         self._queue.put_nowait(event)
@@ -166,6 +169,7 @@ class Client:
         # Events published while the connection was down never reach a subscription: after
         # a reconnect each open Progress reads its operation's latest stored event again.
         self._following: set[Progress] = set()
+        self._watching: set[Events] = set()
         self._catching_up: set[asyncio.Task[None]] = set()
         bus.on_reconnect.append(self._after_reconnect)
 
@@ -311,7 +315,14 @@ class Client:
     async def events(self) -> Events:
         """Every operation's events published from now on (subscribed when this returns)."""
         events = Events()
-        events._unsubscribe = await self._on_events(f"{EVENTS_PREFIX}.>", events._offer)
+        unsubscribe = await self._on_events(f"{EVENTS_PREFIX}.>", events._offer)
+
+        async def stop() -> None:
+            self._watching.discard(events)
+            await unsubscribe()
+
+        events._unsubscribe = stop
+        self._watching.add(events)
         try:
             # Only this connection's own messages are ordered behind the subscription; an
             # event published by volumed right after this returns must not be missed.
@@ -343,6 +354,8 @@ class Client:
             progress._offer(_event_decoder.decode(latest))
 
     def _after_reconnect(self) -> None:
+        for events in self._watching:
+            events.gaps += 1
         for progress in self._following:
             if not progress.done:
                 task = asyncio.create_task(self._catch_up_quietly(progress))

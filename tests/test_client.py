@@ -21,8 +21,8 @@ from client import (
 from schemas.commands import AttachCommand, CreateCommand, DetachCommand
 from schemas.common import GIB
 from simulator import Fault, Simulator
-from tests.conftest import Database, Harness, NatsServer, free_port
-from tests.test_lifecycle import remote_vm, sim, volumed  # noqa: F401  (fixtures)
+from tests.conftest import Database, Harness, NatsServer, free_port, wait_for
+from tests.test_lifecycle import create_body, remote_vm, sim, volumed  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -289,3 +289,27 @@ async def test_events_published_while_disconnected_are_caught_up(
             door.open = True
             result = await progress.result(timeout=30)
             assert result.volume_id == done["volume_id"]
+
+
+async def test_watching_every_event_counts_the_gaps(
+    volumed: Harness,  # noqa: F811
+    nats_server: NatsServer,
+    sim: Simulator,  # noqa: F811
+) -> None:
+    async with (
+        Door(nats_server.port) as door,
+        await Client.connect(door.url) as client,
+        await client.events() as events,
+    ):
+        door.shut()
+        await volumed.send("create", create_body(sim, "unseen", "unseen"))
+        assert (await volumed.terminal("unseen"))["status"] == "completed"
+        door.open = True
+        await wait_for(lambda: events.gaps == 1)  # counted once the connection is back
+        await client.bus.flush()  # and subscribed again
+        await volumed.send("create", create_body(sim, "seen", "seen"))
+        async for event in events:
+            assert event.operation_id == "seen"  # none of the one sent while shut
+            if event.status == "completed":
+                break
+        assert events.gaps == 1
