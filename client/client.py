@@ -159,6 +159,9 @@ class Progress(Events):
         return self.last
 
 
+E = TypeVar("E", bound=Events)
+
+
 class Client:
     """A connection to volumed through NATS; made by ``Client.connect``."""
 
@@ -314,15 +317,7 @@ class Client:
 
     async def events(self) -> Events:
         """Every operation's events published from now on (subscribed when this returns)."""
-        events = Events()
-        unsubscribe = await self._on_events(f"{EVENTS_PREFIX}.>", events._offer)
-
-        async def stop() -> None:
-            self._watching.discard(events)
-            await unsubscribe()
-
-        events._unsubscribe = stop
-        self._watching.add(events)
+        events = await self._listen(f"{EVENTS_PREFIX}.>", Events(), self._watching)
         try:
             # Only this connection's own messages are ordered behind the subscription; an
             # event published by volumed right after this returns must not be missed.
@@ -333,16 +328,9 @@ class Client:
         return events
 
     async def _subscribe(self, operation_id: str) -> Progress:
-        progress = Progress(operation_id)
-        unsubscribe = await self._on_events(event_subject(operation_id), progress._offer)
-
-        async def stop() -> None:
-            self._following.discard(progress)
-            await unsubscribe()
-
-        progress._unsubscribe = stop
-        self._following.add(progress)
-        return progress
+        return await self._listen(
+            event_subject(operation_id), Progress(operation_id), self._following
+        )
 
     async def _catch_up(self, progress: Progress) -> None:
         """Offer ``progress`` its operation's latest stored event. Read after subscribing:
@@ -368,9 +356,9 @@ class Client:
         except Exception as e:  # the connection went again: its reconnect tries again
             log.warning("cannot read the latest event of %s: %s", progress.operation_id, e)
 
-    async def _on_events(
-        self, subject: str, deliver: Callable[[OperationEvent], None]
-    ) -> Callable[[], Awaitable[None]]:
+    async def _listen(self, subject: str, events: E, open_ones: set[E]) -> E:
+        """Subscribe ``events`` to ``subject``; it is in ``open_ones`` until it is closed."""
+
         async def on_event(subject: str, data: bytes, reply: str | None) -> None:
             try:
                 event = _event_decoder.decode(data)
@@ -378,9 +366,17 @@ class Client:
                 # Not volumed's (someone published by hand): nothing to follow in it.
                 log.warning("ignoring a message on %s that is not an event: %s", subject, e)
                 return
-            deliver(event)
+            events._offer(event)
 
-        return await self._translated(self.bus.subscribe(subject, on_event))
+        unsubscribe = await self._translated(self.bus.subscribe(subject, on_event))
+
+        async def stop() -> None:
+            open_ones.discard(events)
+            await unsubscribe()
+
+        events._unsubscribe = stop
+        open_ones.add(events)
+        return events
 
     # -- queries -------------------------------------------------------------------------------
 
