@@ -1,4 +1,6 @@
-"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`, `volumed demo`."""
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`, `volumed demo`,
+and the user commands of the client (`volumed create|attach|...|watch|health`, see
+client/cli.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 
 from actors.logs import SECRETS, setup_logging
 from actors.supervisor import ACTORS, run_until_signalled
+from client import cli as user_cli
 from schemas.config import ConfigError, load_settings
 
 
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "demo", help="everything private on this machine, walked through (volumed demo -h)"
     )
+    user_cli.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in user_cli.COMMANDS:
+        return user_cli.run(args)
 
     try:
         settings = load_settings(args.config)

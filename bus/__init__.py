@@ -7,9 +7,9 @@ the topology declared as data in ``bus.topology``.
 
 from bus.connection import Bus, encode
 from bus.consumer import Consumer, Delivery
-from bus.errors import Abandon, BadRequest, NotFound, Reject, Retry
+from bus.errors import Abandon, BadRequest, NotFound, Reject, Retry, ServiceFailed, Unavailable
 from bus.kv import Bucket, Conflict
-from bus.service import serve
+from bus.service import call, serve
 
 __all__ = [
     "Abandon",
@@ -22,6 +22,9 @@ __all__ = [
     "NotFound",
     "Reject",
     "Retry",
+    "ServiceFailed",
+    "Unavailable",
+    "call",
     "encode",
     "serve",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
+from bus.errors import Unavailable
 from bus.kv import Bucket
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 
@@ -211,9 +213,14 @@ class Bus:
     # -- messaging ------------------------------------------------------------------------
 
     async def publish(self, subject: str, message: Any, *, msg_id: str | None = None) -> int:
-        """Publish to a stream and wait for its acknowledgement; return the stream sequence."""
+        """Publish to a stream and wait for its acknowledgement; return the stream sequence.
+
+        Raises Unavailable when no stream captures ``subject``."""
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        ack = await self.js.publish(subject, encode(message), headers=headers)
+        try:
+            ack = await self.js.publish(subject, encode(message), headers=headers)
+        except NoStreamResponseError:
+            raise Unavailable(f"no stream captures {subject}") from None
         return ack.seq
 
     async def publish_core(self, subject: str, message: Any) -> None:
@@ -237,6 +244,11 @@ class Bus:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
         return sub.unsubscribe
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything sent so far: a subscription
+        made before is then in effect for messages that others publish."""
+        await self.nc.flush(math.ceil(timeout))  # nats-py takes whole seconds
 
     async def respond(self, reply: str, message: Any) -> None:
         await self.nc.publish(reply, encode(message))

@@ -37,3 +37,17 @@ class NotFound(BusError):
 
 class BadRequest(BusError):
     """A query is malformed (micro error 400)."""
+
+
+class Unavailable(BusError):
+    """Nobody is there to take a message: no stream captures its subject, or no service
+    answers it (volumed is not running, or not provisioned on this server)."""
+
+
+class ServiceFailed(BusError):
+    """A micro service answered with an error other than 404 or 400 (its code, its text)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{text} (error {code})")
+        self.code = code
+        self.text = text

@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from nats.errors import NoRespondersError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
-from bus.connection import Bus
-from bus.errors import BadRequest, NotFound
+from bus.connection import Bus, encode
+from bus.errors import BadRequest, NotFound, ServiceFailed, Unavailable
 
 log = logging.getLogger("volumed.bus.service")
 
@@ -69,3 +70,25 @@ async def serve(
             EndpointConfig(name=endpoint_name, subject=subject, handler=wrap(handler))
         )
     return service
+
+
+async def call(bus: Bus, subject: str, message: Any, timeout: float = 5.0) -> bytes:
+    """Ask a micro service endpoint; return its JSON reply.
+
+    The other side of ``serve``: a 404 raises NotFound, a 400 BadRequest, any other error
+    ServiceFailed; no service listening raises Unavailable, no answer in time TimeoutError.
+    """
+    try:
+        reply = await bus.nc.request(subject, encode(message), timeout=timeout)
+    except NoRespondersError:
+        raise Unavailable(f"no service answers {subject}") from None
+    headers = reply.headers or {}
+    code = headers.get("Nats-Service-Error-Code")
+    if code:
+        text = headers.get("Nats-Service-Error", "")
+        if code == "404":
+            raise NotFound(text)
+        if code == "400":
+            raise BadRequest(text)
+        raise ServiceFailed(code, text)
+    return reply.data
