@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"volumed: {e}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_format=settings.log_format)
     SECRETS.add(*settings.secrets())
     logging.getLogger("volumed").info("settings: %s", settings)
     try:

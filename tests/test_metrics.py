@@ -1,0 +1,282 @@
+"""The Prometheus endpoint (VOLUMED_METRICS_ADDR): it answers, its counters and histograms
+follow real operations through the daemon, and every metric the alert rules and the Grafana
+dashboard in deploy/ use is one it serves."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulator import Fault, Simulator
+from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
+from tests.test_devices_e2e import fake_tree, hotplugging
+from tests.test_devices_e2e import start as start_with_devices
+from tests.test_lifecycle import create_body, op, remote_vm, settings_for
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+RULES = DEPLOY / "prometheus" / "volumed-rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "volumed-rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "volumed-dashboard.json"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Scrape:
+    """One answer of /metrics: the families by name and every sample by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples: Samples = {}
+        for family in self.families.values():
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def names(self) -> set[str]:
+        """Every name a query may use, of families with samples or without yet."""
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+        out = set(self.families) | {name for name, _ in self.samples}
+        for name, family in self.families.items():
+            out |= {name + suffix for suffix in suffixes.get(family.type, ())}
+        return out
+
+
+async def scrape(v: Harness) -> Scrape:
+    port = v.supervisor.metrics.port  # type: ignore[attr-defined]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return Scrape(await reply.text())
+
+
+@pytest.fixture
+async def sim():  # type: ignore[no-untyped-def]
+    from simulator import SimConfig
+
+    async with Simulator(SimConfig(seed=7)) as s:
+        yield s
+
+
+@pytest.fixture
+async def volumed(nats_server: NatsServer, database: Database, sim: Simulator):  # type: ignore[no-untyped-def]
+    """The executor and persistence, serving /metrics on a port the system chooses."""
+    settings = settings_for(nats_server, database, sim, metrics_addr="127.0.0.1:0")
+    v, task = await start_volumed(settings, ["persistence", "executor"], sim)
+    yield v
+    await stop_volumed(v, task)
+
+
+async def test_counters_and_histograms_follow_real_operations(
+    volumed: Harness, sim: Simulator
+) -> None:
+    v = volumed
+    before = await scrape(v)
+    assert before.value("volumed_actor_up", actor="executor") == 1
+    assert before.value("volumed_actor_up", actor="persistence") == 1
+    assert before.value("volumed_server_metrics_up") == 1
+    # Consumer lag is the server's: there from the start, for every durable.
+    lag = ("volumed_consumer_pending_messages", "VOLUMED_COMMANDS", "executor")
+    assert (lag[0], frozenset({("stream", lag[1]), ("consumer", lag[2])})) in before.samples
+
+    # A create that meets one transient failure, then succeeds.
+    sim.inject(Fault(kind="http", command="createVolume", status=503, count=1))
+    c = op()
+    await v.send("create", create_body(sim, c, "metrics-1"))
+    created = await v.terminal(c)
+    assert created["status"] == "completed", created
+    # An attach to another VM, an attach of a volume that does not exist, an invalid one.
+    a, missing, bad = op(), op(), op()
+    vm = remote_vm(sim)
+    await v.send("attach", {"operation_id": a, "volume_id": created["volume_id"], "vm_id": vm})
+    await v.send("attach", {"operation_id": missing, "volume_id": "no-such", "vm_id": vm})
+    await v.send("attach", {"operation_id": bad, "volume_id": "x"})
+    assert (await v.terminal(a))["status"] == "completed"
+    assert (await v.terminal(missing))["error"]["code"] == "not_found"  # type: ignore[index]
+    assert (await v.terminal(bad))["status"] == "rejected"
+    # The create sent again: its latest event is published again, never counted again.
+    await v.send("create", create_body(sim, c, "metrics-1"))
+    await wait_for(lambda: len(v.events[c]) == 4)
+
+    async def counted() -> Scrape | None:
+        after = await scrape(v)
+        rejected = {"type": "attach", "status": "rejected", "code": "invalid_request"}
+        stored = "volumed_events_stored_total"
+        done = (
+            after.value("volumed_operations_total", **rejected)
+            > before.value("volumed_operations_total", **rejected)
+            # 3 events for each of three operations, 1 rejected, 1 sent again
+            and after.value(stored) - before.value(stored) >= 11
+        )
+        return after if done else None
+
+    after = await wait_for(counted)
+
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    ops = "volumed_operations_total"
+    assert delta(ops, type="create", status="completed", code="") == 1
+    assert delta(ops, type="attach", status="completed", code="") == 1
+    assert delta(ops, type="attach", status="failed", code="not_found") == 1
+    assert delta(ops, type="attach", status="rejected", code="invalid_request") == 1
+    took = "volumed_operation_duration_seconds_count"
+    assert delta(took, type="create", status="completed") == 1
+    assert delta(took, type="attach", status="failed") == 1
+    assert delta("volumed_operation_duration_seconds_sum", type="create", status="completed") > 0
+    # Nothing is left in flight, so nothing is stuck.
+    assert not any(
+        value
+        for (name, _), value in after.samples.items()
+        if name.startswith("volumed_operations_in")
+    )
+
+    assert delta("volumed_cloudstack_calls_total", command="createVolume") == 2
+    assert delta("volumed_cloudstack_calls_total", command="attachVolume") == 1
+    errors = "volumed_cloudstack_errors_total"
+    assert delta(errors, command="createVolume", kind="cloudstack_unavailable") == 1
+    assert delta("volumed_cloudstack_calls_total", command="listVolumes") >= 1
+    assert delta("volumed_cloudstack_retries_total") >= 1
+    assert delta("volumed_cloudstack_call_duration_seconds_count", command="attachVolume") == 1
+
+    # An event persistence cannot read is dead-lettered: the server's count says so.
+    held = {"stream": "VOLUMED_EVENTS", "consumer": "persistence"}
+    assert after.value("volumed_dead_letters", **held) == 0
+    await v.bus.js.publish("volume.events.garbage", b"not json")  # type: ignore[attr-defined]
+
+    async def dead_lettered() -> bool:
+        return (await scrape(v)).value("volumed_dead_letters", **held) == 1
+
+    await wait_for(dead_lettered)
+
+
+async def test_device_events_and_correlation_latency(
+    nats_server: NatsServer, database: Database, tmp_path: Path
+) -> None:
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=8, serials=True)) as sim:
+        v = await start_with_devices(
+            nats_server, database, sim, sysfs, dev, metrics_addr="127.0.0.1:0"
+        )
+        try:
+            before = await scrape(v)
+            for actor in ("persistence", "executor", "watcher", "correlator"):
+                await wait_for(
+                    lambda a=actor: v.supervisor.actors.get(a) is not None  # type: ignore[attr-defined]
+                )
+            c = op()
+            await v.send("create", create_body(sim, c, "metrics-local"))
+            volume_id = (await v.terminal(c))["volume_id"]
+            a = op()
+            await v.send(
+                "attach", {"operation_id": a, "volume_id": volume_id, "vm_id": sim.local_vm_id}
+            )
+            attached = await v.terminal(a)
+            assert attached["status"] == "completed" and attached["device_path"], attached
+
+            async def reported() -> Scrape | None:
+                after = await scrape(v)
+                return after if after.value("volumed_actors_reporting", actor="watcher") else None
+
+            after = await wait_for(reported)
+
+            def delta(name: str, **labels: str) -> float:
+                return after.value(name, **labels) - before.value(name, **labels)
+
+            assert after.value("volumed_actor_up", actor="correlator") == 1
+            added = sum(
+                value
+                for (name, labels), value in after.samples.items()
+                if name == "volumed_device_events_total" and ("kind", "added") in labels
+            ) - sum(
+                value
+                for (name, labels), value in before.samples.items()
+                if name == "volumed_device_events_total" and ("kind", "added") in labels
+            )
+            assert added == 1
+            assert delta("volumed_correlations_total", result="serial") == 1
+            assert delta("volumed_correlation_latency_seconds_count") == 1
+            assert after.value("volumed_attaches_waiting") == 0
+            assert after.value("volumed_actors_reporting", actor="correlator") >= 1
+            assert after.value("volumed_actors_reporting", actor="executor") >= 1
+        finally:
+            await stop_volumed(v, v.task)  # type: ignore[attr-defined]
+
+
+# -- deploy/: the alert rules and the dashboard ---------------------------------------------
+
+_NAME = re.compile(r"\b(volumed_[a-z_]+|process_[a-z_]+)\b")
+
+
+def rule_exprs() -> list[str]:
+    rules = yaml.safe_load(RULES.read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = yaml.safe_load(RULES.read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert {
+        "VolumedOperationsStuck",
+        "VolumedFailureRateHigh",
+        "VolumedActorDown",
+        "VolumedConsumerLag",
+    } <= set(alerts)
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    checked = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        ["promtool", "test", "rules", str(RULE_TESTS)], capture_output=True, text=True
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    """Each query of the dashboard, with Grafana's variables filled in, as a recording rule
+    that promtool checks (a typo in PromQL fails here, not on an operator's screen)."""
+    grafana = {"$__rate_interval": "5m", "$__range": "6h", "$job": "volumed"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs()):
+        for variable, value in grafana.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"volumed:dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    checked = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_rules_and_dashboard_use_only_served_metrics(volumed: Harness) -> None:
+    served = (await scrape(volumed)).names()
+    used = {n for expr in rule_exprs() + dashboard_exprs() for n in _NAME.findall(expr)}
+    assert used, "the rules and the dashboard use no volumed metric"
+    assert sorted(used - served) == []
