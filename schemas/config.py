@@ -16,9 +16,11 @@ from msgspec import Meta, Struct
 Seconds = Annotated[float, Meta(gt=0)]
 # A glob of block device names; an empty one would match nothing (or, by accident, all).
 DevicePattern = Annotated[str, Meta(min_length=1, pattern=r"\S")]
-# host:port, host optional (":9464" listens on every address), IPv6 in brackets.
+# host:port, host optional (":9464" listens on every address), IPv6 in brackets, port 0-65535.
+_PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 MetricsAddress = Annotated[
-    str, Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):[0-9]{1,5}$", description="host:port")
+    str,
+    Meta(pattern=rf"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):{_PORT}$", description="host:port"),
 ]
 
 

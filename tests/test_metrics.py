@@ -15,6 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from schemas.config import ConfigError, load_settings
 from simulator import Fault, Simulator
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
 from tests.test_devices_e2e import fake_tree, hotplugging
@@ -214,6 +215,18 @@ async def test_device_events_and_correlation_latency(
             assert after.value("volumed_actors_reporting", actor="executor") >= 1
         finally:
             await stop_volumed(v, v.task)  # type: ignore[attr-defined]
+
+
+def test_metrics_address_and_log_format_are_checked_at_start() -> None:
+    for good in ("127.0.0.1:9464", ":9464", "[::1]:0", "metrics.local:65535"):
+        assert load_settings(environ={"VOLUMED_METRICS_ADDR": good}).metrics_addr == good
+    for bad in ("9464", "127.0.0.1:65536", "127.0.0.1:", "http://127.0.0.1:9464", "a b:1"):
+        with pytest.raises(ConfigError, match="VOLUMED_METRICS_ADDR"):
+            load_settings(environ={"VOLUMED_METRICS_ADDR": bad})
+    assert load_settings(environ={}).metrics_addr is None  # no endpoint by default
+    assert load_settings(environ={"VOLUMED_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigError, match="VOLUMED_LOG_FORMAT"):
+        load_settings(environ={"VOLUMED_LOG_FORMAT": "xml"})
 
 
 # -- deploy/: the alert rules and the dashboard ---------------------------------------------

@@ -43,11 +43,8 @@ _CHECKS_PER_SCRAPE = 50  # stuck candidates looked up in the event stream per sc
 
 def parse_address(address: str) -> tuple[str | None, int]:
     """``host:port`` → (host, port); an empty host listens on every address."""
-    host, _, port = address.rpartition(":")
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"VOLUMED_METRICS_ADDR: port {number} is out of range")
-    return (host.strip("[]") or None), number
+    host, _, port = address.rpartition(":")  # validated by Settings (MetricsAddress)
+    return (host.strip("[]") or None), int(port)
 
 
 def _timestamp(at: str) -> float:
