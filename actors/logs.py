@@ -123,6 +123,37 @@ class SecretFilter(logging.Filter):
 SECRETS = SecretFilter()
 
 
+class RepeatFilter(logging.Filter):
+    """One line for one cause: a line identical to one logged less than ``window`` seconds
+    ago (same level and text, from any actor: NATS reconnect attempts every half second,
+    say) is dropped; the next one let through after the window says how many were.
+
+    Lines about an operation or a device name it, so they differ and all pass."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        super().__init__()
+        self.window = window
+        self._seen: dict[tuple[int, str], tuple[float, int]] = {}  # → (since, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        since, dropped = self._seen.get(key, (0.0, 0))
+        if record.created - since < self.window:
+            self._seen[key] = (since, dropped + 1)
+            return False
+        if len(self._seen) > 1000:  # forget what has not repeated lately
+            horizon = record.created - self.window
+            self._seen = {k: v for k, v in self._seen.items() if v[0] >= horizon}
+        self._seen[key] = (record.created, 0)
+        if dropped:
+            record.msg, record.args = (
+                f"{record.getMessage()} (and {dropped} more times in the last "
+                f"{record.created - since:.0f} s)",
+                None,
+            )
+        return True
+
+
 def setup_logging(
     level: str = "INFO", path: str | None = None, log_format: LogFormat = "auto"
 ) -> None:
@@ -134,8 +165,9 @@ def setup_logging(
     if log_format == "auto":
         log_format = "text" if path is None and sys.stderr.isatty() else "json"
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    handler.addFilter(SECRETS)
+    handler.addFilter(SECRETS)  # first: the filters after it see masked texts only
     handler.addFilter(ContextFilter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from actors.logs import SECRETS, bind, setup_logging
+from actors.logs import SECRETS, RepeatFilter, bind, setup_logging
 from simulator import Fault, SimConfig, Simulator
 from tests.conftest import Database, NatsServer, VolumedProcess, free_port, volumed_env, wait_for
 from tests.test_lifecycle import create_body, op, remote_vm
@@ -164,3 +164,30 @@ async def test_volumed_run_logs_json_lines_with_the_operation_and_serves_metrics
     assert retried[0]["actor"] == "executor"
     for secret in (sim.secret_key,):
         assert secret not in text and secret not in metrics
+
+
+def test_one_cause_is_one_line_until_it_repeats_past_the_window() -> None:
+    """A line repeated within the window (NATS reconnect attempts, the same error from
+    every actor) is dropped; the next one after it counts those dropped."""
+    repeat = RepeatFilter(window=10.0)
+
+    def record(message: str, at: float, name: str = "volumed.bus") -> logging.LogRecord:
+        r = logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)
+        r.created = at
+        return r
+
+    first = record("nats error: connect call failed", 100.0)
+    assert repeat.filter(first)
+    for at, name in ((100.5, "volumed.bus"), (101.0, "volumed.correlator"), (105.0, "volumed.bus")):
+        assert not repeat.filter(record("nats error: connect call failed", at, name))
+    # Another line, and the same text at another level, are other causes.
+    assert repeat.filter(record("nats reconnected", 106.0))
+    info = record("nats error: connect call failed", 106.0)
+    info.levelno = logging.INFO
+    assert repeat.filter(info)
+    later = record("nats error: connect call failed", 111.0)
+    assert repeat.filter(later)
+    assert later.getMessage() == (
+        "nats error: connect call failed (and 3 more times in the last 11 s)"
+    )
+    assert not repeat.filter(record("nats error: connect call failed", 112.0))
