@@ -4,10 +4,12 @@ dashboard in deploy/ use is one it serves."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from schemas.common import now_rfc3339
 from schemas.config import ConfigError, load_settings
 from simulator import Fault, Simulator
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
@@ -227,6 +230,72 @@ def test_metrics_address_and_log_format_are_checked_at_start() -> None:
     assert load_settings(environ={"VOLUMED_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(ConfigError, match="VOLUMED_LOG_FORMAT"):
         load_settings(environ={"VOLUMED_LOG_FORMAT": "xml"})
+
+
+async def test_stuck_operations_are_checked_against_the_event_stream(
+    nats_server: NatsServer,
+) -> None:
+    """An operation not ended 5 minutes after its first event is stuck, unless the stream's
+    newest event for it says it ended (this process missed that event: it is counted then)
+    or the stream has none left (it aged out: forgotten)."""
+    from actors.metrics.exporter import MetricsServer
+    from bus import Bus
+    from bus.topology import TOPOLOGY, event_subject
+    from schemas.config import Settings
+    from schemas.events import ErrorInfo, OperationEvent
+
+    bus = await Bus.connect(nats_server.url, "metrics-test")
+    try:
+        await bus.provision(TOPOLOGY)
+        # Not started: nothing follows the stream, as for events this process missed.
+        server = MetricsServer(bus, Settings(nats_url=nats_server.url), "127.0.0.1:0")
+        long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+        at = long_ago.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        recent = now_rfc3339()
+
+        def event(op_id: str, op_type: str, status: str, when: str) -> OperationEvent:
+            error = ErrorInfo(code="conflict", message="x") if status == "failed" else None
+            return OperationEvent(
+                operation_id=op_id,
+                type=op_type,
+                status=status,
+                at=when,
+                error=error,  # type: ignore[arg-type]
+            )
+
+        hung, ended, gone, young = (f"{n}-{uuid.uuid4().hex[:8]}" for n in "hegy")
+        for op_id, op_type, when in (
+            (hung, "attach", at),
+            (ended, "detach", at),
+            (gone, "delete", at),
+            (young, "attach", recent),
+        ):
+            pending = event(op_id, op_type, "pending", when)
+            server.operations.event(pending)
+            if op_id != gone:
+                await bus.publish(event_subject(op_id), pending)
+        await bus.publish(event_subject(ended), event(ended, "detach", "failed", recent))
+        labels = {"type": "detach", "status": "failed", "code": "conflict"}
+        before = Scrape(server.exposition().decode()).value("volumed_operations_total", **labels)
+
+        await server.refresh()
+        after = Scrape(server.exposition().decode())
+        assert after.value("volumed_operations_stuck", type="attach") == 1  # hung, not young
+        assert after.value("volumed_operations_in_flight", type="attach", status="pending") == 2
+        for op_type in ("detach", "delete"):
+            assert after.value("volumed_operations_stuck", type=op_type) == 0
+            assert after.value("volumed_operations_in_flight", type=op_type, status="pending") == 0
+        assert after.value("volumed_operations_total", **labels) == before + 1
+        # The missed end is known now: counted once, however often it is looked at.
+        await server.refresh()
+        again = Scrape(server.exposition().decode())
+        assert again.value("volumed_operations_total", **labels) == before + 1
+        assert (
+            again.value("volumed_operation_duration_seconds_count", type="detach", status="failed")
+            >= 1
+        )
+    finally:
+        await bus.close()
 
 
 # -- deploy/: the alert rules and the dashboard ---------------------------------------------

@@ -177,8 +177,12 @@ class MetricsServer:
     async def _serve(self, request: web.Request) -> web.Response:
         async with self._lock:  # two scrapes at once share one round of server requests
             await self.refresh()
-            body = generate_latest(m.REGISTRY) + generate_latest(self._scraped)
+            body = self.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    def exposition(self) -> bytes:
+        """Every metric in Prometheus' text format, the scraped ones as last refreshed."""
+        return generate_latest(m.REGISTRY) + generate_latest(self._scraped)
 
     async def refresh(self) -> None:
         """Read the server's numbers (leaving them out when NATS does not answer in time)."""
