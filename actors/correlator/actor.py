@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
+from actors.logs import bind
 from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.topology import (
@@ -198,11 +199,13 @@ class CorrelatorActor:
                     raise Reject(
                         f"attach for VM {attach.vm_id} reached the correlator of {self.vm_id}"
                     )
+                bind(operation_id=attach.operation_id, volume_id=attach.volume_id)
                 key = ("attach", attach.operation_id)
                 waiter = self._waiter(key)
                 self._apply(self.engine.attach(attach, now))
             elif kind == "detach":
                 release = self._release_decoder.decode(delivery.data)
+                bind(operation_id=release.operation_id, volume_id=release.volume_id)
                 key = ("detach", release.operation_id)
                 waiter = self._waiter(key)
                 self._apply(self.engine.release(release, now))
@@ -458,7 +461,12 @@ class CorrelatorActor:
         self._last_proof = proof.mappings
         for p in proof.mappings:
             if p.proof == "none":
-                log.warning("volume %s names no device: %s", p.volume_id, p.reason)
+                log.warning(
+                    "volume %s names no device: %s",
+                    p.volume_id,
+                    p.reason,
+                    extra={"operation_id": p.operation_id, "volume_id": p.volume_id},
+                )
         log.info(
             "mappings of VM %s proven: %s",
             self.vm_id,
