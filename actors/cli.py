@@ -8,6 +8,7 @@ import logging
 import sys
 
 from actors.logs import SECRETS, setup_logging
+from actors.metrics.exporter import CannotListen
 from actors.supervisor import ACTORS, run_until_signalled
 from schemas.config import ConfigError, load_settings
 
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
         pass
-    asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+    try:
+        asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+    except CannotListen as e:
+        print(f"volumed: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import re
 import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,7 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas.common import now_rfc3339
 from schemas.config import ConfigError, load_settings
 from simulator import Fault, Simulator
-from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
+from tests.conftest import (
+    Database,
+    Harness,
+    NatsServer,
+    VolumedProcess,
+    start_volumed,
+    stop_volumed,
+    wait_for,
+)
 from tests.test_devices_e2e import fake_tree, hotplugging
 from tests.test_devices_e2e import start as start_with_devices
 from tests.test_lifecycle import create_body, op, remote_vm, settings_for
@@ -296,6 +305,25 @@ async def test_stuck_operations_are_checked_against_the_event_stream(
         )
     finally:
         await bus.close()
+
+
+async def test_a_taken_metrics_port_stops_volumed_run_at_start(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        process = VolumedProcess(
+            {"VOLUMED_NATS_URL": nats_server.url, "VOLUMED_METRICS_ADDR": address},
+            ("executor",),
+            log_path=tmp_path / "log",
+        )
+        await process.start()
+        assert await process.wait(30) == 2
+    said = (tmp_path / "log").read_text()
+    assert f"volumed: cannot serve metrics on VOLUMED_METRICS_ADDR={address}: " in said
+    assert "Traceback" not in said
 
 
 # -- deploy/: the alert rules and the dashboard ---------------------------------------------

@@ -120,12 +120,17 @@ class _Scraped(Collector):
         return list(self.families)
 
 
+class CannotListen(OSError):
+    """The metrics address is taken or not this host's: a configuration error."""
+
+
 class MetricsServer:
     """Serves ``/metrics`` until ``close``."""
 
     def __init__(self, bus: Bus, settings: Settings, address: str) -> None:
         self.bus = bus
         self.settings = settings
+        self.address = address
         self.host, self._port = parse_address(address)
         self.operations = OperationsSeen()
         self._decoder = msgspec.json.Decoder(OperationEvent)
@@ -152,6 +157,11 @@ class MetricsServer:
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self._port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise CannotListen(
+                f"cannot serve metrics on VOLUMED_METRICS_ADDR={self.address}: {e.strerror or e}"
+            ) from None
         except BaseException:
             await runner.cleanup()
             raise
