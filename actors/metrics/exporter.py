@@ -185,7 +185,7 @@ class MetricsServer:
             self.operations.event(self._decoder.decode(data))
 
     async def _serve(self, request: web.Request) -> web.Response:
-        async with self._lock:  # two scrapes at once share one round of server requests
+        async with self._lock:  # one scrape at a time: its snapshot is read as it was made
             await self.refresh()
             body = self.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
