@@ -10,6 +10,7 @@ import logging
 import sys
 
 from actors.logs import SECRETS, setup_logging
+from actors.metrics.exporter import CannotListen
 from actors.supervisor import ACTORS, run_until_signalled
 from client import cli as user_cli
 from schemas.config import ConfigError, load_settings
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"volumed: {e}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_format=settings.log_format)
     SECRETS.add(*settings.secrets())
     logging.getLogger("volumed").info("settings: %s", settings)
     try:
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
         pass
-    asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+    try:
+        asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+    except CannotListen as e:
+        print(f"volumed: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

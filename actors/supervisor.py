@@ -12,14 +12,19 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from actors.logs import bind
+from actors.metrics import ACTOR_UP
 from bus import Bus
 from bus.topology import CONFIG_SUBJECT, TOPOLOGY
 from schemas.config import Settings
 from schemas.internal import CloudStackCredentials
+
+if TYPE_CHECKING:
+    from actors.metrics.exporter import MetricsServer
 
 log = logging.getLogger("volumed.supervisor")
 
@@ -87,6 +92,7 @@ class Supervisor:
         self.instance = settings.instance_name
         self.actors: dict[str, Actor] = {}
         self.bus: Bus | None = None
+        self.metrics: MetricsServer | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -109,6 +115,12 @@ class Supervisor:
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             await bus.provision(TOPOLOGY, replicas=self.settings.stream_replicas)
+            if self.settings.metrics_addr:
+                # Before the actors: a port in use stops the process at start, not later.
+                from actors.metrics.exporter import MetricsServer
+
+                self.metrics = MetricsServer(bus, self.settings, self.settings.metrics_addr)
+                await self.metrics.start()
             for name in sorted(self.names, key=ACTORS.index):
                 tasks[name] = asyncio.create_task(self._run_actor(name, bus), name=name)
             log.info("volumed running: %s (instance %s)", ", ".join(self.names), self.instance)
@@ -122,19 +134,28 @@ class Supervisor:
         finally:
             stop.cancel()
             await self._shutdown(tasks)
+            if self.metrics is not None:
+                await self.metrics.close()
             await bus.close()
         for t in tasks.values():
             if t.done() and not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
 
     async def _run_actor(self, name: str, bus: Bus) -> None:
+        ACTOR_UP.labels(name).set(0)  # present, and down, until it runs
+        bind(actor=name)  # every line of this actor's tasks names it
         vm_id = None
         if name in ("watcher", "correlator"):
             # Waits for the persistence actor when the VM id comes from ossea_configs.
             vm_id = await resolve_vm_id(bus, self.settings)
         actor = build(name, bus, self.settings, self.instance, vm_id)
         self.actors[name] = actor
-        await actor.run()
+        up = ACTOR_UP.labels(name)
+        up.set(1)
+        try:
+            await actor.run()
+        finally:
+            up.set(0)
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         """Two phases: ask actors that can to stop taking work and wait, then cancel."""

@@ -7,7 +7,7 @@ import re
 import tomllib
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote
 
 import msgspec
@@ -16,6 +16,12 @@ from msgspec import Meta, Struct
 Seconds = Annotated[float, Meta(gt=0)]
 # A glob of block device names; an empty one would match nothing (or, by accident, all).
 DevicePattern = Annotated[str, Meta(min_length=1, pattern=r"\S")]
+# host:port, host optional (":9464" listens on every address), IPv6 in brackets, port 0-65535.
+_PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+MetricsAddress = Annotated[
+    str,
+    Meta(pattern=rf"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):{_PORT}$", description="host:port"),
+]
 
 
 class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -71,6 +77,11 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     is and logs so. 0: answer at once."""
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """json: one JSON object per line (for journald, Loki, ...); text: for people; auto:
+    text when stderr is a terminal, json otherwise."""
+    metrics_addr: MetricsAddress | None = None
+    """host:port of the Prometheus endpoint (/metrics); unset: none is served."""
 
     def __repr__(self) -> str:
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.redacted().items())})"

@@ -34,6 +34,8 @@ from typing import Any
 import msgspec
 
 from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
+from actors.logs import bind
+from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.topology import (
     API_PREFIX,
@@ -197,11 +199,13 @@ class CorrelatorActor:
                     raise Reject(
                         f"attach for VM {attach.vm_id} reached the correlator of {self.vm_id}"
                     )
+                bind(operation_id=attach.operation_id, volume_id=attach.volume_id)
                 key = ("attach", attach.operation_id)
                 waiter = self._waiter(key)
                 self._apply(self.engine.attach(attach, now))
             elif kind == "detach":
                 release = self._release_decoder.decode(delivery.data)
+                bind(operation_id=release.operation_id, volume_id=release.volume_id)
                 key = ("detach", release.operation_id)
                 waiter = self._waiter(key)
                 self._apply(self.engine.release(release, now))
@@ -225,10 +229,25 @@ class CorrelatorActor:
 
     def _apply(self, decisions: list[Decision]) -> None:
         for decision in decisions:
+            if isinstance(decision, CorrelateResult):
+                self._count(decision)
             self._spawn(self._publish(decision))
         self._wake.set()  # the next deadline may have changed
+        ATTACHES_WAITING.set(self.engine.attaches_waiting)
+
+    def _count(self, decision: CorrelateResult) -> None:
+        """The decision in the metrics: its result, and for a device found, how long after
+        the device appeared (the watcher's time, on this host's clock)."""
+        if decision.error is not None:
+            CORRELATIONS.labels(decision.error.code).inc()
+            return
+        CORRELATIONS.labels(decision.proof or "unknown").inc()
+        device = self.engine.mapping(decision.volume_id)
+        if device is not None and device.appeared_at > 0:
+            CORRELATION_SECONDS.observe(max(0.0, time.time() - device.appeared_at))
 
     async def _publish(self, decision: Decision) -> None:
+        about = {"operation_id": decision.operation_id, "volume_id": decision.volume_id}
         if isinstance(decision, CorrelateResult):
             subject = correlate_result_subject(decision.operation_id)
             key = ("attach", decision.operation_id)
@@ -239,6 +258,7 @@ class CorrelatorActor:
                     decision.volume_id,
                     decision.device_path,
                     decision.proof,
+                    extra=about,
                 )
             else:
                 log.warning(
@@ -247,6 +267,7 @@ class CorrelatorActor:
                     decision.volume_id,
                     decision.error.code,
                     decision.error.message,
+                    extra=about,
                 )
         else:
             subject = release_result_subject(decision.operation_id)
@@ -257,13 +278,16 @@ class CorrelatorActor:
                 decision.volume_id,
                 decision.gone,
                 decision.message,
+                extra=about,
             )
         error: Exception | None = None
         try:
             await self.bus.publish(subject, decision)
             self.published += 1
         except Exception as e:
-            log.warning("could not publish the decision for %s: %s", decision.operation_id, e)
+            log.warning(
+                "could not publish the decision for %s: %s", decision.operation_id, e, extra=about
+            )
             error = PublishFailed(f"publishing to {subject} failed: {e}")
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
@@ -437,7 +461,12 @@ class CorrelatorActor:
         self._last_proof = proof.mappings
         for p in proof.mappings:
             if p.proof == "none":
-                log.warning("volume %s names no device: %s", p.volume_id, p.reason)
+                log.warning(
+                    "volume %s names no device: %s",
+                    p.volume_id,
+                    p.reason,
+                    extra={"operation_id": p.operation_id, "volume_id": p.volume_id},
+                )
         log.info(
             "mappings of VM %s proven: %s",
             self.vm_id,

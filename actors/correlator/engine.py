@@ -455,6 +455,11 @@ class CorrelationEngine:
         return sum(c.kind == "open" for c in self._claimants.values()) + len(self._releases)
 
     @property
+    def attaches_waiting(self) -> int:
+        """Attaches CloudStack completed that wait for their device."""
+        return sum(c.kind == "open" for c in self._claimants.values())
+
+    @property
     def attaches_known(self) -> bool:
         return not any(c.kind == "unknown" for c in self._claimants.values())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
+from actors.metrics import CLOUDSTACK_CALLS, CLOUDSTACK_ERRORS, CLOUDSTACK_SECONDS
 from schemas.common import ErrorCode
 from schemas.config import url_host
 from schemas.internal import CloudStackCredentials
@@ -111,26 +113,15 @@ class CloudStack:
             session=self._http(),
             fetch_result=False,
         )
+        CLOUDSTACK_CALLS.labels(command).inc()
+        started = time.perf_counter()
         try:
-            return await getattr(client, command)(**params)
-        except CloudStackApiException as e:
-            raise map_api_error(command, e.error) from None
-        except CloudStackException as e:
-            # Not an API answer (a proxy's HTML page, a timeout): the request may have passed.
-            raise CloudStackError(
-                "cloudstack_unavailable",
-                f"{command}: CloudStack did not answer properly ({_first_arg(e)})",
-                transient=True,
-                maybe_applied=_is_mutation(command),
-            ) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise CloudStackError(
-                "cloudstack_unavailable",
-                f"{command}: cannot reach CloudStack at {_endpoint_host(creds.endpoint)} "
-                f"({type(e).__name__}{': ' + str(e) if str(e) else ''})",
-                transient=True,
-                maybe_applied=_is_mutation(command),
-            ) from None
+            return await _send(client, creds, command, params)
+        except CloudStackError as e:
+            CLOUDSTACK_ERRORS.labels(command, e.code).inc()
+            raise
+        finally:
+            CLOUDSTACK_SECONDS.labels(command).observe(time.perf_counter() - started)
 
     async def start(self, command: str, **params: Any) -> Job:
         """Send an async command; return its job (never waits for it)."""
@@ -152,6 +143,7 @@ class CloudStack:
         cmd = str(answer.get("cmd", "")).rsplit(".", 1)[-1] or "job"
         error = map_api_error(cmd, result, job=True)
         error.job_failed = True
+        CLOUDSTACK_ERRORS.labels(_command_of(cmd), error.code).inc()
         raise error
 
     async def wait(self, job_id: str, *, max_interval: float, deadline: float) -> dict[str, Any]:
@@ -229,11 +221,45 @@ def map_api_error(command: str, error: Any, *, job: bool = False) -> CloudStackE
     return CloudStackError("cloudstack_error", what)
 
 
+async def _send(
+    client: AIOCloudStack, creds: CloudStackCredentials, command: str, params: dict[str, Any]
+) -> Any:
+    """One request through `cs`, its failures as CloudStackError."""
+    try:
+        return await getattr(client, command)(**params)
+    except CloudStackApiException as e:
+        raise map_api_error(command, e.error) from None
+    except CloudStackException as e:
+        # Not an API answer (a proxy's HTML page, a timeout): the request may have passed.
+        raise CloudStackError(
+            "cloudstack_unavailable",
+            f"{command}: CloudStack did not answer properly ({_first_arg(e)})",
+            transient=True,
+            maybe_applied=_is_mutation(command),
+        ) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise CloudStackError(
+            "cloudstack_unavailable",
+            f"{command}: cannot reach CloudStack at {_endpoint_host(creds.endpoint)} "
+            f"({type(e).__name__}{': ' + str(e) if str(e) else ''})",
+            transient=True,
+            maybe_applied=_is_mutation(command),
+        ) from None
+
+
 def _constant(credentials: CloudStackCredentials) -> CredentialsSource:
     async def source() -> CloudStackCredentials:
         return credentials
 
     return source
+
+
+def _command_of(job_cmd: str) -> str:
+    """The API command of a job's class name ("AttachVolumeCmd" → "attachVolume"), so that
+    a failed job counts under the command that started it."""
+    match = re.fullmatch(r"(\w+?)Cmd(ByAdmin)?", job_cmd)
+    name = match[1] if match else job_cmd
+    return name[:1].lower() + name[1:]
 
 
 def _is_mutation(command: str) -> bool:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from actors.executor.cloudstack import CloudStack, CloudStackError, Job
+from actors.logs import bind
+from actors.metrics import RETRIES, RETRIES_EXHAUSTED
 from bus import Bucket, Conflict
 from schemas.commands import AttachCommand, CreateCommand, DeleteCommand, DetachCommand
 from schemas.common import GIB, ErrorCode, serial_of
@@ -201,6 +203,7 @@ async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
+                RETRIES_EXHAUSTED.inc()
                 raise CloudStackError(
                     "cloudstack_unavailable",
                     f"CloudStack is unavailable: {e.message}; gave up after {n + 1} attempts "
@@ -209,6 +212,7 @@ async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -
             ceiling = settings.cloudstack_retry_backoff * 2 ** min(n, 30)
             delay = random.uniform(0, min(settings.cloudstack_retry_cap, ceiling))
             log.info("transient CloudStack failure (attempt %d): %s", n + 1, e.message)
+            RETRIES.inc()
             # The last wait ends at the deadline, so the budget is always used in full.
             await asyncio.sleep(min(delay, left))
             n += 1
@@ -332,8 +336,14 @@ async def _find_volume(ctx: Context, volume_id: str) -> dict[str, Any]:
 # -- create ---------------------------------------------------------------------------------
 
 
+def _about(ctx: Context, volume_id: str | None) -> None:
+    """Every later log line of this operation's task names it (actors.logs.bind)."""
+    bind(operation_id=ctx.record.operation_id, volume_id=volume_id)
+
+
 async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
     rec = ctx.record
+    _about(ctx, rec.volume_id)
     key: CreateKey = (cmd.name, cmd.size, cmd.zone_id, cmd.disk_offering_id)
     with ctx.creates.running(key, rec) as this:
 
@@ -347,6 +357,7 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
                     "volumed leaves it to that operation and made no other volume",
                 )
             this.claimed = True
+            _about(ctx, volume_id)
 
         async def already_done() -> dict[str, Any] | None:
             if rec.volume_id:
@@ -453,6 +464,7 @@ def _created_near(created: Any, sent: float) -> bool:
 
 async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     rec = ctx.record
+    _about(ctx, cmd.volume_id)
     local_vm = await ctx.local_vm_id(wait=True)
     is_local = cmd.vm_id == local_vm
 
@@ -580,6 +592,7 @@ async def _detach_in_cloudstack(
 
 
 async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
+    _about(ctx, cmd.volume_id)
     volume = await _find_volume(ctx, cmd.volume_id)
     vm_id = volume.get("virtualmachineid") or ctx.record.vm_id
     if not vm_id:
@@ -601,6 +614,7 @@ async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
 
 async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
     rec = ctx.record
+    _about(ctx, cmd.volume_id)
     if rec.phase != "delete":  # the delete itself has not been sent yet
         volume = await _find_volume(ctx, cmd.volume_id)
         vm_id = volume.get("virtualmachineid") or (

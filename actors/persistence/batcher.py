@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from actors.metrics import DATABASE_ERRORS, EVENTS_STORED
 from actors.persistence.errors import StoreRefused, StoreUnavailable
 from actors.persistence.records import Event
 from actors.persistence.store import Store
@@ -90,6 +91,7 @@ class Batcher:
         try:
             await self.store.apply([e for e, _ in batch])
         except StoreUnavailable as e:
+            DATABASE_ERRORS.inc()
             self._failures += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -103,7 +105,10 @@ class Batcher:
             _settle(batch, lambda: Retry(reason, delay))
         except StoreRefused as e:
             if len(batch) == 1:
-                log.error("the database refused event %s: %s", batch[0][0].raw.operation_id, e)
+                op_id = batch[0][0].raw.operation_id
+                log.error(
+                    "the database refused event %s: %s", op_id, e, extra={"operation_id": op_id}
+                )
                 reason = f"the database refused the event: {e}"
                 _settle(batch, lambda: Reject(reason))
             else:
@@ -111,6 +116,7 @@ class Batcher:
                 for item in batch:
                     await self._apply([item])
         except Exception as e:
+            DATABASE_ERRORS.inc()
             log.exception("applying %d events failed", len(batch))
             reason = f"{type(e).__name__}: {e}"
             _settle(batch, lambda: RuntimeError(reason))
@@ -121,6 +127,7 @@ class Batcher:
             self._down_since = None
             self.batches += 1
             self.applied += len(batch)
+            EVENTS_STORED.inc(len(batch))
             _settle(batch, None)
 
 

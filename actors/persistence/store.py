@@ -248,7 +248,11 @@ class SqlStore:
 
     async def _map(self, tx: Connection, event: Event, row: OperationRow, now: dt.datetime) -> None:
         if row.volume_id is None or row.vm_id is None:
-            log.warning("attach %s completed without volume_id or vm_id: no mapping", row.id)
+            log.warning(
+                "attach %s completed without volume_id or vm_id: no mapping",
+                row.id,
+                extra={"operation_id": row.id},
+            )
             return
         attached_at = row.completed_at or event.at
         # Events can arrive out of order (redeliveries): a detach or delete of this volume
@@ -280,7 +284,10 @@ class SqlStore:
             )
             if taken:
                 log.warning(
-                    "%s now holds volume %s: stale mapping removed", row.device_path, row.volume_id
+                    "%s now holds volume %s: stale mapping removed",
+                    row.device_path,
+                    row.volume_id,
+                    extra={"operation_id": row.id, "volume_id": row.volume_id},
                 )
         values = {
             "volume_id": row.volume_id,

@@ -19,6 +19,7 @@ from typing import Literal
 
 from msgspec.structs import replace
 
+from actors.metrics import DEVICE_EVENTS
 from actors.watcher import sysfs
 from actors.watcher.netlink import UeventSocket, add_reader, parse_uevent
 from actors.watcher.state import Change, diff, diff_one, same_device
@@ -323,6 +324,7 @@ class WatcherActor:
                     delay = min(delay * 2, 5.0)
             self.publish_error = None
             self.events_published += 1
+            DEVICE_EVENTS.labels(event.kind, event.source).inc()
             _raise_if_cancelled()
             if self._outbox.empty():
                 # The snapshot follows the stream (written once a burst is out), for late
