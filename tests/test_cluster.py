@@ -1,0 +1,250 @@
+"""volumed on a 3-node NATS cluster started from deploy/nats/cluster-loopback.conf: the
+server leading the command stream is killed -9 while commands keep coming, and every
+operation still ends once, completed, with its database row; the killed node comes back and
+catches up. Also: every server configuration in the repository syncs before it acknowledges."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import pytest
+
+from bus.topology import TOPOLOGY
+from simulator import Simulator
+from tests.conftest import (
+    Database,
+    Harness,
+    NatsServer,
+    free_port,
+    nats_server_binary,
+    start_volumed,
+    stop_volumed,
+    wait_for,
+)
+from tests.test_lifecycle import create_body, op, settings_for, sim  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = ROOT / "deploy" / "nats" / "cluster-loopback.conf"
+SERVER_CONFIGS = [ROOT / "nats.conf", *sorted((ROOT / "deploy" / "nats").glob("*.conf"))]
+COMMANDS = next(s.name for s in TOPOLOGY.streams if any("volume.cmd" in x for x in s.subjects))
+TERMINAL = {"completed", "failed", "cancelled", "rejected"}
+
+
+@dataclass
+class ClusterNode(NatsServer):
+    """One node of the loopback cluster: the repository's config, ports from the environment
+    it reads them from."""
+
+    name: str = "n1"
+    cluster_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    routes: tuple[int, ...] = ()
+    """Every node's cluster port."""
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(LOOPBACK)]
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, **loopback_env(self)}
+
+    def monitor(self, path: str) -> dict[str, Any]:
+        """A monitoring endpoint's JSON (/jsz, /healthz, ...)."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
+def loopback_env(node: ClusterNode) -> dict[str, str]:
+    routes = ", ".join(f"nats://127.0.0.1:{p}" for p in node.routes)
+    return {
+        "NATS_NAME": node.name,
+        "NATS_PORT": str(node.port),
+        "NATS_HTTP_PORT": str(node.http_port),
+        "NATS_CLUSTER_PORT": str(node.cluster_port),
+        "NATS_ROUTES": f"[{routes}]",
+        "NATS_STORE_DIR": str(node.store_dir),
+    }
+
+
+def cluster_formed(nodes: list[ClusterNode]) -> bool:
+    """Every running node sees a JetStream meta leader and all its peers, and is healthy."""
+    for node in nodes:
+        try:
+            meta = node.monitor("/jsz").get("meta_cluster") or {}
+            healthy = node.monitor("/healthz").get("status") == "ok"
+        except OSError:
+            return False
+        if not healthy or not meta.get("leader") or meta.get("cluster_size") != len(nodes):
+            return False
+    return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[ClusterNode]]:
+    cluster_ports = tuple(free_port() for _ in range(3))
+    nodes = [
+        ClusterNode(
+            store_dir=tmp_path / f"n{i}", name=f"n{i}", cluster_port=port, routes=cluster_ports
+        )
+        for i, port in enumerate(cluster_ports, 1)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        asyncio.run(wait_for(lambda: cluster_formed(nodes), timeout=60, interval=0.2))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def send_until_acknowledged(v: Harness, op_type: str, body: dict[str, object]) -> None:
+    """Publish a command until the stream acknowledges it, as a client must: during a leader
+    election a publish may time out or find nobody to answer. The operation id makes a
+    re-sent command harmless (and Nats-Msg-Id lets the stream drop the copy)."""
+    data = json.dumps(body).encode()
+    headers = {"Nats-Msg-Id": str(body["operation_id"])}
+
+    async def attempt() -> bool:
+        try:
+            await v.bus.js.publish(f"volume.cmd.{op_type}", data, headers=headers, timeout=2)  # type: ignore[attr-defined]
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
+    await wait_for(attempt, timeout=90, interval=0.2)
+
+
+async def stream_leader(v: Harness, stream: str) -> str:
+    async def leader() -> str | None:
+        try:
+            info = await v.bus.js.stream_info(stream)  # type: ignore[attr-defined]
+        except (nats.errors.Error, TimeoutError):
+            return None
+        return info.cluster.leader if info.cluster else None
+
+    return await wait_for(leader, timeout=60, interval=0.2)  # type: ignore[no-any-return]
+
+
+async def caught_up(v: Harness, node: ClusterNode) -> bool:
+    """Every volumed stream has all its replicas current, ``node`` among them."""
+    for spec in TOPOLOGY.streams:
+        try:
+            info = await v.bus.js.stream_info(spec.name)  # type: ignore[attr-defined]
+        except (nats.errors.Error, TimeoutError):
+            return False
+        cluster = info.cluster
+        if cluster is None or not cluster.leader:
+            return False
+        peers = {cluster.leader: True} | {r.name: bool(r.current) for r in cluster.replicas or []}
+        if node.name not in peers or not all(peers.values()) or len(peers) != 3:
+            return False
+    return True
+
+
+async def test_volumed_rides_out_the_loss_of_the_command_stream_leader(
+    cluster: list[ClusterNode],
+    database: Database,
+    sim: Simulator,  # noqa: F811
+) -> None:
+    for node in cluster:
+        assert node.monitor("/jsz")["config"]["sync_always"] is True
+    settings = settings_for(
+        cluster[0],
+        database,
+        sim,
+        nats_url=",".join(node.url for node in cluster),
+        stream_replicas=3,
+        cloudstack_retry_budget=60.0,
+    )
+    v, task = await start_volumed(settings, ["persistence", "executor"], sim)
+    try:
+        info = await v.bus.js.stream_info(COMMANDS)  # type: ignore[attr-defined]
+        assert info.config.num_replicas == 3
+
+        # Before: a few volumes, completed through the cluster.
+        before = [op() for _ in range(4)]
+        for op_id in before:
+            await send_until_acknowledged(v, "create", create_body(sim, op_id, f"before-{op_id}"))
+        volumes = [(await v.terminal(op_id, timeout=60))["volume_id"] for op_id in before]
+
+        # Commands keep coming (creates, and deletes of the volumes made before) while the
+        # server leading the command stream is killed -9 after the first few.
+        during = [op() for _ in range(16)]
+        commands: list[tuple[str, str, dict[str, object]]] = []
+        for n, op_id in enumerate(during):
+            if n % 4 == 3:
+                volume_id = volumes[n // 4]
+                commands.append((op_id, "delete", {"operation_id": op_id, "volume_id": volume_id}))
+            else:
+                commands.append((op_id, "create", create_body(sim, op_id, f"during-{op_id}")))
+        sent = asyncio.Event()
+
+        async def keep_sending() -> None:
+            for n, (_, op_type, body) in enumerate(commands):
+                await send_until_acknowledged(v, op_type, body)
+                if n == 3:
+                    sent.set()
+                await asyncio.sleep(0.1)
+
+        sender = asyncio.create_task(keep_sending())
+        await asyncio.wait_for(sent.wait(), 90)
+        leader_name = await stream_leader(v, COMMANDS)
+        leader = next(node for node in cluster if node.name == leader_name)
+        leader.kill()
+        await asyncio.wait_for(sender, 180)
+        ended = {op_id: await v.terminal(op_id, timeout=120) for op_id in before + during}
+
+        # Every operation ended completed, and never otherwise (a re-sent command may
+        # publish its latest event again, never a different one).
+        for op_id in before + during:
+            statuses = {e["status"] for e in v.events[op_id] if e["status"] in TERMINAL}
+            assert statuses == {"completed"}, (op_id, v.events[op_id])
+        # Exactly once in CloudStack: one volume per create, each delete done once.
+        created = [c for c in sim.calls if c.command == "createVolume"]
+        deleted = [c for c in sim.calls if c.command == "deleteVolume"]
+        assert len(created) == len(before) + 12, created
+        assert len(deleted) == 4, deleted
+        for op_id, op_type, _ in commands:
+            volume_id = str(ended[op_id]["volume_id"])
+            assert (volume_id in sim.volumes) == (op_type == "create"), (op_id, op_type)
+        # No event lost: the database holds every operation, completed, with its volume.
+        for op_id in before + during:
+            row = await v.row(database, op_id, "completed", timeout=60)
+            assert row["volume_id"] == ended[op_id]["volume_id"], (row, ended[op_id])
+
+        # The killed node comes back, catches up on every stream, and the cluster serves.
+        leader.start()
+        await wait_for(lambda: caught_up(v, leader), timeout=120, interval=0.5)
+        after = op()
+        await send_until_acknowledged(v, "create", create_body(sim, after, "after"))
+        assert (await v.terminal(after, timeout=60))["status"] == "completed"
+        await v.row(database, after, "completed", timeout=60)
+    finally:
+        await stop_volumed(v, task)
+
+
+@pytest.mark.parametrize("config", SERVER_CONFIGS, ids=lambda p: p.name)
+def test_server_configs_sync_before_acknowledging(config: Path, tmp_path: Path) -> None:
+    """`sync_interval: always` in every server config, and nats-server accepts the file."""
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", config.read_text(), re.MULTILINE)
+    node = ClusterNode(store_dir=tmp_path / "store", routes=(free_port(),))
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(config), "-t"],
+        env=node.environment(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
