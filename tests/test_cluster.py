@@ -169,8 +169,10 @@ async def test_volumed_rides_out_the_loss_of_the_command_stream_leader(
     )
     v, task = await start_volumed(settings, ["persistence", "executor"], sim)
     try:
-        info = await v.bus.js.stream_info(COMMANDS)  # type: ignore[attr-defined]
-        assert info.config.num_replicas == 3
+        streams = [s.name for s in TOPOLOGY.streams] + [f"KV_{b.name}" for b in TOPOLOGY.buckets]
+        for stream in streams:
+            info = await v.bus.js.stream_info(stream)  # type: ignore[attr-defined]
+            assert info.config.num_replicas == 3, stream
 
         # Before: a few volumes, completed through the cluster.
         before = [op() for _ in range(4)]
