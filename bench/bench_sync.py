@@ -6,14 +6,17 @@ must be the disk to measure: a tmpfs store hides the cost) for each.
 - publish: acknowledged publishes to a one-replica file stream, --messages of them with
   --in-flight outstanding (`publish_<mode>_rate`), then --serial one at a time (the latency
   one waiting client sees: `publish_serial_<mode>_p50/p99`);
+- the same on the 3-node loopback cluster of deploy/nats/ with a 3-replica stream
+  (`publish_r3_<mode>_rate`, `publish_serial_r3_<mode>_p50/p99`; --no-cluster skips it);
 - lifecycle: create + delete through `volumed run executor persistence` (MariaDB, the
   simulator as a process with zero job latency), bench_lifecycle's throughput phase with
   --volumes and --window: `lifecycle_<mode>_throughput` and its latencies.
 Then the ratios always / default: `publish_rate_ratio`, `publish_serial_p50_ratio`,
-`lifecycle_throughput_ratio` (below 1: slower with syncing).
+`publish_r3_rate_ratio`, `publish_serial_r3_p50_ratio`, `lifecycle_throughput_ratio` (a rate
+ratio below 1: slower with syncing; a latency ratio above 1: slower).
 
     python -m bench.bench_sync [--messages 20000] [--in-flight 256] [--serial 1000]
-                               [--volumes 300] [--window 100] [--store-dir DIR]
+                               [--volumes 300] [--window 100] [--store-dir DIR] [--no-cluster]
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import subprocess
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,18 +35,22 @@ from typing import Any
 
 from bench.bench_lifecycle import throughput, warmed_up
 from bench.common import (
+    ROOT,
     database_name,
     drop_database,
     figure,
+    free_port,
     nats_server,
     percentile,
     simulator,
     volumed,
     volumed_env,
+    wait_port,
 )
 from bus import Bus
 
 MODES = ("default", "always")
+LOOPBACK = ROOT / "deploy" / "nats" / "cluster-loopback.conf"
 
 
 @contextlib.contextmanager
@@ -58,10 +68,67 @@ def server(mode: str, store_parent: str | None) -> Iterator[str]:
             yield url
 
 
-async def publish_phase(url: str, mode: str, args: argparse.Namespace) -> dict[str, float]:
+@contextlib.contextmanager
+def cluster(mode: str, store_parent: str | None) -> Iterator[str]:
+    """The 3-node loopback cluster of deploy/nats/ on free ports; for "default", its config
+    without `sync_interval: always`. Yields the three URLs, comma-separated."""
+    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
+    text = LOOPBACK.read_text()
+    if mode == "default":
+        text = "\n".join(x for x in text.splitlines() if "sync_interval" not in x)
+    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, http, route
+    routes = ", ".join(f"nats://127.0.0.1:{route}" for _, _, route in ports)
+    with tempfile.TemporaryDirectory(dir=store_parent) as tmp:
+        config = Path(tmp) / "node.conf"
+        config.write_text(text)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for n, (client, http, route) in enumerate(ports, 1):
+                env = {
+                    "NATS_NAME": f"n{n}",
+                    "NATS_PORT": str(client),
+                    "NATS_HTTP_PORT": str(http),
+                    "NATS_CLUSTER_PORT": str(route),
+                    "NATS_ROUTES": f"[{routes}]",
+                    "NATS_STORE_DIR": str(Path(tmp) / f"n{n}"),
+                }
+                procs.append(
+                    subprocess.Popen(
+                        [str(binary), "-c", str(config)],
+                        env={**os.environ, **env},
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            for client, _, _ in ports:
+                wait_port(client)
+            yield ",".join(f"nats://127.0.0.1:{client}" for client, _, _ in ports)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
+
+
+async def publish_phase(
+    url: str, mode: str, args: argparse.Namespace, replicas: int = 1
+) -> dict[str, float]:
+    """Publish figures named publish_<mode>_... (publish_r3_<mode>_... with 3 replicas)."""
+    name = mode if replicas == 1 else f"r{replicas}_{mode}"
     bus = await Bus.connect(url, f"bench-sync-{mode}")
     try:
-        await bus.js.add_stream(name="BENCH_SYNC", subjects=["bench.sync.>"], num_replicas=1)
+        # A new cluster takes a moment to elect its JetStream leader and know its peers.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await bus.js.add_stream(
+                    name="BENCH_SYNC", subjects=["bench.sync.>"], num_replicas=replicas
+                )
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
         payload = b"x" * 200  # about the size of a command or an event
         gate = asyncio.Semaphore(args.in_flight)
 
@@ -72,7 +139,7 @@ async def publish_phase(url: str, mode: str, args: argparse.Namespace) -> dict[s
         start = time.perf_counter()
         await asyncio.gather(*(one(n) for n in range(args.messages)))
         rate = args.messages / (time.perf_counter() - start)
-        figure(f"publish_{mode}_rate", rate, "msgs/s")
+        figure(f"publish_{name}_rate", rate, "msgs/s")
 
         serial: list[float] = []
         for n in range(args.serial):
@@ -80,8 +147,8 @@ async def publish_phase(url: str, mode: str, args: argparse.Namespace) -> dict[s
             await bus.js.publish(f"bench.sync.{n % 64}", payload)
             serial.append(1000 * (time.perf_counter() - t0))
         p50, p99 = percentile(serial, 50), percentile(serial, 99)
-        figure(f"publish_serial_{mode}_p50", p50, "ms")
-        figure(f"publish_serial_{mode}_p99", p99, "ms")
+        figure(f"publish_serial_{name}_p50", p50, "ms")
+        figure(f"publish_serial_{name}_p99", p99, "ms")
         return {"rate": rate, "serial_p50": p50}
     finally:
         await bus.close()
@@ -113,12 +180,20 @@ async def main() -> None:
     parser.add_argument(
         "--store-dir", default=None, help="where the servers' stores go (default: the temp dir)"
     )
+    parser.add_argument(
+        "--no-cluster", action="store_true", help="skip the 3-node, 3-replica publish phase"
+    )
     args = parser.parse_args()
 
     published: dict[str, dict[str, float]] = {}
     for mode in MODES:
         with server(mode, args.store_dir) as url:
             published[mode] = await publish_phase(url, mode, args)
+    clustered: dict[str, dict[str, float]] = {}
+    if not args.no_cluster:
+        for mode in MODES:
+            with cluster(mode, args.store_dir) as urls:
+                clustered[mode] = await publish_phase(urls, mode, args, replicas=3)
     lifecycle: dict[str, float] = {}
     with simulator("--seed", "7") as sim:
         for mode in MODES:
@@ -131,6 +206,15 @@ async def main() -> None:
         published["always"]["serial_p50"] / published["default"]["serial_p50"],
         "x",
     )
+    if clustered:
+        figure(
+            "publish_r3_rate_ratio", clustered["always"]["rate"] / clustered["default"]["rate"], "x"
+        )
+        figure(
+            "publish_serial_r3_p50_ratio",
+            clustered["always"]["serial_p50"] / clustered["default"]["serial_p50"],
+            "x",
+        )
     figure("lifecycle_throughput_ratio", lifecycle["always"] / lifecycle["default"], "x")
 
 
