@@ -19,7 +19,7 @@ from typing import Any
 import nats.errors
 import pytest
 
-from bus.topology import COMMANDS, EVENTS, EVENTS_PREFIX, TOPOLOGY
+from bus.topology import COMMANDS, DEAD_LETTERS, EVENTS, EVENTS_PREFIX, GIVEN_UP, TOPOLOGY
 from simulator import Simulator
 from tests.conftest import (
     Database,
@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "deploy" / "nats" / "cluster-loopback.conf"
 # The configurations this repository's own tests can start (ports from the environment).
 STARTABLE_CONFIGS = [ROOT / "nats.conf", *sorted((ROOT / "deploy" / "nats").glob("*.conf"))]
+# Every stream volumed makes, its buckets' included.
+STREAMS = [s.name for s in TOPOLOGY.streams] + [f"KV_{b.name}" for b in TOPOLOGY.buckets]
 TERMINAL = {"completed", "failed", "cancelled", "rejected"}
 FORWARD = ["pending", "executing", "completed"]
 
@@ -173,10 +175,10 @@ async def stored_statuses(v: Harness) -> dict[str, list[str]]:
 
 
 async def caught_up(v: Harness, node: ClusterNode) -> bool:
-    """Every volumed stream has all its replicas current, ``node`` among them."""
-    for spec in TOPOLOGY.streams:
+    """Every volumed stream and bucket has all its replicas current, ``node`` among them."""
+    for stream in STREAMS:
         try:
-            info = await v.bus.js.stream_info(spec.name)  # type: ignore[attr-defined]
+            info = await v.bus.js.stream_info(stream)  # type: ignore[attr-defined]
         except (nats.errors.Error, TimeoutError):
             return False
         cluster = info.cluster
@@ -205,8 +207,7 @@ async def test_volumed_rides_out_the_loss_of_the_command_stream_leader(
     )
     v, task = await start_volumed(settings, ["persistence", "executor"], sim)
     try:
-        streams = [s.name for s in TOPOLOGY.streams] + [f"KV_{b.name}" for b in TOPOLOGY.buckets]
-        for stream in streams:
+        for stream in STREAMS:
             info = await v.bus.js.stream_info(stream)  # type: ignore[attr-defined]
             assert info.config.num_replicas == 3, stream
 
@@ -258,6 +259,9 @@ async def test_volumed_rides_out_the_loss_of_the_command_stream_leader(
         for op_id, op_type, _ in commands:
             volume_id = str(ended[op_id]["volume_id"])
             assert (volume_id in sim.volumes) == (op_type == "create"), (op_id, op_type)
+        # Nothing given up on or dead-lettered.
+        assert await v.bus.last_sequence(DEAD_LETTERS.name) == 0  # type: ignore[attr-defined]
+        assert await v.bus.last_sequence(GIVEN_UP.name) == 0  # type: ignore[attr-defined]
         # No event lost: the database holds every operation, completed, with its volume.
         for op_id in before + during:
             row = await v.row(database, op_id, "completed", timeout=60)
