@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import msgspec
 
 from bus import Bus
-from bus.topology import CONFIG_SUBJECT, TOPOLOGY
+from bus.topology import CONFIG_SUBJECT, topology_for
 from schemas.config import Settings
 from schemas.internal import CloudStackCredentials
 
@@ -108,7 +108,7 @@ class Supervisor:
         bus = self.bus = connect.result()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
-            await bus.provision(TOPOLOGY, replicas=self.settings.stream_replicas)
+            await bus.provision(topology_for(self.settings), replicas=self.settings.stream_replicas)
             for name in sorted(self.names, key=ACTORS.index):
                 tasks[name] = asyncio.create_task(self._run_actor(name, bus), name=name)
             log.info("volumed running: %s (instance %s)", ", ".join(self.names), self.instance)
