@@ -240,7 +240,7 @@ async def test_resent_commands_never_send_a_status_backwards(
 
 
 async def taken(v: Harness) -> bool:
-    return bool((await executor_consumer(v)).num_pending <= 16)
+    return bool((await executor_consumer(v)).num_pending <= 96)
 
 
 def is_forward(statuses: list[Any]) -> bool:
@@ -254,8 +254,8 @@ async def resend_until_done(v: Harness, commands: list[tuple[str, dict[str, Any]
     sent = 0
     last = str(commands[-1][1]["operation_id"])
     while not TERMINAL & set(map(str, v.statuses(last))):
-        await asyncio.gather(*(v.send(t, body) for t, body in commands * 32))
-        sent += 32 * len(commands)
+        await asyncio.gather(*(v.send(t, body) for t, body in commands * 96))
+        sent += 96 * len(commands)
         await wait_for(lambda: taken(v), 30, interval=0.005)
 
     await asyncio.wait_for(v.terminal(last), 30)
