@@ -121,7 +121,8 @@ class Bus:
     # -- provisioning ---------------------------------------------------------------------
 
     async def provision(self, topology: Topology, replicas: int = 1) -> None:
-        """Create the streams, consumers and buckets that are missing. Idempotent."""
+        """Create the streams, consumers and buckets that are missing and bring existing ones
+        to the settings declared (where the server allows the change). Idempotent."""
         for stream in topology.streams:
             await self._ensure_stream(stream, replicas)
         for consumer in topology.consumers:

@@ -1,7 +1,8 @@
 """Every subject, stream, consumer and KV bucket volumed uses, declared once as data.
 
-Provisioning (bus.connection.Bus.provision) creates what is missing and leaves what exists;
-nothing else in the code base names a stream or a durable.
+Provisioning (bus.connection.Bus.provision) creates what is missing and updates what exists
+(stream settings, consumer ack settings, bucket retention); nothing else in the code base
+names a stream or a durable.
 """
 
 from __future__ import annotations
