@@ -19,7 +19,7 @@ import msgspec
 from actors.logs import bind
 from actors.metrics import ACTOR_UP
 from bus import Bus
-from bus.topology import CONFIG_SUBJECT, TOPOLOGY
+from bus.topology import CONFIG_SUBJECT, topology_for
 from schemas.config import Settings
 from schemas.internal import CloudStackCredentials
 
@@ -114,7 +114,7 @@ class Supervisor:
         bus = self.bus = connect.result()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
-            await bus.provision(TOPOLOGY, replicas=self.settings.stream_replicas)
+            await bus.provision(topology_for(self.settings), replicas=self.settings.stream_replicas)
             if self.settings.metrics_addr:
                 # Before the actors: a port in use stops the process at start, not later.
                 from actors.metrics.exporter import MetricsServer

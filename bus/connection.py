@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -24,7 +25,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
 from bus.errors import Unavailable
-from bus.kv import Bucket
+from bus.kv import Bucket, Conflict, is_wrong_last_sequence
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 
 log = logging.getLogger("volumed.bus")
@@ -139,7 +140,8 @@ class Bus:
     # -- provisioning ---------------------------------------------------------------------
 
     async def provision(self, topology: Topology, replicas: int = 1) -> None:
-        """Create the streams, consumers and buckets that are missing. Idempotent."""
+        """Create the streams, consumers and buckets that are missing and bring existing ones
+        to the settings declared (where the server allows the change). Idempotent."""
         for stream in topology.streams:
             await self._ensure_stream(stream, replicas)
         for consumer in topology.consumers:
@@ -171,6 +173,8 @@ class Bus:
             log.warning("stream %s exists with another config that cannot change: %s", spec.name, e)
 
     async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
+        """Create the consumer, or update it when its settings differ from ``spec`` (a server
+        provisioned by an older volumed keeps the old ack wait and backoff otherwise)."""
         config = ConsumerConfig(
             durable_name=spec.durable,
             description=spec.description or None,
@@ -181,46 +185,77 @@ class Bus:
             max_ack_pending=spec.max_ack_pending,
         )
         try:
-            await self.js.consumer_info(spec.stream, spec.durable)
-            return
+            info = await self.js.consumer_info(spec.stream, spec.durable)
         except NotFoundError:
-            pass
+            info = None
+        if info is not None and _consumer_matches(info.config, spec):
+            return
         try:
+            # Creates it, or updates the settings a server lets change on an existing one.
             await self.js.add_consumer(spec.stream, config)
         except BadRequestError as e:
             # Another process created it in the meantime, or the server lacks a feature.
-            log.debug("consumer %s.%s: %s", spec.stream, spec.durable, e)
+            log.warning("consumer %s.%s not created or updated: %s", spec.stream, spec.durable, e)
             await self.js.consumer_info(spec.stream, spec.durable)
 
     async def _ensure_bucket(self, spec: BucketSpec, replicas: int) -> None:
+        """Create the bucket, or give an existing one the retention ``spec`` asks for."""
         try:
             await self.js.key_value(spec.name)
-            return
         except Exception:
-            pass
-        from nats.js.api import KeyValueConfig
-
-        await self.js.create_key_value(
-            KeyValueConfig(
-                bucket=spec.name,
-                description=spec.description or None,
-                history=spec.history,
-                ttl=spec.ttl or None,
-                replicas=replicas,
+            await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=spec.name,
+                    description=spec.description or None,
+                    history=spec.history,
+                    ttl=spec.ttl or None,
+                    replicas=replicas,
+                )
             )
-        )
+            return
+        stream = f"KV_{spec.name}"
+        config = (await self.js.stream_info(stream)).config
+        if abs((config.max_age or 0.0) - spec.ttl) < 1e-3:
+            return
+        config.max_age = spec.ttl
+        if spec.ttl:
+            # The server refuses a dedupe window longer than the retention.
+            config.duplicate_window = min(config.duplicate_window or 120.0, spec.ttl)
+        try:
+            await self.js.update_stream(config)
+        except BadRequestError as e:
+            log.warning("bucket %s keeps its retention: %s", spec.name, e)
 
     # -- messaging ------------------------------------------------------------------------
 
-    async def publish(self, subject: str, message: Any, *, msg_id: str | None = None) -> int:
+    async def publish(
+        self,
+        subject: str,
+        message: Any,
+        *,
+        msg_id: str | None = None,
+        if_last: int | None = None,
+    ) -> int:
         """Publish to a stream and wait for its acknowledgement; return the stream sequence.
 
-        Raises Unavailable when no stream captures ``subject``."""
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        ``if_last``: store it only if the stream's last message on ``subject`` is still that
+        sequence (0: none), else raise Conflict: a publish-if-last, race-free across
+        processes. Note that core subscribers receive a refused message all the same; only
+        the stream (and what reads it) is protected. Raises Unavailable when no stream
+        captures ``subject``."""
+        headers: dict[str, str] = {}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        if if_last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(if_last)
         try:
-            ack = await self.js.publish(subject, encode(message), headers=headers)
+            ack = await self.js.publish(subject, encode(message), headers=headers or None)
         except NoStreamResponseError:
             raise Unavailable(f"no stream captures {subject}") from None
+        except BadRequestError as e:
+            if if_last is not None and is_wrong_last_sequence(e):
+                raise Conflict(subject) from e
+            raise
         return ack.seq
 
     async def publish_core(self, subject: str, message: Any) -> None:
@@ -266,13 +301,23 @@ class Bus:
             stream_seq=seq,
         )
 
-    async def last_message(self, stream: str, subject: str) -> bytes | None:
+    async def last_stored(self, stream: str, subject: str) -> StoredMessage | None:
         """The newest message stored on ``subject`` in ``stream``, if any."""
         try:
             msg = await self.js.get_last_msg(stream, subject)
         except NotFoundError:
             return None
-        return msg.data
+        return StoredMessage(
+            subject=msg.subject or subject,
+            data=msg.data or b"",
+            headers=dict(msg.headers or {}),
+            stream_seq=msg.seq or 0,
+        )
+
+    async def last_message(self, stream: str, subject: str) -> bytes | None:
+        """The data of the newest message stored on ``subject`` in ``stream``, if any."""
+        stored = await self.last_stored(stream, subject)
+        return stored.data if stored is not None else None
 
     async def consumer_progress(self, spec: ConsumerSpec) -> ConsumerProgress:
         """The consumer's ack floor, from the server (one consumer info request)."""
@@ -295,3 +340,13 @@ class Bus:
         start = time.perf_counter()
         await self.js.account_info()
         return time.perf_counter() - start
+
+
+def _consumer_matches(config: ConsumerConfig, spec: ConsumerSpec) -> bool:
+    return (
+        abs((config.ack_wait or 0.0) - spec.ack_wait) < 1e-3
+        and config.max_deliver == spec.max_deliver
+        and tuple(config.backoff or ()) == spec.backoff
+        and config.max_ack_pending == spec.max_ack_pending
+        and (config.filter_subject or None) == spec.filter_subject
+    )

@@ -7,8 +7,10 @@ message runs in its own task, up to ``concurrency`` at once, and its outcome dec
 - it raises Retry(delay)     → nak with that delay
 - it raises Reject           → dead-letter with the reason, then term
 - it raises Abandon / is cancelled (shutdown) → nothing: redelivered after ack_wait
-- any other exception        → nak with backoff; on the last allowed delivery, dead-letter
-While a handler runs, the message is kept alive with in_progress() heartbeats.
+- any other exception        → nak after ``spec.nak_delays``; on the last allowed delivery,
+                                 dead-letter, then term
+While a handler runs, the message is kept alive with in_progress() heartbeats, well inside the
+ack wait the server really applies to that delivery (``spec.ack_wait_of``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _IDLE_HEARTBEAT = 5.0  # the server proves the pull is alive this often
 class Delivery:
     """One delivery of a stream message to a handler."""
 
-    def __init__(self, msg: Msg) -> None:
+    def __init__(self, msg: Msg, spec: ConsumerSpec) -> None:
         self._msg = msg
         meta = msg.metadata
         self.subject: str = msg.subject
@@ -45,6 +47,8 @@ class Delivery:
         self.stream_seq: int = meta.sequence.stream
         self.num_delivered: int = meta.num_delivered
         self.published_at: float = meta.timestamp.timestamp() if meta.timestamp else time.time()
+        # The server will not deliver it again: a failure now dead-letters it.
+        self.last: bool = 0 < spec.max_deliver <= self.num_delivered
 
     async def in_progress(self) -> None:
         """Tell the server this message is still being worked on (resets ack_wait)."""
@@ -108,7 +112,7 @@ class Consumer:
                 if self._stopping.is_set():
                     await self._give_back(msg)
                     break
-                task = asyncio.create_task(self._handle(Delivery(msg), msg))
+                task = asyncio.create_task(self._handle(Delivery(msg, self.spec), msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._on_done)
         finally:
@@ -190,25 +194,20 @@ class Consumer:
             log.exception(
                 "handler failed on %s (delivery %d)", delivery.subject, delivery.num_delivered
             )
-            last = 0 < self.spec.max_deliver <= delivery.num_delivered
-            if last:
+            if delivery.last:
                 await self._dead_letter(delivery, f"{type(e).__name__}: {e}")
                 await _quietly(msg.term())
             else:
-                await _quietly(msg.nak(delay=self._backoff(delivery.num_delivered)))
+                await _quietly(msg.nak(delay=self.spec.nak_delay(delivery.num_delivered)))
         else:
             await _quietly(msg.ack())
         finally:
             heartbeat.cancel()
             self.handled += 1
 
-    def _backoff(self, num_delivered: int) -> float:
-        if self.spec.backoff:
-            return self.spec.backoff[min(num_delivered, len(self.spec.backoff)) - 1]
-        return min(2.0**num_delivered, 60.0)
-
     async def _heartbeat(self, delivery: Delivery) -> None:
-        period = max(self.spec.ack_wait / 3, 0.5)
+        # Five beats per ack wait: a busy event loop may delay one or two, never all.
+        period = self.spec.ack_wait_of(delivery.num_delivered) / 5
         while True:
             await asyncio.sleep(period)
             await delivery.in_progress()
@@ -242,6 +241,9 @@ async def dead_letter(
         "Volumed-Stream-Seq": str(stream_seq),
         "Volumed-Deliveries": str(deliveries),
     }
+    # The same message dead-lettered twice (the consumer and the given-up path both saw
+    # it) is stored once.
+    headers["Nats-Msg-Id"] = f"{spec.stream}.{spec.durable}.{stream_seq}"
     try:
         await bus.js.publish(
             f"{DEAD_LETTER_PREFIX}.{spec.stream}.{spec.durable}", data, headers=headers

@@ -70,6 +70,10 @@ class Bucket(Generic[T]):
     async def put(self, key: str, value: T) -> int:
         return await self._kv.put(key, self._encoder.encode(value))
 
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (idempotent: deleting a missing key is no error)."""
+        await self._kv.delete(key)
+
     async def keys(self) -> list[str]:
         """Keys that have a value (deleted or expired ones may still be listed: get() says).
 
@@ -114,13 +118,20 @@ class Bucket(Generic[T]):
                 yield key, got[0]
 
 
+def is_wrong_last_sequence(e: Exception) -> bool:
+    """The server refused a compare-and-set write: the subject moved on (JetStream 10071).
+    nats-py raises KeyWrongLastSequenceError, or a plain APIError on some servers."""
+    return (
+        isinstance(e, KeyWrongLastSequenceError)
+        or getattr(e, "err_code", None) == 10071
+        or "wrong last sequence" in str(e)
+    )
+
+
 async def _compare_and_set(key: str, write: Awaitable[int]) -> int:
     try:
         return await write
-    except KeyWrongLastSequenceError as e:
-        raise Conflict(key) from e
     except Exception as e:
-        # nats-py raises a plain APIError (code 10071) on some servers.
-        if "wrong last sequence" in str(e):
+        if is_wrong_last_sequence(e):
             raise Conflict(key) from e
         raise

@@ -1,13 +1,16 @@
 """Every subject, stream, consumer and KV bucket volumed uses, declared once as data.
 
-Provisioning (bus.connection.Bus.provision) creates what is missing and leaves what exists;
-nothing else in the code base names a stream or a durable.
+Provisioning (bus.connection.Bus.provision) creates what is missing and updates what exists
+(stream settings, consumer ack settings, bucket retention); nothing else in the code base
+names a stream or a durable.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
+
+from schemas.config import Settings
 
 # Public subjects (contract §2-§4).
 COMMAND_PREFIX = "volume.cmd"
@@ -81,9 +84,26 @@ class ConsumerSpec:
     filter_subject: str | None = None
     ack_wait: float = 30.0
     max_deliver: int = -1
+    # Server side: BackOff[n] replaces ack_wait as the ack wait of delivery n+1 (nats-notes),
+    # which also bounds how often a running handler must heartbeat. Usually left empty.
     backoff: tuple[float, ...] = ()
+    # Client side: the nak delay after failed delivery n (the last one repeats); empty: the
+    # backoff, else 2**n seconds, at most 60.
+    nak_delays: tuple[float, ...] = ()
     max_ack_pending: int = 20_000
     description: str = ""
+
+    def ack_wait_of(self, num_delivered: int) -> float:
+        """The ack wait the server applies to delivery ``num_delivered`` (1, 2, ...)."""
+        if self.backoff:
+            return self.backoff[min(num_delivered, len(self.backoff)) - 1]
+        return self.ack_wait
+
+    def nak_delay(self, num_delivered: int) -> float:
+        delays = self.nak_delays or self.backoff
+        if delays:
+            return delays[min(num_delivered, len(delays)) - 1]
+        return min(2.0**num_delivered, 60.0)
 
 
 @dataclass(frozen=True)
@@ -150,12 +170,14 @@ DEAD_LETTERS = StreamSpec(
 EXECUTOR = ConsumerSpec(
     stream=COMMANDS.name,
     durable="executor",
-    # Heartbeats (in_progress) keep a long CloudStack job's message; a silent executor has
-    # died and its commands go to another after this.
-    ack_wait=30.0,
+    # Heartbeats (in_progress, every ack_wait/5) keep a long CloudStack job's message; a
+    # silent executor has died and its commands go to another after this: the takeover time
+    # after a kill -9. No server-side backoff: it would replace this ack wait (1 s made
+    # every running command redeliver at 1, 3 and 8 s, spending max_deliver).
+    ack_wait=10.0,
     # Bounded: a command that keeps failing is dead-lettered, never redelivered forever.
     max_deliver=8,
-    backoff=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+    nak_delays=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
     description="executors share the command stream",
 )
 # The server announces a command whose deliveries ran out (the executor died during its last
@@ -217,6 +239,9 @@ def correlator_consumer(vm_id: str) -> ConsumerSpec:
 OPERATIONS_BUCKET = BucketSpec(
     name="volumed_operations",
     history=1,
+    # A record expires this long after its last change (VOLUMED_OPERATION_RETENTION; the
+    # database keeps the history): the horizon of idempotency by operation id.
+    ttl=30 * DAY,
     description="operation records: the idempotency claim and what a restart resumes from",
 )
 HEALTH_BUCKET = BucketSpec(
@@ -233,6 +258,9 @@ HEALTH_BUCKET = BucketSpec(
 ATTACHING_BUCKET = BucketSpec(
     name="volumed_attaching",
     history=1,
+    # Ended attaches leave a delete marker: a day (far beyond any attach: job timeout plus
+    # correlation timeout) keeps the listing small.
+    ttl=DAY,
     description="attaches in flight (schemas.internal.AttachInFlight), key: operation id",
 )
 
@@ -267,3 +295,11 @@ TOPOLOGY = Topology(
         VOLUME_OWNERS_BUCKET,
     ),
 )
+
+
+def topology_for(settings: Settings) -> Topology:
+    """TOPOLOGY with what the settings choose: the operation records' retention."""
+    ops = replace(OPERATIONS_BUCKET, ttl=settings.operation_retention)
+    return replace(
+        TOPOLOGY, buckets=tuple(ops if b.name == ops.name else b for b in TOPOLOGY.buckets)
+    )

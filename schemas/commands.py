@@ -18,7 +18,15 @@ from schemas.common import (
     OpType,
     VolumeName,
     explain_validation_error,
+    is_operation_id,
 )
+
+# A larger command body is invalid (contract §2); it also keeps what volumed stores about a
+# command (record, events) well under the server's max payload (1 MiB by default).
+MAX_COMMAND_BYTES = 64 * 1024
+# How much of a body that is not kept whole (too large, not JSON) the record and the
+# rejected event show.
+EXCERPT_BYTES = 1024
 
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=255)]
 MetadataValue = Annotated[str, Meta(max_length=4096)]
@@ -80,6 +88,11 @@ def decode_command(op_type: str, body: bytes) -> Command:
     decoder = _DECODERS.get(op_type)
     if decoder is None:
         raise InvalidCommand(f"unknown command type {op_type!r}")
+    if len(body) > MAX_COMMAND_BYTES:
+        raise InvalidCommand(
+            f"the command body is {len(body)} bytes; the limit is {MAX_COMMAND_BYTES} bytes "
+            "(64 KiB)"
+        )
     if not body.strip():
         raise InvalidCommand("the command body is empty: a JSON object was expected")
     try:
@@ -88,7 +101,41 @@ def decode_command(op_type: str, body: bytes) -> Command:
         raise InvalidCommand(_humanize(str(e))) from None
     except msgspec.DecodeError as e:
         raise InvalidCommand(f"the command body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidCommand("the command body is nested too deeply") from None
     return command
+
+
+def _json_of(body: bytes) -> Any:
+    """The body as plain JSON values, or _NOT_JSON (any body at all: nothing raises)."""
+    try:
+        return msgspec.json.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        # Malformed, too deep, or numbers out of range.
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
+
+
+def operation_id_in(body: bytes) -> str | None:
+    """The body's ``operation_id`` if it is a valid operation id (whatever the body holds)."""
+    parsed = _json_of(body) if len(body) <= 16 * MAX_COMMAND_BYTES else _NOT_JSON
+    if isinstance(parsed, dict):
+        value = parsed.get("operation_id")
+        if is_operation_id(value):
+            return str(value)
+    return None
+
+
+def request_of(body: bytes) -> Any:
+    """The command as received, for the record and the first event: its JSON when it is
+    within the size limit and parses, else the start of its text (bounded)."""
+    if len(body) <= MAX_COMMAND_BYTES:
+        parsed = _json_of(body)
+        if parsed is not _NOT_JSON:
+            return parsed
+    return body[:EXCERPT_BYTES].decode("utf-8", "replace")
 
 
 _PATTERN_WORDS = {

@@ -58,8 +58,9 @@ VolumeName = Annotated[
 GIB = 1024**3
 
 
-def is_operation_id(value: str | None) -> bool:
-    return value is not None and _OPERATION_ID_RE.fullmatch(value) is not None
+def is_operation_id(value: object) -> bool:
+    """Whether ``value`` (of any type: it may come from a body as received) is an id."""
+    return isinstance(value, str) and _OPERATION_ID_RE.fullmatch(value) is not None
 
 
 def now_rfc3339() -> str:

@@ -69,6 +69,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Commands one executor works on at once."""
     detach_timeout: Seconds = 30.0
     """Seconds a detach from the local VM waits for its device to go."""
+    operation_retention: Seconds = 30 * 86_400.0
+    """Seconds a finished operation's record is kept in the operations bucket (the database
+    keeps the history): how late a re-sent operation id is still recognised."""
     heartbeat_interval: Seconds = 5.0
     """How often each actor refreshes its health heartbeat; three missed make it stale."""
     query_wait: Annotated[float, Meta(ge=0)] = 2.0

@@ -9,8 +9,14 @@ For each command message, in stream order:
 4. Publish `pending` (or `rejected` for an invalid command), wait for the lane, move the
    record pending → executing compare-and-set (a cancel may have won), publish `executing`,
    run the operation, publish exactly one terminal event.
-The message is acknowledged only when the operation is terminal; until then the consumer
-heartbeats it, so a crash hands it to the next executor, which resumes from the record.
+The message is acknowledged only when the operation is terminal and its record's latest event
+was published; until then the consumer heartbeats it, so a crash hands it to the next
+executor, which resumes from the record and publishes that event again.
+
+Events of one operation never go backwards: each record change and the publish of its event
+hold the operation's lock (in this process), and every publish that is not the record's own
+next step (a re-sent command, a resumed one) is publish-if-last on the events stream: read the
+subject's last sequence, then the record, then publish only if nothing came in between.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,10 +46,13 @@ from actors.executor.operations import (
 )
 from actors.logs import SECRETS
 from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
+from bus.connection import encode
 from bus.consumer import dead_letter
 from bus.topology import (
+    ATTACHING_BUCKET,
     COMMANDS,
     CONFIG_SUBJECT,
+    EVENTS,
     EXECUTOR,
     EXECUTOR_GIVEN_UP,
     HEALTH_BUCKET,
@@ -59,12 +69,15 @@ from schemas.commands import (
     DetachCommand,
     InvalidCommand,
     decode_command,
+    operation_id_in,
+    request_of,
     volume_of,
 )
 from schemas.common import TERMINAL, OpType, Status, is_operation_id, now_rfc3339
 from schemas.config import Settings, url_secrets
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
+    AttachInFlight,
     CheckResult,
     CloudStackCredentials,
     GivenUpAdvisory,
@@ -102,6 +115,11 @@ class ExecutorActor:
         self._vm_id: str | None = settings.vm_id
         self.vm_id_problem = ""
         self._cloudstack_unavailable_since: float | None = None
+        self._attaching: Bucket[AttachInFlight] | None = None
+        # One lock per operation id while anything here works on it (see the module doc).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Ids whose "latest event again" waits for the lock.
+        self._queued_again: dict[str, object] = {}
         self._consumer: Consumer | None = None
         self._given_up: Consumer | None = None
 
@@ -110,6 +128,7 @@ class ExecutorActor:
     async def open(self) -> None:
         self._ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
+        self._attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
 
     @property
     def owners(self) -> VolumeOwners:
@@ -194,12 +213,9 @@ class ExecutorActor:
     def operation_id_of(data: bytes, headers: dict[str, str], stream_seq: int) -> str:
         """The body's operation_id, else the Nats-Msg-Id header, else one derived from the
         message itself (so that every delivery of it gets the same id)."""
-        try:
-            body = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            body = None
-        if isinstance(body, dict) and is_operation_id(body.get("operation_id")):
-            return str(body["operation_id"])
+        in_body = operation_id_in(data)
+        if in_body is not None:
+            return in_body
         header = headers.get("Nats-Msg-Id")
         if is_operation_id(header):
             return str(header)
@@ -223,11 +239,15 @@ class ExecutorActor:
             try:
                 await self._process(d, op_type, op_id, command, invalid, slot)
             except Exception as e:
-                if 0 < EXECUTOR.max_deliver <= d.num_delivered:
-                    # The last delivery: end the operation rather than leave it open for ever.
+                if d.last:
+                    # The consumer dead-letters the command; its operation ends with it.
                     log.exception("operation %s failed for good", op_id)
-                    await self._fail_for_good(op_id, f"{type(e).__name__}: {e}")
-                    return
+                    try:
+                        await self._fail_for_good(op_id, f"{type(e).__name__}: {e}")
+                    except Exception as unfinished:
+                        # Its failure is not out: leave the command to the server, which
+                        # gives it up; the given-up path ends it (also after a restart).
+                        raise Abandon(f"{op_id} not ended: {unfinished}") from e
                 raise
             finally:
                 if self._inflight.get(op_id) == d.stream_seq:
@@ -259,13 +279,12 @@ class ExecutorActor:
         record.last_event = run.event_for(
             record,
             record.status,
-            request=_request_of(d.data),
+            request=request_of(d.data),
             error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
             target=command.target if isinstance(command, CancelCommand) else None,
         )
         try:
-            run.revision = await self._ops.create(op_id, record)
-            run.record = record
+            await run.claim(record)
         except Conflict:
             got = await self._ops.get(op_id)
             if got is None:  # deleted in between: treat as new next time
@@ -273,8 +292,7 @@ class ExecutorActor:
             existing, run.revision = got
             if existing.stream_seq != d.stream_seq:
                 # The same operation id again: nothing new, only its latest event again.
-                if existing.last_event is not None:
-                    await self.bus.publish(event_subject(op_id), existing.last_event)
+                await self.publish_latest(op_id, again=True)
                 return
             run.record = existing  # this very command, redelivered: resume where it was
             log.info(
@@ -284,18 +302,78 @@ class ExecutorActor:
                 existing.status,
                 existing.phase,
             )
-        await run.publish_last()
-        if run.record.status in TERMINAL or command is None:
-            return
+            if existing.status in TERMINAL:
+                await run.settle()
+                return
+            await self.publish_latest(op_id)
+        if command is None:
+            return  # rejected: its one event is out
         async with slot.turn():
             # Credentials (and the local VM id) are read once per operation, when its turn
             # comes: a changed ossea_configs row applies to the next operation, never to half
             # of one.
             run.use(await self._credentials())
             async with self._gate_for(command, await run.local_vm_id()):
-                if run.record.status == "pending" and not await run.start():
-                    return  # cancelled while it waited
+                if run.record.status == "pending":
+                    if isinstance(command, AttachCommand):
+                        await run.announce_attach(command)
+                    if not await run.start():
+                        await run.settle()  # cancelled while it waited
+                        return
                 await run.execute(command)
+
+    async def publish_latest(self, op_id: str, *, again: bool = False) -> OpRecord | None:
+        """Publish the operation's latest event (its record's), never an older one.
+
+        Publish-if-last, so that it holds across processes too: the subject's last sequence
+        is read before the record, and the publish is refused if anything was published on
+        the subject in between (then both are read again). ``again``: publish it even if it
+        is the last one stored (a re-sent command asks for it); else only if it is not."""
+        assert self._ops is not None
+        if again:
+            if op_id in self._queued_again:
+                # One not yet started serves this copy too (its event goes out after this
+                # copy came), and a flood of copies cannot starve the operation's own steps.
+                return None
+            self._queued_again[op_id] = token = object()
+        try:
+            async with self.lock_for(op_id):
+                if again and self._queued_again.get(op_id) is token:
+                    del self._queued_again[op_id]
+                return await self._publish_latest(op_id, again)
+        finally:
+            if again and self._queued_again.get(op_id) is token:
+                del self._queued_again[op_id]
+
+    async def _publish_latest(self, op_id: str, again: bool) -> OpRecord | None:
+        assert self._ops is not None
+        subject = event_subject(op_id)
+        for _ in range(20):
+            last = await self.bus.last_stored(EVENTS.name, subject)
+            got = await self._ops.get(op_id)
+            record = got[0] if got is not None else None
+            event = record.last_event if record is not None else None
+            if event is None:
+                return record
+            if not again and last is not None and last.data == encode(event):
+                return record  # it is out already
+            try:
+                await self.bus.publish(
+                    subject,
+                    event,
+                    msg_id=None if again else event_msg_id(event),
+                    if_last=last.stream_seq if last is not None else 0,
+                )
+                return record
+            except Conflict:
+                continue  # something newer went out meanwhile: read both again
+        raise RuntimeError(f"the events of {op_id} kept changing; its latest is not out yet")
+
+    def lock_for(self, op_id: str) -> asyncio.Lock:
+        lock = self._locks.get(op_id)
+        if lock is None:
+            lock = self._locks[op_id] = asyncio.Lock()
+        return lock
 
     @contextlib.asynccontextmanager
     async def _gate_for(self, command: Command, local_vm_id: str | None) -> AsyncIterator[None]:
@@ -332,9 +410,8 @@ class ExecutorActor:
         if op_id in self._inflight:
             return  # still being worked on here: it ends by itself
         assert self._ops is not None
-        record = await self._ops.get(op_id)
-        if record is None or record[0].status in TERMINAL:
-            return  # ended already (or never accepted): nothing to do, nothing to report
+        if await self._ops.get(op_id) is None:
+            return  # never accepted: nothing to end, nothing to report
         reason = f"its command was given up after {advisory.deliveries} deliveries"
         await dead_letter(
             self.bus,
@@ -348,18 +425,24 @@ class ExecutorActor:
         await self._fail_for_good(op_id, reason)
 
     async def _fail_for_good(self, op_id: str, reason: str) -> None:
+        """End the operation with ``internal`` unless it has ended; either way its latest
+        event is published (again) before this returns."""
         assert self._ops is not None
-        got = await self._ops.get(op_id)
-        if got is None or got[0].status in TERMINAL:
-            return
         run = OperationRun(self, op_id)
-        run.record, run.revision = got
-        await run.finish(
-            "failed",
-            error=ErrorInfo(
-                code="internal", message=f"volumed could not process this operation: {reason}"
-            ),
-        )
+        while (got := await self._ops.get(op_id)) is not None:
+            run.record, run.revision = got
+            if run.record.status in TERMINAL:
+                break
+            with contextlib.suppress(Conflict):  # it moved meanwhile: look again
+                await run.finish(
+                    "failed",
+                    error=ErrorInfo(
+                        code="internal",
+                        message=f"volumed could not process this operation: {reason}",
+                    ),
+                )
+                return
+        await run.settle()
 
     # -- cancel --------------------------------------------------------------------------------
 
@@ -377,6 +460,9 @@ class ExecutorActor:
             target, revision = got
             done = target.last_event
             if target.status == "cancelled" and done is not None and done.target == by:
+                # This cancel, resumed: its work is done, but the target's event may not be
+                # out (its publish failed, or the process died before it).
+                await OperationRun(self, target_id).settle()
                 return done
             if target.status != "pending":
                 what = "is executing" if target.status == "executing" else f"is {target.status}"
@@ -471,6 +557,9 @@ class OperationRun:
             operation_id=operation_id, type="create", status="pending", stream_seq=0
         )
         self.revision = 0
+        # Held from a record change until its event is published (see the module doc).
+        self.lock = executor.lock_for(operation_id)
+        self._attach: AttachInFlight | None = None  # this attach's entry, once written
 
     # Context protocol for operations.py
     async def save(self) -> None:
@@ -478,6 +567,10 @@ class OperationRun:
         self.revision = await self.executor._ops.update(
             self.operation_id, self.record, self.revision
         )
+        started = self.record.attach_started_at
+        if self._attach is not None and started and self._attach.started_at is None:
+            self._attach.started_at = started  # attachVolume is about to be sent
+            await self._attaching().put(self.operation_id, self._attach)
 
     def use(self, credentials: CloudStackCredentials) -> None:
         self.credentials = credentials
@@ -524,16 +617,57 @@ class OperationRun:
             **extra,
         )
 
-    async def publish_last(self) -> None:
-        """Publish the record's latest event (again, after a restart: JetStream drops the
-        copy if the first one got through)."""
+    async def claim(self, record: OpRecord) -> None:
+        """Create the record (Conflict if the id is known) and publish its first event."""
+        assert self.executor._ops is not None
+        async with self.lock:
+            self.revision = await self.executor._ops.create(self.operation_id, record)
+            self.record = record
+            try:
+                # Only as the subject's first event: else a cancel already published one
+                # (or events of an expired record with this id remain): the latest goes out.
+                await self._publish(if_last=0)
+                return
+            except Conflict:
+                pass
+        await self.executor.publish_latest(self.operation_id)
+
+    async def _commit(self) -> None:
+        """Save a change of status and publish its event, both under the lock."""
+        async with self.lock:
+            await self.save()
+            await self._publish()
+
+    async def _publish(self, if_last: int | None = None) -> None:
         event = self.record.last_event
         if event is not None:
             await self.executor.bus.publish(
                 event_subject(self.operation_id),
                 event,
-                msg_id=f"{self.operation_id}:{event.status}",
+                msg_id=event_msg_id(event),
+                if_last=if_last,
             )
+
+    async def settle(self) -> None:
+        """The record is terminal (found so): its latest event goes out before the command is
+        acknowledged, and an attach is no longer in flight."""
+        record = await self.executor.publish_latest(self.operation_id)
+        if record is not None and record.type == "attach":
+            await self._attaching().delete(self.operation_id)
+
+    async def announce_attach(self, command: AttachCommand) -> None:
+        """Tell the correlator (the attaching bucket) before the attach turns executing."""
+        self._attach = AttachInFlight(
+            operation_id=self.operation_id,
+            volume_id=command.volume_id,
+            vm_id=command.vm_id,
+            accepted_at=self.record.accepted_at,
+        )
+        await self._attaching().put(self.operation_id, self._attach)
+
+    def _attaching(self) -> Bucket[AttachInFlight]:
+        assert self.executor._attaching is not None
+        return self.executor._attaching
 
     async def start(self) -> bool:
         """pending → executing, compare-and-set. False if a cancel got there first."""
@@ -542,8 +676,8 @@ class OperationRun:
             self.record.status = "executing"
             self.record.last_event = self.event_for(self.record, "executing")
             try:
-                await self.save()
-                break
+                await self._commit()
+                return True
             except Conflict:
                 got = await self.executor._ops.get(self.operation_id)
                 if got is None:
@@ -551,8 +685,6 @@ class OperationRun:
                 self.record, self.revision = got
                 if self.record.status != "pending":
                     return False
-        await self.publish_last()
-        return True
 
     async def finish(
         self,
@@ -577,8 +709,9 @@ class OperationRun:
             }
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
-        await self.save()
-        await self.publish_last()
+        await self._commit()
+        if rec.type == "attach":
+            await self._attaching().delete(self.operation_id)
 
     async def execute(self, command: Command) -> None:
         try:
@@ -627,9 +760,7 @@ def _op_type(name: str) -> OpType:
     return "create"  # unreachable: the stream only captures the five command subjects
 
 
-def _request_of(data: bytes) -> Any:
-    """The command as received, for the record: JSON when it parses, else its text."""
-    try:
-        return msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return data[:4096].decode("utf-8", "replace")
+def event_msg_id(event: OperationEvent) -> str:
+    """JetStream drops a second copy of one step's event published within its dedupe window
+    (a step published again after a restart)."""
+    return f"{event.operation_id}:{event.status}"
