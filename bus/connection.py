@@ -215,8 +215,11 @@ class Bus:
             return
         stream = f"KV_{spec.name}"
         config = (await self.js.stream_info(stream)).config
-        if abs((config.max_age or 0.0) - spec.ttl) < 1e-3:
+        same_age = abs((config.max_age or 0.0) - spec.ttl) < 1e-3
+        if same_age and (config.num_replicas or 1) == replicas:
             return
+        # A bucket made before VOLUMED_STREAM_REPLICAS was raised follows it, like a stream.
+        config.num_replicas = replicas
         config.max_age = spec.ttl
         if spec.ttl:
             # The server refuses a dedupe window longer than the retention.
@@ -224,7 +227,7 @@ class Bus:
         try:
             await self.js.update_stream(config)
         except BadRequestError as e:
-            log.warning("bucket %s keeps its retention: %s", spec.name, e)
+            log.warning("bucket %s keeps its retention and replicas: %s", spec.name, e)
 
     # -- messaging ------------------------------------------------------------------------
 

@@ -300,3 +300,19 @@ def test_server_config_is_accepted(config: Path, tmp_path: Path) -> None:
         timeout=30,
     )
     assert check.returncode == 0, check.stderr
+
+
+async def test_raising_the_replicas_raises_the_buckets_too(cluster: list[ClusterNode]) -> None:
+    """A volumed first provisioned with one replica, restarted with three: its buckets (KV
+    streams) follow the setting like its other streams, so losing a node loses no record."""
+    from bus import Bus
+
+    bus = await Bus.connect(",".join(n.url for n in cluster), "test-replicas")
+    try:
+        await bus.provision(TOPOLOGY, replicas=1)
+        await bus.provision(TOPOLOGY, replicas=3)
+        for stream in STREAMS:
+            info = await bus.js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+    finally:
+        await bus.close()
