@@ -1,0 +1,359 @@
+"""volumed past one machine (deploy/): TLS with client certificates, one least-privilege
+NATS user per actor (deploy/nats-accounts/accounts.conf, used as shipped) and the systemd
+units. Certificates are made with openssl (deploy/tls/make-certs.sh) in the test's tmp
+dir; nothing secret is committed or logged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from actors.supervisor import Supervisor, connect_bus
+from bus import Bus
+from bus.topology import TOPOLOGY
+from schemas.config import ConfigError, Settings, load_settings
+from simulator import SimConfig, Simulator
+from tests.conftest import Database, Harness, free_port, nats_server_binary, wait_for
+from tests.test_devices_e2e import fake_tree, hotplugging
+from tests.test_lifecycle import create_body, op, remote_vm, settings_for
+
+REPO = Path(__file__).resolve().parent.parent
+ACCOUNTS = REPO / "deploy" / "nats-accounts" / "accounts.conf"
+ROLES = ("client", "executor", "persistence", "watcher", "correlator", "operator", "admin")
+MAKE_CERTS = REPO / "deploy" / "tls" / "make-certs.sh"
+OPENSSL = shutil.which("openssl")
+
+
+def make_certificates(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate "volumed", made by
+    the shipped example (deploy/tls/make-certs.sh)."""
+    subprocess.run(["sh", str(MAKE_CERTS), str(d)], check=True, capture_output=True)
+
+
+@dataclass
+class SecureNats:
+    """A nats-server with a configuration file: volumed's accounts, optionally TLS."""
+
+    dir: Path
+    tls: bool = False
+    port: int = field(default_factory=free_port)
+    passwords: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "nats-server.log"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ACCOUNTS, self.dir / "accounts.conf")
+        tls = ""
+        if self.tls:
+            c = self.dir / "certs"
+            tls = (
+                f'tls {{ cert_file: "{c}/server.pem", key_file: "{c}/server.key", '
+                f'ca_file: "{c}/ca.pem", verify: true, timeout: 2 }}'
+            )
+        (self.dir / "server.conf").write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n'
+            f'log_file: "{self.log}"\n'
+            f"{tls}\n"
+            "include ./accounts.conf\n"
+        )
+        self.passwords = {role: f"pw-{role}-{os.urandom(6).hex()}" for role in ROLES}
+        env = {**os.environ}
+        env.update({f"VOLUMED_{r.upper()}_PASSWORD": p for r, p in self.passwords.items()})
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(self.dir / "server.conf")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            assert self.proc.poll() is None, "nats-server refused its configuration"
+            time.sleep(0.02)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def violations(self) -> list[str]:
+        """The server's permission violations so far (it logs each one)."""
+        if not self.log.exists():
+            return []
+        return [line for line in self.log.read_text().splitlines() if "Violation" in line]
+
+
+def _running(server: SecureNats) -> Iterator[SecureNats]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def accounts_server(tmp_path: Path) -> Iterator[SecureNats]:
+    yield from _running(SecureNats(tmp_path / "nats"))
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[SecureNats]:
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed")
+    make_certificates(tmp_path / "nats" / "certs")
+    yield from _running(SecureNats(tmp_path / "nats", tls=True))
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(seed=1)) as s:
+        yield s
+
+
+def as_user(settings: Settings, server: SecureNats, role: str, **over: object) -> Settings:
+    """``settings`` logging in as ``role``; only admin provisions."""
+    fields = {
+        **{k: getattr(settings, k) for k in Settings.__struct_fields__},
+        "nats_user": role,
+        "nats_password": server.passwords[role],
+        "nats_provision": role == "admin",
+        "instance": role,
+    }
+    fields.update(over)
+    return Settings(**fields)
+
+
+async def run_supervisor(
+    settings: Settings, actors: list[str]
+) -> tuple[Supervisor, asyncio.Task[None]]:
+    supervisor = Supervisor(settings, actors)
+    task = asyncio.create_task(supervisor.run())
+    ready = asyncio.create_task(supervisor.ready.wait())
+    await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        task.result()
+    assert supervisor.ready.is_set(), "volumed did not start"
+    return supervisor, task
+
+
+async def stop_supervisor(supervisor: Supervisor, task: asyncio.Task[None]) -> None:
+    supervisor.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def user_of(settings: Settings, sim: Simulator, supervisor: Supervisor) -> Harness:
+    """A user (the test) with its own connection, collecting every event."""
+    bus = await connect_bus(settings, "test-user")
+    harness = Harness(bus=bus, sim=sim, settings=settings, supervisor=supervisor)
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        event = json.loads(msg.data)
+        harness.events.setdefault(event["operation_id"], []).append(event)
+
+    await bus.nc.subscribe("volume.events.>", cb=on_event)
+    await bus.flush()
+    return harness
+
+
+async def lifecycle(v: Harness, sim: Simulator) -> None:
+    """create, attach to another VM, a query, detach, delete: each completes."""
+    c, a, d, x = op(), op(), op(), op()
+    await v.send("create", create_body(sim, c, "secure-1"))
+    created = await v.terminal(c, timeout=30)
+    assert created["status"] == "completed", created
+    volume_id = created["volume_id"]
+    await v.send("attach", {"operation_id": a, "volume_id": volume_id, "vm_id": remote_vm(sim)})
+    assert (await v.terminal(a, timeout=30))["status"] == "completed"
+    answer, code = await v.query("operation", {"operation_id": a})
+    assert code is None and answer["status"] == "completed", answer
+    mapping, code = await v.query("mapping", {"volume_id": volume_id})
+    assert code is None and mapping["vm_id"] == remote_vm(sim), mapping
+    await v.send("detach", {"operation_id": d, "volume_id": volume_id})
+    assert (await v.terminal(d, timeout=30))["status"] == "completed"
+    await v.send("delete", {"operation_id": x, "volume_id": volume_id})
+    assert (await v.terminal(x, timeout=30))["status"] == "completed"
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+def test_nats_password_is_a_masked_secret() -> None:
+    settings = load_settings(
+        environ={"VOLUMED_NATS_USER": "executor", "VOLUMED_NATS_PASSWORD": "s3cr3t-Pw"}
+    )
+    assert settings.nats_user == "executor" and settings.nats_password == "s3cr3t-Pw"
+    assert "s3cr3t-Pw" not in repr(settings) and "s3cr3t-Pw" in settings.secrets()
+    assert settings.redacted()["nats_password"] == "***"
+    assert load_settings(environ={"VOLUMED_NATS_PROVISION": "false"}).nats_provision is False
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"VOLUMED_NATS_TLS_CERT": "/c.pem"},
+        {"VOLUMED_NATS_PASSWORD": "s3cr3t-Pw"},
+        {"VOLUMED_NATS_USER": "u", "VOLUMED_NATS_CREDS": "/u.creds"},
+    ],
+)
+def test_nats_settings_that_go_together(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ=environ)
+    assert "s3cr3t-Pw" not in str(e.value)
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+async def test_operation_over_tls_with_client_certificates(
+    tls_server: SecureNats, database: Database, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs = tls_server.dir / "certs"
+    tls = {
+        "nats_tls_ca": str(certs / "ca.pem"),
+        "nats_tls_cert": str(certs / "volumed.pem"),
+        "nats_tls_key": str(certs / "volumed.key"),
+    }
+    base = settings_for(tls_server, database, sim)  # type: ignore[arg-type]
+    admin = as_user(base, tls_server, "admin", **tls)
+    supervisor, task = await run_supervisor(admin, ["persistence", "executor"])
+    user = await user_of(as_user(base, tls_server, "client", **tls), sim, supervisor)
+    try:
+        c = op()
+        await user.send("create", create_body(sim, c, "over-tls"))
+        assert (await user.terminal(c, timeout=30))["status"] == "completed"
+    finally:
+        await user.bus.close()  # type: ignore[attr-defined]
+        await stop_supervisor(supervisor, task)
+
+    # Without its certificate, a client is refused, and the log says why.
+    caplog.set_level(logging.WARNING, logger="volumed.bus")
+    no_cert = as_user(base, tls_server, "executor", nats_tls_ca=tls["nats_tls_ca"])
+    refused = Supervisor(no_cert, ["executor"])
+    running = asyncio.create_task(refused.run())
+    try:
+        # TLS 1.3: the server's alert comes after the client's handshake, as an error.
+        await wait_for(lambda: "certificate required" in caplog.text, timeout=30)
+        assert not refused.ready.is_set()
+    finally:
+        refused.stop()
+        await asyncio.wait_for(running, 30)
+    assert not any(p in caplog.text for p in tls_server.passwords.values())
+
+
+# -- least-privilege users --------------------------------------------------------------
+
+
+async def test_each_actor_runs_with_only_its_own_user(
+    accounts_server: SecureNats, database: Database, tmp_path: Path
+) -> None:
+    """Four processes' worth of actors, each logged in as its own user: the remote-VM
+    lifecycle, a local attach (watcher, correlator, proofs), queries and health all work,
+    and the server saw no permission violation at all."""
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=5, serials=True)) as sim:
+        base = settings_for(
+            accounts_server,  # type: ignore[arg-type]
+            database,
+            sim,
+            sysfs=str(sysfs),
+            dev=str(dev),
+            devices=("vd*",),
+            poll_interval=0.05,
+            heartbeat_interval=0.2,
+        )
+        admin = await connect_bus(as_user(base, accounts_server, "admin"), "provision")
+        await admin.provision(TOPOLOGY)
+        await admin.close()
+        running = []
+        try:
+            for actor in ("persistence", "executor", "watcher", "correlator"):
+                settings = as_user(base, accounts_server, actor)
+                running.append(await run_supervisor(settings, [actor]))
+            user = await user_of(as_user(base, accounts_server, "client"), sim, running[0][0])
+            try:
+                await lifecycle(user, sim)
+                await local_attach_and_detach(user, sim)
+
+                async def healthy() -> bool:
+                    health, _ = await user.query("health", {})
+                    return health.get("status") == "ok"
+
+                await wait_for(healthy, timeout=30)
+            finally:
+                await user.bus.close()  # type: ignore[attr-defined]
+        finally:
+            for supervisor, task in reversed(running):
+                await stop_supervisor(supervisor, task)
+    assert accounts_server.violations() == []
+
+
+async def local_attach_and_detach(v: Harness, sim: Simulator) -> None:
+    c, a, d = op(), op(), op()
+    await v.send("create", create_body(sim, c, "secure-local"))
+    volume_id = (await v.terminal(c, timeout=30))["volume_id"]
+    await v.send("attach", {"operation_id": a, "volume_id": volume_id, "vm_id": sim.local_vm_id})
+    attached = await v.terminal(a, timeout=30)
+    assert attached["status"] == "completed" and attached["device_path"], attached
+    mapping, code = await v.query("mapping", {"volume_id": volume_id})
+    assert code is None and mapping["device_path"] == attached["device_path"], mapping
+    await v.send("detach", {"operation_id": d, "volume_id": volume_id})
+    assert (await v.terminal(d, timeout=30))["status"] == "completed"
+
+
+async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -> None:
+    admin = await Bus.connect(
+        accounts_server.url, "admin", user="admin", password=accounts_server.passwords["admin"]
+    )
+    client = await Bus.connect(
+        accounts_server.url, "client", user="client", password=accounts_server.passwords["client"]
+    )
+    try:
+        await admin.provision(TOPOLOGY)
+        # Allowed: a command, answered by the command stream's acknowledgement.
+        assert await client.publish("volume.cmd.create", b"{}") > 0
+        # Denied: the server drops these; a request times out, the stream keeps its state.
+        before = await admin.last_sequence("VOLUMED_DEVICES")
+        with pytest.raises(Exception):  # noqa: B017 (nats-py raises its timeout)
+            await client.publish("volumed.device.vm-1", b"{}")
+        with pytest.raises(Exception):  # noqa: B017
+            await client.js.delete_stream("VOLUMED_EVENTS")
+        assert await admin.last_sequence("VOLUMED_DEVICES") == before
+        assert (await admin.js.stream_info("VOLUMED_EVENTS")).config.name == "VOLUMED_EVENTS"
+        await wait_for(lambda: "permissions violation" in client.last_error.lower())
+    finally:
+        await client.close()
+        await admin.close()
+    violations = accounts_server.violations()
+    assert any("volumed.device.vm-1" in line for line in violations), violations
+    assert any("STREAM.DELETE.VOLUMED_EVENTS" in line for line in violations), violations
