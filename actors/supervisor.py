@@ -70,6 +70,16 @@ def connect_bus(settings: Settings, name: str) -> Coroutine[Any, Any, Bus]:
     )
 
 
+async def provision(settings: Settings) -> None:
+    """Create or update the streams, consumers and buckets, then return: `volumed provision`,
+    run once by a user that may (admin) before least-privilege actors start."""
+    bus = await connect_bus(settings, f"volumed-provision-{settings.instance_name}")
+    try:
+        await bus.provision(TOPOLOGY, replicas=settings.stream_replicas)
+    finally:
+        await bus.close()
+
+
 def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | None) -> Actor:
     # Imported here so that `volumed run executor` does not load the watcher's netlink code.
     if name == "executor":

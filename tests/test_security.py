@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -292,9 +293,7 @@ async def test_each_actor_runs_with_only_its_own_user(
             poll_interval=0.05,
             heartbeat_interval=0.2,
         )
-        admin = await connect_bus(as_user(base, accounts_server, "admin"), "provision")
-        await admin.provision(TOPOLOGY)
-        await admin.close()
+        await provision_as_admin(accounts_server)
         running = []
         try:
             for actor in ("persistence", "executor", "watcher", "correlator"):
@@ -316,6 +315,26 @@ async def test_each_actor_runs_with_only_its_own_user(
             for supervisor, task in reversed(running):
                 await stop_supervisor(supervisor, task)
     assert accounts_server.violations() == []
+
+
+async def provision_as_admin(server: SecureNats) -> None:
+    """`volumed provision` as the admin user, as a process: exit 0, no password printed."""
+    password = server.passwords["admin"]
+    env = {"VOLUMED_NATS_URL": server.url, "VOLUMED_NATS_USER": "admin"}
+    env |= {"VOLUMED_NATS_PASSWORD": password, "VOLUMED_LOG_FORMAT": "text"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "actors.cli",
+        "provision",
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, output.decode()
+    assert b"provisioned" in output and password.encode() not in output, output.decode()
 
 
 async def local_attach_and_detach(v: Harness, sim: Simulator) -> None:
