@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -377,6 +378,42 @@ async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -
     violations = accounts_server.violations()
     assert any("volumed.device.vm-1" in line for line in violations), violations
     assert any("STREAM.DELETE.VOLUMED_EVENTS" in line for line in violations), violations
+
+
+async def test_operator_user_reads_and_changes_nothing(accounts_server: SecureNats) -> None:
+    def login(role: str) -> Any:
+        return Bus.connect(
+            accounts_server.url, role, user=role, password=accounts_server.passwords[role]
+        )
+
+    admin, operator = await login("admin"), await login("operator")
+    try:
+        await admin.provision(TOPOLOGY)
+        await admin.publish("volume.events.op-1", {"status": "pending"})
+        # Reads: stream and consumer state, stored messages, KV entries.
+        assert (await operator.js.stream_info("VOLUMED_EVENTS")).state.messages == 1
+        assert await operator.last_message("VOLUMED_EVENTS", "volume.events.op-1")
+        assert (await operator.js.consumer_info("VOLUMED_EVENTS", "persistence")).name
+        await (await admin.js.key_value("volumed_health")).put("executor-1", b"{}")
+        assert (await (await operator.js.key_value("volumed_health")).get("executor-1")).value
+        assert await (await operator.js.key_value("volumed_health")).keys() == ["executor-1"]
+        # Changes are refused (each request goes unanswered).
+        for subject in (
+            "volume.cmd.create",
+            "$KV.volumed_operations.op-1",
+            "$JS.API.STREAM.PURGE.VOLUMED_EVENTS",
+            "$JS.API.STREAM.DELETE.VOLUMED_EVENTS",
+            "$JS.API.CONSUMER.DELETE.VOLUMED_COMMANDS.executor",
+            "$JS.API.CONSUMER.DURABLE.CREATE.VOLUMED_EVENTS.mine",
+        ):
+            with pytest.raises(Exception):  # noqa: B017 (nats-py raises its timeout)
+                await operator.nc.request(subject, b"{}", timeout=1)
+        assert (await admin.js.stream_info("VOLUMED_EVENTS")).state.messages == 1
+        assert (await admin.js.consumer_info("VOLUMED_COMMANDS", "executor")).name
+    finally:
+        await operator.close()
+        await admin.close()
+    assert len(accounts_server.violations()) == 6, accounts_server.violations()
 
 
 # -- systemd ----------------------------------------------------------------------------
