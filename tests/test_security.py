@@ -28,7 +28,15 @@ from bus import Bus
 from bus.topology import TOPOLOGY
 from schemas.config import ConfigError, Settings, load_settings
 from simulator import SimConfig, Simulator
-from tests.conftest import Database, Harness, free_port, nats_server_binary, wait_for
+from tests.conftest import (
+    Database,
+    Harness,
+    VolumedProcess,
+    free_port,
+    nats_server_binary,
+    volumed_env,
+    wait_for,
+)
 from tests.test_devices_e2e import fake_tree, hotplugging
 from tests.test_lifecycle import create_body, op, remote_vm, settings_for
 
@@ -189,11 +197,11 @@ async def user_of(settings: Settings, sim: Simulator, supervisor: Supervisor) ->
     return harness
 
 
-async def lifecycle(v: Harness, sim: Simulator) -> None:
+async def lifecycle(v: Harness, sim: Simulator, timeout: float = 30) -> None:
     """create, attach to another VM, a query, detach, delete: each completes."""
     c, a, d, x = op(), op(), op(), op()
     await v.send("create", create_body(sim, c, "secure-1"))
-    created = await v.terminal(c, timeout=30)
+    created = await v.terminal(c, timeout=timeout)
     assert created["status"] == "completed", created
     volume_id = created["volume_id"]
     await v.send("attach", {"operation_id": a, "volume_id": volume_id, "vm_id": remote_vm(sim)})
@@ -316,6 +324,48 @@ async def test_each_actor_runs_with_only_its_own_user(
         finally:
             for supervisor, task in reversed(running):
                 await stop_supervisor(supervisor, task)
+    assert accounts_server.violations() == []
+
+
+async def test_each_actor_as_its_own_process_and_user(
+    accounts_server: SecureNats, database: Database, tmp_path: Path
+) -> None:
+    """`volumed run <actor>` as four processes configured from the environment, each with
+    its own user: the lifecycle works, each exits 0 on SIGTERM, no password is logged and
+    the server saw no permission violation."""
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=7, serials=True)) as sim:
+        await provision_as_admin(accounts_server)
+        processes = []
+        for actor in ("persistence", "executor", "watcher", "correlator"):
+            env = volumed_env(
+                accounts_server.url,
+                database.dsn,
+                sim,
+                VOLUMED_NATS_USER=actor,
+                VOLUMED_NATS_PASSWORD=accounts_server.passwords[actor],
+                VOLUMED_NATS_PROVISION="false",
+                VOLUMED_SYSFS=str(sysfs),
+                VOLUMED_DEV=str(dev),
+                VOLUMED_DEVICES="vd*",
+                VOLUMED_POLL_INTERVAL="0.05",
+                VOLUMED_LOG_FORMAT="json",
+            )
+            process = VolumedProcess(env, (actor,), log_path=tmp_path / f"{actor}.log")
+            await process.start()
+            processes.append(process)
+        base = settings_for(accounts_server, database, sim)  # type: ignore[arg-type]
+        user = await user_of(as_user(base, accounts_server, "client"), sim, None)  # type: ignore[arg-type]
+        try:
+            await lifecycle(user, sim, timeout=60)
+            await local_attach_and_detach(user, sim)
+        finally:
+            await user.bus.close()  # type: ignore[attr-defined]
+            codes = [await p.stop() for p in reversed(processes)]
+    assert codes == [0, 0, 0, 0]
+    logs = "".join(p.log_path.read_text() for p in processes if p.log_path)
+    assert logs.count("nats_password='***'") == 4  # each process's settings line, masked
+    assert not any(p in logs for p in accounts_server.passwords.values())
     assert accounts_server.violations() == []
 
 
