@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from actors.supervisor import Supervisor, connect_bus
@@ -302,6 +303,7 @@ async def test_each_actor_runs_with_only_its_own_user(
             devices=("vd*",),
             poll_interval=0.05,
             heartbeat_interval=0.2,
+            metrics_addr="127.0.0.1:0",  # /metrics needs its own read grants: proven too
         )
         await provision_as_admin(accounts_server)
         running = []
@@ -319,6 +321,8 @@ async def test_each_actor_runs_with_only_its_own_user(
                     return health.get("status") == "ok"
 
                 await wait_for(healthy, timeout=30)
+                for supervisor, _ in running:
+                    assert "volumed_server_metrics_up 1.0" in await scrape(supervisor)
             finally:
                 await user.bus.close()  # type: ignore[attr-defined]
         finally:
@@ -367,6 +371,14 @@ async def test_each_actor_as_its_own_process_and_user(
     assert logs.count("nats_password='***'") == 4  # each process's settings line, masked
     assert not any(p in logs for p in accounts_server.passwords.values())
     assert accounts_server.violations() == []
+
+
+async def scrape(supervisor: Supervisor) -> str:
+    assert supervisor.metrics is not None
+    url = f"http://127.0.0.1:{supervisor.metrics.port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as reply:
+        assert reply.status == 200
+        return await reply.text()
 
 
 async def provision_as_admin(server: SecureNats) -> None:
