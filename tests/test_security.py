@@ -6,7 +6,9 @@ dir; nothing secret is committed or logged."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,10 +58,12 @@ def make_certificates(d: Path) -> None:
 
 @dataclass
 class SecureNats:
-    """A nats-server with a configuration file: volumed's accounts, optionally TLS."""
+    """A nats-server with a configuration file: volumed's accounts (or ``config``),
+    optionally TLS."""
 
     dir: Path
     tls: bool = False
+    config: str = "include ./accounts.conf"
     port: int = field(default_factory=free_port)
     passwords: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -86,8 +90,7 @@ class SecureNats:
             f"listen: 127.0.0.1:{self.port}\n"
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n'
             f'log_file: "{self.log}"\n'
-            f"{tls}\n"
-            "include ./accounts.conf\n"
+            f"{tls}\n{self.config}\n"
         )
         self.passwords = {role: f"pw-{role}-{os.urandom(6).hex()}" for role in ROLES}
         env = {**os.environ}
@@ -476,6 +479,82 @@ async def test_operator_user_reads_and_changes_nothing(accounts_server: SecureNa
         await operator.close()
         await admin.close()
     assert len(accounts_server.violations()) == 6, accounts_server.violations()
+
+
+# -- creds files (a server in JWT mode) -------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(signer: Any, subject: str, name: str, nats: dict[str, object]) -> str:
+    """A NATS JWT (what `nsc` makes), signed with ``signer``'s NKey."""
+    claims: dict[str, object] = {
+        "iat": int(time.time()),
+        "iss": signer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": {**nats, "version": 2},
+    }
+    digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+def jwt_mode_server(d: Path) -> tuple[SecureNats, Path]:
+    """A nats-server trusting a fresh operator, with the account VOLUMED (JetStream on) and
+    one user in it whose .creds file is returned."""
+    import nkeys
+
+    def key(prefix: int) -> Any:
+        return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+    operator, account, system = (key(nkeys.PREFIX_BYTE_OPERATOR), *(
+        key(nkeys.PREFIX_BYTE_ACCOUNT) for _ in range(2)
+    ))  # fmt: skip
+    user = key(nkeys.PREFIX_BYTE_USER)
+    unlimited = dict.fromkeys(("subs", "data", "payload", "imports", "exports", "conn"), -1)
+    js = dict.fromkeys(("mem_storage", "disk_storage", "streams", "consumer"), -1)
+
+    def account_jwt(a: Any, name: str, limits: dict[str, int]) -> str:
+        return _jwt(operator, a.public_key.decode(), name, {"type": "account", "limits": limits})
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "jwt.conf").write_text(
+        f"operator: {_jwt(operator, operator.public_key.decode(), 'test', {'type': 'operator'})}\n"
+        "resolver: MEMORY\n"
+        f"system_account: {system.public_key.decode()}\n"
+        "resolver_preload: {\n"
+        f"  {account.public_key.decode()}: {account_jwt(account, 'VOLUMED', unlimited | js)}\n"
+        f"  {system.public_key.decode()}: {account_jwt(system, 'SYS', unlimited)}\n"
+        "}\n"
+    )
+    user_limits = dict.fromkeys(("subs", "data", "payload"), -1)
+    user_jwt = _jwt(account, user.public_key.decode(), "volumed", {"type": "user", **user_limits})
+    creds = d / "volumed.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    return SecureNats(d, config="include ./jwt.conf"), creds
+
+
+async def test_creds_file_login(tmp_path: Path, database: Database, sim: Simulator) -> None:
+    server, creds = jwt_mode_server(tmp_path / "nats")
+    for _ in _running(server):
+        settings = settings_for(server, database, sim, nats_creds=str(creds))  # type: ignore[arg-type]
+        supervisor, task = await run_supervisor(settings, ["persistence", "executor"])
+        user = await user_of(settings, sim, supervisor)
+        try:
+            c = op()
+            await user.send("create", create_body(sim, c, "with-creds"))
+            assert (await user.terminal(c, timeout=30))["status"] == "completed"
+        finally:
+            await user.bus.close()  # type: ignore[attr-defined]
+            await stop_supervisor(supervisor, task)
 
 
 # -- systemd ----------------------------------------------------------------------------
