@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,12 +318,7 @@ async def test_each_actor_runs_with_only_its_own_user(
             try:
                 await lifecycle(user, sim)
                 await local_attach_and_detach(user, sim)
-
-                async def healthy() -> bool:
-                    health, _ = await user.query("health", {})
-                    return health.get("status") == "ok"
-
-                await wait_for(healthy, timeout=30)
+                await wait_for(healthy(user), timeout=30)
                 for supervisor, _ in running:
                     assert "volumed_server_metrics_up 1.0" in await scrape(supervisor)
             finally:
@@ -356,6 +351,7 @@ async def test_each_actor_as_its_own_process_and_user(
                 VOLUMED_DEV=str(dev),
                 VOLUMED_DEVICES="vd*",
                 VOLUMED_POLL_INTERVAL="0.05",
+                VOLUMED_HEARTBEAT_INTERVAL="0.2",
                 VOLUMED_LOG_FORMAT="json",
             )
             process = VolumedProcess(env, (actor,), log_path=tmp_path / f"{actor}.log")
@@ -364,6 +360,8 @@ async def test_each_actor_as_its_own_process_and_user(
         base = settings_for(accounts_server, database, sim)  # type: ignore[arg-type]
         user = await user_of(as_user(base, accounts_server, "client"), sim, None)  # type: ignore[arg-type]
         try:
+            # Ready when every actor's heartbeat is in (processes start at their own pace).
+            await wait_for(healthy(user), timeout=60, interval=0.2)
             await lifecycle(user, sim, timeout=60)
             await local_attach_and_detach(user, sim)
         finally:
@@ -374,6 +372,19 @@ async def test_each_actor_as_its_own_process_and_user(
     assert logs.count("nats_password='***'") == 4  # each process's settings line, masked
     assert not any(p in logs for p in accounts_server.passwords.values())
     assert accounts_server.violations() == []
+
+
+def healthy(user: Harness) -> Callable[[], Awaitable[bool]]:
+    """A predicate: the health query answers ok (every actor's heartbeat is fresh)."""
+
+    async def ok() -> bool:
+        try:
+            health, _ = await user.query("health", {})
+        except Exception:  # no responder yet: persistence is still starting
+            return False
+        return health.get("status") == "ok"
+
+    return ok
 
 
 async def scrape(supervisor: Supervisor) -> str:
