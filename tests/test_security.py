@@ -201,6 +201,20 @@ async def user_of(settings: Settings, sim: Simulator, supervisor: Supervisor) ->
     return harness
 
 
+async def create_one(volumed: Settings, client: Settings, sim: Simulator) -> None:
+    """executor and persistence with ``volumed``'s settings, a user with ``client``'s: one
+    create completes."""
+    supervisor, task = await run_supervisor(volumed, ["persistence", "executor"])
+    user = await user_of(client, sim, supervisor)
+    try:
+        c = op()
+        await user.send("create", create_body(sim, c))
+        assert (await user.terminal(c, timeout=30))["status"] == "completed"
+    finally:
+        await user.bus.close()  # type: ignore[attr-defined]
+        await stop_supervisor(supervisor, task)
+
+
 async def lifecycle(v: Harness, sim: Simulator, timeout: float = 30) -> None:
     """create, attach to another VM, a query, detach, delete: each completes."""
     c, a, d, x = op(), op(), op(), op()
@@ -261,15 +275,7 @@ async def test_operation_over_tls_with_client_certificates(
     }
     base = settings_for(tls_server, database, sim)  # type: ignore[arg-type]
     admin = as_user(base, tls_server, "admin", **tls)
-    supervisor, task = await run_supervisor(admin, ["persistence", "executor"])
-    user = await user_of(as_user(base, tls_server, "client", **tls), sim, supervisor)
-    try:
-        c = op()
-        await user.send("create", create_body(sim, c, "over-tls"))
-        assert (await user.terminal(c, timeout=30))["status"] == "completed"
-    finally:
-        await user.bus.close()  # type: ignore[attr-defined]
-        await stop_supervisor(supervisor, task)
+    await create_one(admin, as_user(base, tls_server, "client", **tls), sim)
 
     # Without its certificate, a client is refused, and the log says why.
     caplog.set_level(logging.WARNING, logger="volumed.bus")
@@ -557,15 +563,7 @@ async def test_creds_file_login(tmp_path: Path, database: Database, sim: Simulat
     server, creds = jwt_mode_server(tmp_path / "nats")
     for _ in _running(server):
         settings = settings_for(server, database, sim, nats_creds=str(creds))  # type: ignore[arg-type]
-        supervisor, task = await run_supervisor(settings, ["persistence", "executor"])
-        user = await user_of(settings, sim, supervisor)
-        try:
-            c = op()
-            await user.send("create", create_body(sim, c, "with-creds"))
-            assert (await user.terminal(c, timeout=30))["status"] == "completed"
-        finally:
-            await user.bus.close()  # type: ignore[attr-defined]
-            await stop_supervisor(supervisor, task)
+        await create_one(settings, settings, sim)
 
 
 # -- systemd ----------------------------------------------------------------------------
