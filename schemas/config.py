@@ -192,6 +192,10 @@ def _check_nats_security(settings: Settings) -> Settings:
         raise ConfigError(
             "invalid configuration: VOLUMED_NATS_CREDS and VOLUMED_NATS_USER exclude each other"
         )
+    for key in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds"):
+        path = getattr(settings, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"invalid configuration: {env_name(key)}: cannot read {path}")
     return settings
 
 
