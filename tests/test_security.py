@@ -436,6 +436,23 @@ async def local_attach_and_detach(v: Harness, sim: Simulator) -> None:
     assert (await v.terminal(d, timeout=30))["status"] == "completed"
 
 
+async def test_a_wrong_password_is_refused_and_never_logged(
+    accounts_server: SecureNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="volumed.bus")
+    wrong = f"wrong-{os.urandom(6).hex()}"
+    settings = Settings(nats_url=accounts_server.url, nats_user="executor", nats_password=wrong)
+    refused = Supervisor(settings, ["executor"])
+    running = asyncio.create_task(refused.run())
+    try:
+        await wait_for(lambda: "authorization violation" in caplog.text.lower(), timeout=30)
+        assert not refused.ready.is_set()
+    finally:
+        refused.stop()
+        await asyncio.wait_for(running, 30)
+    assert wrong not in caplog.text and wrong not in repr(settings)
+
+
 async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -> None:
     admin = await Bus.connect(
         accounts_server.url, "admin", user="admin", password=accounts_server.passwords["admin"]
