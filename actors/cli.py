@@ -1,6 +1,6 @@
-"""`volumed` command line: `volumed run [ACTOR...]`, `volumed simulator ...`, `volumed demo`,
-and the user commands of the client (`volumed create|attach|...|watch|health`, see
-client/cli.py)."""
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed provision`,
+`volumed simulator ...`, `volumed demo`, and the user commands of the client
+(`volumed create|attach|...|watch|health`, see client/cli.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import sys
 
 from actors.logs import SECRETS, setup_logging
 from actors.metrics.exporter import CannotListen
-from actors.supervisor import ACTORS, run_until_signalled
+from actors.supervisor import ACTORS, provision, run_until_signalled
 from client import cli as user_cli
 from schemas.config import ConfigError, load_settings
+
+# `volumed provision` waits for NATS like `run` does, but not for ever: it is a one-shot.
+PROVISION_TIMEOUT = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="TOML file with the same keys as the environment, lower case, without VOLUMED_",
     )
+    setup = sub.add_parser(
+        "provision",
+        help="create or update volumed's streams, consumers and KV buckets, then exit "
+        "(for least-privilege actor users: see docs/operations.md)",
+    )
+    setup.add_argument("--config", metavar="FILE", help="as for run")
     sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
     sub.add_parser(
         "demo", help="everything private on this machine, walked through (volumed demo -h)"
@@ -66,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
         pass
+    if args.command == "provision":
+        try:
+            asyncio.run(asyncio.wait_for(provision(settings), PROVISION_TIMEOUT))
+        except TimeoutError:
+            print(f"volumed: NATS not usable within {PROVISION_TIMEOUT:.0f} s", file=sys.stderr)
+            return 1
+        logging.getLogger("volumed").info("provisioned")
+        return 0
     try:
         asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
     except CannotListen as e:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -54,6 +54,30 @@ async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
         log.warning("local VM id unknown: %s; set VOLUMED_VM_ID. Retrying.", reason)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def connect_bus(settings: Settings, name: str) -> Coroutine[Any, Any, Bus]:
+    """Bus.connect with this process's NATS identity and TLS files from the settings."""
+    return Bus.connect(
+        settings.nats_url,
+        name=name,
+        tls_ca=settings.nats_tls_ca,
+        tls_cert=settings.nats_tls_cert,
+        tls_key=settings.nats_tls_key,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        creds=settings.nats_creds,
+    )
+
+
+async def provision(settings: Settings) -> None:
+    """Create or update the streams, consumers and buckets, then return: `volumed provision`,
+    run once by a user that may (admin) before least-privilege actors start."""
+    bus = await connect_bus(settings, f"volumed-provision-{settings.instance_name}")
+    try:
+        await bus.provision(topology_for(settings), replicas=settings.stream_replicas)
+    finally:
+        await bus.close()
 
 
 def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | None) -> Actor:
@@ -101,9 +125,7 @@ class Supervisor:
 
     async def run(self) -> None:
         stop = asyncio.create_task(self._stop.wait())
-        connect = asyncio.create_task(
-            Bus.connect(self.settings.nats_url, name=f"volumed-{self.instance}")
-        )
+        connect = asyncio.create_task(connect_bus(self.settings, f"volumed-{self.instance}"))
         # NATS may be down at start (connect waits for it): a signal must still end us.
         await asyncio.wait([stop, connect], return_when=asyncio.FIRST_COMPLETED)
         if not connect.done():
@@ -114,7 +136,10 @@ class Supervisor:
         bus = self.bus = connect.result()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
-            await bus.provision(topology_for(self.settings), replicas=self.settings.stream_replicas)
+            if self.settings.nats_provision:
+                await bus.provision(
+                    topology_for(self.settings), replicas=self.settings.stream_replicas
+                )
             if self.settings.metrics_addr:
                 # Before the actors: a port in use stops the process at start, not later.
                 from actors.metrics.exporter import MetricsServer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -77,9 +78,36 @@ class Bus:
         self.on_reconnect: list[Callable[[], None]] = []
 
     @classmethod
-    async def connect(cls, servers: str | list[str], name: str) -> Bus:
-        """Connect, retrying for ever at start too: a NATS restart is an outage, not a crash."""
+    async def connect(
+        cls,
+        servers: str | list[str],
+        name: str,
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        creds: str | None = None,
+    ) -> Bus:
+        """Connect, retrying for ever at start too: a NATS restart is an outage, not a crash.
+
+        ``tls_ca`` (the server's CA), ``tls_cert`` and ``tls_key`` (this client's certificate,
+        for a server that verifies clients) are PEM files; any of them, or a tls:// URL,
+        makes the connection TLS. ``user`` and ``password``, or a ``creds`` file, say who
+        this process is (deploy/nats-accounts/)."""
         urls = [u.strip() for u in servers.split(",")] if isinstance(servers, str) else servers
+        options: dict[str, Any] = {}
+        if tls_ca or tls_cert:
+            # Files that cannot be read fail here, at once, not in the retry loop below.
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca)
+            if tls_cert:
+                context.load_cert_chain(tls_cert, tls_key)
+            options["tls"] = context
+        if user:
+            options.update(user=user, password=password or "")
+        if creds:
+            options["user_credentials"] = creds
         holder: dict[str, Bus] = {}
 
         async def on_error(e: Exception) -> None:
@@ -114,6 +142,7 @@ class Bus:
                     reconnected_cb=on_reconnected,
                     # Buffer publishes made during a short outage instead of failing them.
                     pending_size=64 * 1024 * 1024,
+                    **options,
                 )
                 break
             except Exception as e:

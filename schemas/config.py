@@ -86,6 +86,25 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     metrics_addr: MetricsAddress | None = None
     """host:port of the Prometheus endpoint (/metrics); unset: none is served."""
 
+    # NATS security (deploy/nats-accounts/, deploy/tls/): who this process is to NATS.
+    nats_tls_ca: str | None = None
+    """PEM file of the CA that signed the server's certificate; set: TLS is used (as with
+    a tls:// URL), unset: the system's CAs verify a tls:// server."""
+    nats_tls_cert: str | None = None
+    """PEM file of this process's client certificate (a server with verify: true asks)."""
+    nats_tls_key: str | None = None
+    """PEM file of the client certificate's private key."""
+    nats_user: str | None = None
+    """NATS user name (a user of deploy/nats-accounts/, one per actor)."""
+    nats_password: str | None = None
+    """That user's password: a secret, never logged."""
+    nats_creds: str | None = None
+    """A .creds file (JWT and NKey seed) instead of user and password."""
+    nats_provision: bool = True
+    """Create or update the streams, consumers and buckets at start. False for the
+    least-privilege actor users, which may not: an admin provisions once (see
+    docs/operations.md)."""
+
     def __repr__(self) -> str:
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.redacted().items())})"
 
@@ -94,8 +113,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked: the only form ever logged."""
         out = msgspec.structs.asdict(self)
-        if out["cloudstack_secret"]:
-            out["cloudstack_secret"] = "***"
+        for key in ("cloudstack_secret", "nats_password"):
+            if out[key]:
+                out[key] = "***"
         out["db_dsn"] = mask_url_password(self.db_dsn)
         out["nats_url"] = ",".join(mask_url_password(u) for u in self.nats_url.split(","))
         if self.cloudstack_endpoint:
@@ -105,7 +125,7 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     def secrets(self) -> list[str]:
         """Every secret value in these settings (URL passwords as written and decoded),
         for the log redaction filter."""
-        found = [self.cloudstack_secret or ""]
+        found = [self.cloudstack_secret or "", self.nats_password or ""]
         for url in (self.db_dsn, self.cloudstack_endpoint or "", *self.nats_url.split(",")):
             found += url_secrets(url)
         return list(dict.fromkeys(s for s in found if s))
@@ -148,10 +168,11 @@ def load_settings(
         raw["devices"] = [p.strip() for p in raw["devices"].split(",")]
     try:
         # str_values lets "2" from the environment become a float; TOML values stay typed.
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as e:
         # The message names the setting, never the value.
         raise ConfigError(f"invalid configuration: {_name_the_setting(str(e))}") from None
+    return _check_nats_security(settings)
 
 
 def _name_the_setting(error: str) -> str:
@@ -160,6 +181,25 @@ def _name_the_setting(error: str) -> str:
     if m is None or m[1] not in Settings.__struct_fields__:
         return error
     return f"{env_name(m[1])} ({m[1]}): {error}"
+
+
+def _check_nats_security(settings: Settings) -> Settings:
+    """Settings that only make sense together: refused at start, not at the first connect."""
+    if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
+        raise ConfigError(
+            "invalid configuration: VOLUMED_NATS_TLS_CERT and VOLUMED_NATS_TLS_KEY go together"
+        )
+    if settings.nats_password and not settings.nats_user:
+        raise ConfigError("invalid configuration: VOLUMED_NATS_PASSWORD needs VOLUMED_NATS_USER")
+    if settings.nats_creds and settings.nats_user:
+        raise ConfigError(
+            "invalid configuration: VOLUMED_NATS_CREDS and VOLUMED_NATS_USER exclude each other"
+        )
+    for key in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds"):
+        path = getattr(settings, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"invalid configuration: {env_name(key)}: cannot read {path}")
+    return settings
 
 
 # -- URLs with credentials: the one parser -----------------------------------------------
