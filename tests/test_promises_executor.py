@@ -413,3 +413,26 @@ async def test_an_attach_in_flight_is_announced_until_it_ends(
 
 def test_settings_retention_default_is_the_events_age() -> None:
     assert Settings().operation_retention == EVENTS.max_age == OPERATIONS_BUCKET.ttl
+
+
+async def test_a_resent_copy_given_up_never_fails_the_running_original(
+    volumed: Harness, sim: Simulator
+) -> None:
+    """A re-sent copy of a running command whose own deliveries ran out (its re-publish kept
+    failing) ends nothing: the original runs on to its own end."""
+    volume_id = await create_volume(volumed, sim)
+    sim.set_latency(2.0, "attachVolume")
+    attach = op()
+    await volumed.send(
+        "attach", {"operation_id": attach, "volume_id": volume_id, "vm_id": remote_vm(sim)}
+    )
+    await wait_for(lambda: "executing" in volumed.statuses(attach))
+    executor = volumed.supervisor.actors["executor"]  # type: ignore[attr-defined]
+    ops = await volumed.bus.bucket(OPERATIONS_BUCKET, OpRecord)  # type: ignore[attr-defined]
+    got = await ops.get(attach)
+    assert got is not None
+    # What the last delivery of a copy (another stream sequence) does when it fails for good.
+    await executor._fail_for_good(attach, "a copy failed", got[0].stream_seq + 1000)
+    end = await volumed.terminal(attach, timeout=30)
+    assert end["status"] == "completed", end
+    assert volumed.statuses(attach).count("failed") == 0

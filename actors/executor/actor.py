@@ -43,6 +43,7 @@ from actors.executor.operations import (
     OperationFailed,
     Outcome,
     VolumeOwners,
+    attachment_after,
 )
 from actors.logs import SECRETS
 from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
@@ -243,7 +244,7 @@ class ExecutorActor:
                     # The consumer dead-letters the command; its operation ends with it.
                     log.exception("operation %s failed for good", op_id)
                     try:
-                        await self._fail_for_good(op_id, f"{type(e).__name__}: {e}")
+                        await self._fail_for_good(op_id, f"{type(e).__name__}: {e}", d.stream_seq)
                     except Exception as unfinished:
                         # Its failure is not out: leave the command to the server, which
                         # gives it up; the given-up path ends it (also after a restart).
@@ -318,6 +319,10 @@ class ExecutorActor:
                     if isinstance(command, AttachCommand):
                         await run.announce_attach(command)
                     if not await run.start():
+                        if run.record.status not in TERMINAL:
+                            # Another delivery of this command moved it on: not ours to
+                            # end; the server hands it back after the ack wait.
+                            raise Abandon(f"{op_id} was started elsewhere")
                         await run.settle()  # cancelled while it waited
                         return
                 await run.execute(command)
@@ -422,15 +427,20 @@ class ExecutorActor:
             advisory.deliveries,
             reason,
         )
-        await self._fail_for_good(op_id, reason)
+        await self._fail_for_good(op_id, reason, stored.stream_seq)
 
-    async def _fail_for_good(self, op_id: str, reason: str) -> None:
+    async def _fail_for_good(self, op_id: str, reason: str, stream_seq: int) -> None:
         """End the operation with ``internal`` unless it has ended; either way its latest
-        event is published (again) before this returns."""
+        event is published (again) before this returns. Only the operation's own command
+        (``stream_seq``) can end it: a re-sent copy that could not be handled must never
+        fail the operation the original is still running."""
         assert self._ops is not None
         run = OperationRun(self, op_id)
         while (got := await self._ops.get(op_id)) is not None:
             run.record, run.revision = got
+            if run.record.stream_seq != stream_seq:
+                await self.publish_latest(op_id)
+                return
             if run.record.status in TERMINAL:
                 break
             with contextlib.suppress(Conflict):  # it moved meanwhile: look again
@@ -440,6 +450,7 @@ class ExecutorActor:
                         code="internal",
                         message=f"volumed could not process this operation: {reason}",
                     ),
+                    attached=attachment_after(run.record),
                 )
                 return
         await run.settle()
@@ -652,7 +663,7 @@ class OperationRun:
         """The record is terminal (found so): its latest event goes out before the command is
         acknowledged, and an attach is no longer in flight."""
         record = await self.executor.publish_latest(self.operation_id)
-        if record is not None and record.type == "attach":
+        if record is not None and record.type == "attach" and record.status in TERMINAL:
             await self._attaching().delete(self.operation_id)
 
     async def announce_attach(self, command: AttachCommand) -> None:

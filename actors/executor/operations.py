@@ -24,6 +24,7 @@ from bus import Bucket, Conflict
 from schemas.commands import AttachCommand, CreateCommand, DeleteCommand, DetachCommand
 from schemas.common import GIB, ErrorCode, serial_of
 from schemas.config import Settings
+from schemas.events import ErrorInfo
 from schemas.internal import (
     CorrelateRequest,
     CorrelateResult,
@@ -514,8 +515,12 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     if not is_local:
         return outcome
 
-    rec.phase = "correlate"
-    await ctx.save()
+    # Resumed while rolling back: the phase keeps the roll-back's job id and "mutation sent",
+    # so the detach is looked up, never sent blind again, and no device is taken any more.
+    rolling_back = rec.phase.startswith("rollback")
+    if not rolling_back:
+        rec.phase = "correlate"
+        await ctx.save()
     request = CorrelateRequest(
         operation_id=rec.operation_id,
         volume_id=cmd.volume_id,
@@ -525,6 +530,15 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
         started_at=rec.attach_started_at,
     )
     result_ = await ctx.devices.correlate(request, ctx.settings.correlation_timeout)
+    if rolling_back and result_.error is None:
+        result_ = CorrelateResult(
+            operation_id=rec.operation_id,
+            volume_id=cmd.volume_id,
+            error=ErrorInfo(
+                code="device_timeout",
+                message="volumed restarted while it rolled this attach back",
+            ),
+        )
     if result_.error is None and result_.device_path:
         ctx.note_proof(getattr(result_, "proof", ""))
         outcome.device_path = result_.device_path
@@ -655,3 +669,14 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def attachment_after(record: OpRecord) -> bool | None:
+    """The volume's attachment to the record's VM as far as the record's finished steps
+    tell (OperationEvent.attached), for an operation that ends without its own outcome."""
+    done = record.results
+    if "rollback" in done or "detach" in done or "detach-first" in done:
+        return False
+    if record.type == "attach" and "attach" in done:
+        return True
+    return None
