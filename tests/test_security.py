@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,9 +32,8 @@ from simulator import SimConfig, Simulator
 from tests.conftest import (
     Database,
     Harness,
+    NatsServer,
     VolumedProcess,
-    free_port,
-    nats_server_binary,
     volumed_env,
     wait_for,
 )
@@ -57,16 +54,17 @@ def make_certificates(d: Path) -> None:
 
 
 @dataclass
-class SecureNats:
-    """A nats-server with a configuration file: volumed's accounts (or ``config``),
-    optionally TLS."""
+class SecureNats(NatsServer):
+    """A nats-server with a configuration file in ``store_dir``: volumed's accounts (or
+    ``config``), optionally TLS. Started and stopped as any NatsServer."""
 
-    dir: Path
     tls: bool = False
     config: str = "include ./accounts.conf"
-    port: int = field(default_factory=free_port)
     passwords: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.store_dir
 
     @property
     def url(self) -> str:
@@ -75,6 +73,14 @@ class SecureNats:
     @property
     def log(self) -> Path:
         return self.dir / "nats-server.log"
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.dir / "server.conf")]
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ}
+        env.update({f"VOLUMED_{r.upper()}_PASSWORD": p for r, p in self.passwords.items()})
+        return env
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -93,33 +99,7 @@ class SecureNats:
             f"{tls}\n{self.config}\n"
         )
         self.passwords = {role: f"pw-{role}-{os.urandom(6).hex()}" for role in ROLES}
-        env = {**os.environ}
-        env.update({f"VOLUMED_{r.upper()}_PASSWORD": p for r, p in self.passwords.items()})
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(self.dir / "server.conf")],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            assert self.proc.poll() is None, "nats-server refused its configuration"
-            time.sleep(0.02)
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().start()
 
     def violations(self) -> list[str]:
         """The server's permission violations so far (it logs each one)."""
