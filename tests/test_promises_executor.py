@@ -33,25 +33,16 @@ from schemas.common import STATUS_RANK, TERMINAL
 from schemas.config import Settings
 from schemas.internal import AttachInFlight, OpRecord
 from simulator import Simulator
+from tests import test_lifecycle
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
 from tests.test_lifecycle import calls, create_body, create_volume, op, remote_vm, settings_for
 
 ACTORS = ["persistence", "executor"]
 
 
-@pytest.fixture
-async def sim():  # type: ignore[no-untyped-def]
-    from simulator import SimConfig
-
-    async with Simulator(SimConfig(seed=7)) as s:
-        yield s
-
-
-@pytest.fixture
-async def volumed(nats_server: NatsServer, database: Database, sim: Simulator):  # type: ignore[no-untyped-def]
-    harness, task = await start_volumed(settings_for(nats_server, database, sim), ACTORS, sim)
-    yield harness
-    await stop_volumed(harness, task)
+# The lifecycle tests' fixtures: a simulator, and volumed (persistence and executor) on it.
+sim = test_lifecycle.sim
+volumed = test_lifecycle.volumed
 
 
 async def executor_consumer(v: Harness) -> Any:
