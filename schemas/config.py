@@ -86,6 +86,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     metrics_addr: MetricsAddress | None = None
     """host:port of the Prometheus endpoint (/metrics); unset: none is served."""
 
+    host_id: str = ""
+    """Names this host's clock (see ``clock``). Unset: the kernel's boot id. Set it only to
+    run several simulated hosts on one machine."""
+
     # NATS security (deploy/nats-accounts/, deploy/tls/): who this process is to NATS.
     nats_tls_ca: str | None = None
     """PEM file of the CA that signed the server's certificate; set: TLS is used (as with
@@ -129,6 +133,19 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         for url in (self.db_dsn, self.cloudstack_endpoint or "", *self.nats_url.split(",")):
             found += url_secrets(url)
         return list(dict.fromkeys(s for s in found if s))
+
+    @property
+    def clock(self) -> str:
+        """Which clock this process's wall-clock times are on: processes of one boot of one
+        host share it, so their times compare; times on another clock never do (the device
+        correlator's windows, issue: several hosts)."""
+        if self.host_id:
+            return self.host_id
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                return f.read().strip()
+        except OSError:
+            return os.uname().nodename
 
     @property
     def instance_name(self) -> str:

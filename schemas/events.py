@@ -41,3 +41,6 @@ class OperationEvent(Struct, kw_only=True, omit_defaults=False):
     # operation did not change it). Set on failed events too, so that device_mappings
     # follows what CloudStack did (a delete that detached and then failed, a roll-back).
     attached: bool | None = None
+    # Which host's clock ``at`` is on (the executor's Settings.clock): the correlator of
+    # another host must never compare it with its own device times.
+    clock: str | None = None

@@ -50,6 +50,7 @@ class AttachInFlight(Struct, kw_only=True):
     vm_id: str
     accepted_at: str = ""  # RFC 3339, when the command was accepted
     started_at: float | None = None  # time.time() just before attachVolume was sent
+    clock: str | None = None  # whose clock accepted_at and started_at are on (Settings.clock)
 
 
 class VolumeOwner(Struct, kw_only=True):
@@ -69,6 +70,7 @@ class CorrelateRequest(Struct, kw_only=True):
     size: int  # bytes, from CloudStack
     serial: str  # the serial the device will have if the hypervisor sets one
     started_at: float  # time.time() just before the attach was sent
+    clock: str | None = None  # whose clock started_at is on (Settings.clock)
 
 
 class CorrelateResult(Struct, kw_only=True):
