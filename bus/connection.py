@@ -359,6 +359,13 @@ class Bus:
             idle=not info.num_pending and not info.num_ack_pending,
         )
 
+    async def consumer_exists(self, spec: ConsumerSpec) -> bool:
+        try:
+            await self.js.consumer_info(spec.stream, spec.durable)
+        except NotFoundError:
+            return False
+        return True
+
     async def last_sequence(self, stream: str) -> int:
         """The sequence of the newest message in ``stream`` (0 if it never had one)."""
         info = await self.js.stream_info(stream)

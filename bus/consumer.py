@@ -8,7 +8,9 @@ message runs in its own task, up to ``concurrency`` at once, and its outcome dec
 - it raises Reject           → dead-letter with the reason, then term
 - it raises Abandon / is cancelled (shutdown) → nothing: redelivered after ack_wait
 - any other exception        → nak after ``spec.nak_delays``; on the last allowed delivery,
-                                 dead-letter, then term
+                                 ``on_give_up`` (the handler's own ending of the work), then
+                                 dead-letter and term; if ``on_give_up`` fails, nothing: the
+                                 server gives the message up and announces it (an advisory)
 While a handler runs, the message is kept alive with in_progress() heartbeats, well inside the
 ack wait the server really applies to that delivery (``spec.ack_wait_of``).
 """
@@ -57,17 +59,25 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+GiveUp = Callable[[Delivery, str], Awaitable[None]]
 
 
 class Consumer:
     """Runs ``handler`` for every message of a durable pull consumer."""
 
     def __init__(
-        self, bus: Bus, spec: ConsumerSpec, handler: Handler, *, concurrency: int = 64
+        self,
+        bus: Bus,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        concurrency: int = 64,
+        on_give_up: GiveUp | None = None,
     ) -> None:
         self.bus = bus
         self.spec = spec
         self.handler = handler
+        self.on_give_up = on_give_up
         self.concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
         self._credit = 0  # messages requested and not yet received
@@ -195,7 +205,14 @@ class Consumer:
                 "handler failed on %s (delivery %d)", delivery.subject, delivery.num_delivered
             )
             if delivery.last:
-                await self._dead_letter(delivery, f"{type(e).__name__}: {e}")
+                reason = f"{type(e).__name__}: {e}"
+                if self.on_give_up is not None:
+                    try:
+                        await self.on_give_up(delivery, reason)
+                    except Exception as unfinished:
+                        log.error("not given up yet, left to the server: %s", unfinished)
+                        return
+                await self._dead_letter(delivery, reason)
                 await _quietly(msg.term())
             else:
                 await _quietly(msg.nak(delay=self.spec.nak_delay(delivery.num_delivered)))

@@ -11,6 +11,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _PASSES = 3  # listings of a bucket whose key count keeps changing, before taking their union
 _INFO_TIMEOUT = 30.0  # a page of 100,000 subjects is a few MB
@@ -70,9 +71,10 @@ class Bucket(Generic[T]):
     async def put(self, key: str, value: T) -> int:
         return await self._kv.put(key, self._encoder.encode(value))
 
-    async def delete(self, key: str) -> None:
-        """Remove ``key`` (idempotent: deleting a missing key is no error)."""
-        await self._kv.delete(key)
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        """Remove ``key`` (idempotent: deleting a missing key is no error); with
+        ``revision``, only if it is still at that revision (else Conflict)."""
+        await _compare_and_set(key, self._kv.delete(key, last=revision))
 
     async def keys(self) -> list[str]:
         """Keys that have a value (deleted or expired ones may still be listed: get() says).
@@ -128,7 +130,7 @@ def is_wrong_last_sequence(e: Exception) -> bool:
     )
 
 
-async def _compare_and_set(key: str, write: Awaitable[int]) -> int:
+async def _compare_and_set(key: str, write: Awaitable[R]) -> R:
     try:
         return await write
     except Exception as e:

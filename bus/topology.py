@@ -278,6 +278,18 @@ VOLUME_OWNERS_BUCKET = BucketSpec(
     description="the create operation each volume belongs to (key: volume id)",
 )
 
+# Leases (bus.lease): "op.<operation id>" is held by the one executor process running that
+# operation, "gate.<vm id>" by the one attach to that VM allowed to run while its host has
+# not shown device serials. A key expires this long after its holder's last renewal: how
+# long a dead process's operation waits before another takes it over (like the command's
+# ack wait, after which the server hands the command to another executor).
+LEASES_BUCKET = BucketSpec(
+    name="volumed_leases",
+    history=1,
+    ttl=EXECUTOR.ack_wait,
+    description="which process runs each operation, and each host's serial-less attach gate",
+)
+
 DEVICES_BUCKET = BucketSpec(
     name="volumed_devices",
     history=1,
@@ -293,6 +305,7 @@ TOPOLOGY = Topology(
         DEVICES_BUCKET,
         ATTACHING_BUCKET,
         VOLUME_OWNERS_BUCKET,
+        LEASES_BUCKET,
     ),
 )
 

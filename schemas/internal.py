@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from msgspec import Struct
 
 from schemas.common import OpType, Status
 from schemas.events import ErrorInfo, OperationEvent
+
+
+class Phase(StrEnum):
+    """The steps of an operation, as its record names them (stored as these strings).
+
+    Each step that sends a CloudStack mutation is also the key of its answer in
+    ``OpRecord.results``; a ``*_RELEASE`` step waits for the detached volume's device to
+    go, after its detach."""
+
+    NONE = ""  # nothing sent yet
+    CREATE = "create"
+    ATTACH = "attach"
+    CORRELATE = "correlate"  # attached; its device is being proven
+    ROLLBACK = "rollback"  # no device proven: detaching the attachment it made
+    ROLLBACK_RELEASE = "rollback-release"
+    DETACH = "detach"
+    DETACH_RELEASE = "detach-release"
+    DETACH_FIRST = "detach-first"  # a delete detaching an attached volume first
+    DETACH_FIRST_RELEASE = "detach-first-release"
+    DELETE = "delete"
+
+    @property
+    def release(self) -> Phase:
+        """The step that waits for the device to go after this detach step."""
+        return Phase(f"{self.value}-release")
+
+    @property
+    def rolling_back(self) -> bool:
+        return self in (Phase.ROLLBACK, Phase.ROLLBACK_RELEASE)
+
+    @property
+    def detaching_first(self) -> bool:
+        return self in (Phase.DETACH_FIRST, Phase.DETACH_FIRST_RELEASE)
 
 
 class OpRecord(Struct, kw_only=True):
@@ -26,13 +60,13 @@ class OpRecord(Struct, kw_only=True):
     volume_id: str | None = None
     vm_id: str | None = None
     job_id: str | None = None
-    # Which step the operation is in ("", "detach-first", "rollback", ...): job_id and
-    # mutation_sent belong to this step.
-    phase: str = ""
+    # Which step the operation is in: job_id and mutation_sent belong to this step.
+    phase: Phase = Phase.NONE
     # Set (to time.time()) just before a CloudStack mutation is sent, so that a restart or a
     # lost answer knows it may have happened and looks before sending it again.
     mutation_sent: float | None = None
     attach_started_at: float | None = None
+    attach_clock: str | None = None  # whose clock attach_started_at is on (Settings.clock)
     # CloudStack's answer to each step whose mutation has completed, by phase: a resumed
     # operation skips those steps instead of sending them again.
     results: dict[str, Any] = {}
@@ -51,6 +85,15 @@ class AttachInFlight(Struct, kw_only=True):
     accepted_at: str = ""  # RFC 3339, when the command was accepted
     started_at: float | None = None  # time.time() just before attachVolume was sent
     clock: str | None = None  # whose clock accepted_at and started_at are on (Settings.clock)
+
+
+class LeaseHolder(Struct, kw_only=True):
+    """Who holds a lease (the leases bucket, bus.lease): the process and a token of this one
+    acquisition, so that a renewal whose answer was lost is recognised as its own."""
+
+    holder: str
+    token: str
+    at: float  # time.time() of the last renewal (for people: leases never compare clocks)
 
 
 class VolumeOwner(Struct, kw_only=True):

@@ -1,17 +1,22 @@
 """The executor: takes volume commands from the command stream and carries them out.
 
-For each command message, in stream order:
+Any number of executor processes share the command stream. For each command message:
 1. Work out its operation id (body, else Nats-Msg-Id, else one derived from the message).
-2. Join the lane of its volume (synchronously, so lanes keep acceptance order).
-3. Claim the id in the operations bucket (KV create). A claim that exists is a re-sent
-   command (another stream sequence: publish its latest event again, do nothing) or a
-   redelivery of this very message after a crash (same sequence: resume it).
-4. Publish `pending` (or `rejected` for an invalid command), wait for the lane, move the
-   record pending → executing compare-and-set (a cancel may have won), publish `executing`,
-   run the operation, publish exactly one terminal event.
+2. Claim the id in the operations bucket (KV create) and publish `pending` (or `rejected`
+   for an invalid command). A claim that exists is a re-sent command (another stream
+   sequence: publish its latest event again, then wait until the operation has ended) or a
+   redelivery of this very message (same sequence: resume it from its record).
+3. Wait for the volume's turn (order.py): every earlier command on the volume is done,
+   whichever process ran it.
+4. Take the operation's lease (bus.lease): it runs in one process at a time, and a dead
+   process's operation is taken over only once its lease has expired. Before every
+   CloudStack mutation the lease is checked; a process that lost it stops (Abandon).
+5. Move the record pending → executing compare-and-set (a cancel may have won), publish
+   `executing`, run the operation (operations.py), publish exactly one terminal event.
 The message is acknowledged only when the operation is terminal and its record's latest event
-was published; until then the consumer heartbeats it, so a crash hands it to the next
-executor, which resumes from the record and publishes that event again.
+was published (bus/consumer.py makes every ack decision from the handler's outcome); until
+then the consumer heartbeats it, so a crash hands it to another executor, which resumes from
+the record, looking up in CloudStack whatever may have been sent, never sending it blind.
 
 Events of one operation never go backwards: each record change and the publish of its event
 hold the operation's lock (in this process), and every publish that is not the record's own
@@ -36,7 +41,6 @@ import msgspec
 from actors.executor import operations
 from actors.executor.cloudstack import CloudStack, CloudStackError
 from actors.executor.devices import BusDevices
-from actors.executor.lanes import Lanes, Slot
 from actors.executor.operations import (
     CreatesInFlight,
     Devices,
@@ -45,10 +49,12 @@ from actors.executor.operations import (
     VolumeOwners,
     attachment_after,
 )
+from actors.executor.order import VolumeOrder
 from actors.logs import SECRETS
 from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
-from bus.connection import encode
+from bus.connection import StoredMessage, encode
 from bus.consumer import dead_letter
+from bus.lease import Lease, LeaseLost, Leases
 from bus.topology import (
     ATTACHING_BUCKET,
     COMMANDS,
@@ -57,6 +63,7 @@ from bus.topology import (
     EXECUTOR,
     EXECUTOR_GIVEN_UP,
     HEALTH_BUCKET,
+    LEASES_BUCKET,
     OPERATIONS_BUCKET,
     VOLUME_OWNERS_BUCKET,
     event_subject,
@@ -83,6 +90,7 @@ from schemas.internal import (
     CloudStackCredentials,
     GivenUpAdvisory,
     Heartbeat,
+    LeaseHolder,
     OpRecord,
     VolumeOwner,
 )
@@ -104,13 +112,18 @@ class ExecutorActor:
         self.instance = instance
         self.cloud = cloud or CloudStack(self._credentials, timeout=settings.cloudstack_timeout)
         self.devices: Devices = devices or BusDevices(bus)
-        self.lanes = Lanes()
         self._inflight: dict[str, int] = {}  # operation id → stream sequence being handled
-        self._local_gate = asyncio.Lock()
         self._serials_proven = False
         self._ops: Bucket[OpRecord] | None = None
         self._owners: VolumeOwners | None = None
+        self._order: VolumeOrder | None = None
+        self._leases: Leases | None = None
+        # Operations running at once (past their turn and lease); the consumer takes more
+        # commands than that, so that commands waiting for their turn or a lease never keep
+        # the one they wait for from being delivered.
+        self._working = asyncio.Semaphore(settings.executor_concurrency)
         self.creates = CreatesInFlight()
+        self.clock = settings.clock
         # The local VM id as last resolved (settings, else ossea_configs.oma_vm_id), and why
         # it is unknown while it is; since when CloudStack has been unavailable.
         self._vm_id: str | None = settings.vm_id
@@ -130,29 +143,49 @@ class ExecutorActor:
         self._ops = await self.bus.bucket(OPERATIONS_BUCKET, OpRecord)
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
         self._attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
+        self._order = VolumeOrder(self.bus, self._ops, EXECUTOR, self._identify)
+        self._leases = Leases(
+            await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
+        )
 
     @property
     def owners(self) -> VolumeOwners:
         assert self._owners is not None, "open() first"
         return self._owners
 
+    @property
+    def order(self) -> VolumeOrder:
+        assert self._order is not None, "open() first"
+        return self._order
+
+    @property
+    def leases(self) -> Leases:
+        assert self._leases is not None, "open() first"
+        return self._leases
+
     async def run(self) -> None:
         await self.open()
         self._consumer = Consumer(
-            self.bus, EXECUTOR, self.handle, concurrency=self.settings.executor_concurrency
+            self.bus,
+            EXECUTOR,
+            self.handle,
+            concurrency=4 * self.settings.executor_concurrency,
+            on_give_up=self.give_up,
         )
         self._given_up = Consumer(self.bus, EXECUTOR_GIVEN_UP, self.given_up, concurrency=4)
         background = [
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self.leases.run()),
             asyncio.create_task(self._given_up.run()),
         ]
         try:
             await self._consumer.run()
         finally:
             self._given_up.stop()
-            await asyncio.wait(background[1:], timeout=5)
+            await asyncio.wait(background[2:], timeout=5)
             for task in background:
                 task.cancel()
+            self.order.close()
             await self.cloud.close()
 
     def stop(self) -> None:
@@ -223,6 +256,15 @@ class ExecutorActor:
         digest = hashlib.sha256(f"{stream_seq}:".encode() + data).hexdigest()
         return f"op-{digest[:24]}"
 
+    def _identify(self, stored: StoredMessage) -> tuple[str | None, str]:
+        """A command's volume (None if it names none or is invalid) and operation id."""
+        op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
+        try:
+            command = decode_command(stored.subject.rsplit(".", 1)[-1], stored.data)
+        except InvalidCommand:
+            return None, op_id
+        return volume_of(command), op_id
+
     async def handle(self, d: Delivery) -> None:
         op_type = d.subject.rsplit(".", 1)[-1]
         op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
@@ -232,38 +274,29 @@ class ExecutorActor:
             command = decode_command(op_type, d.data)
         except InvalidCommand as e:
             invalid = str(e)
-        slot = self.lanes.join(volume_of(command) if command else None)
+        self.order.note(d.stream_seq, volume_of(command) if command else None, op_id)
+        if self._inflight.get(op_id) == d.stream_seq:
+            raise Abandon(f"{op_id} is still being handled here")
+        self._inflight.setdefault(op_id, d.stream_seq)
         try:
-            if self._inflight.get(op_id) == d.stream_seq:
-                raise Abandon(f"{op_id} is still being handled here")
-            self._inflight.setdefault(op_id, d.stream_seq)
-            try:
-                await self._process(d, op_type, op_id, command, invalid, slot)
-            except Exception as e:
-                if d.last:
-                    # The consumer dead-letters the command; its operation ends with it.
-                    log.exception("operation %s failed for good", op_id)
-                    try:
-                        await self._fail_for_good(op_id, f"{type(e).__name__}: {e}", d.stream_seq)
-                    except Exception as unfinished:
-                        # Its failure is not out: leave the command to the server, which
-                        # gives it up; the given-up path ends it (also after a restart).
-                        raise Abandon(f"{op_id} not ended: {unfinished}") from e
-                raise
-            finally:
-                if self._inflight.get(op_id) == d.stream_seq:
-                    del self._inflight[op_id]
+            await self._process(d, op_type, op_id, command, invalid)
+        except LeaseLost as e:
+            # Another process may be running it now: touch nothing, answer nothing.
+            raise Abandon(f"{op_id}: {e}") from None
         finally:
-            slot.leave()
+            if self._inflight.get(op_id) == d.stream_seq:
+                del self._inflight[op_id]
+
+    async def give_up(self, d: Delivery, reason: str) -> None:
+        """The consumer gives the command up (its last delivery failed): its operation ends
+        with it. Raising leaves the command to the server, which gives it up in turn; the
+        given-up path ends it then (also after a restart)."""
+        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
+        log.error("operation %s failed for good: %s", op_id, reason)
+        await self._fail_for_good(op_id, reason, d.stream_seq)
 
     async def _process(
-        self,
-        d: Delivery,
-        op_type: str,
-        op_id: str,
-        command: Command | None,
-        invalid: str,
-        slot: Slot,
+        self, d: Delivery, op_type: str, op_id: str, command: Command | None, invalid: str
     ) -> None:
         assert self._ops is not None
         run = OperationRun(self, op_id)
@@ -290,12 +323,14 @@ class ExecutorActor:
             got = await self._ops.get(op_id)
             if got is None:  # deleted in between: treat as new next time
                 raise
-            existing, run.revision = got
+            existing = got[0]
             if existing.stream_seq != d.stream_seq:
-                # The same operation id again: nothing new, only its latest event again.
-                await self.publish_latest(op_id, again=True)
+                # The same operation id again: nothing new, only its latest event again;
+                # and this command is not acknowledged before its operation has ended.
+                if d.num_delivered == 1:
+                    await self.publish_latest(op_id, again=True)
+                await self.order.ended(op_id)
                 return
-            run.record = existing  # this very command, redelivered: resume where it was
             log.info(
                 "resuming operation %s (%s, status %s, phase %r)",
                 op_id,
@@ -309,19 +344,23 @@ class ExecutorActor:
             await self.publish_latest(op_id)
         if command is None:
             return  # rejected: its one event is out
-        async with slot.turn():
+        volume = volume_of(command)
+        if volume is not None:
+            await self.order.turn(volume, d.stream_seq)
+        async with self.leases.holding(f"op.{op_id}") as lease:
+            # Read again: another process may have run it meanwhile (and lost its lease).
+            if not await run.load(lease):
+                return  # it ended meanwhile: its latest event is out
             # Credentials (and the local VM id) are read once per operation, when its turn
             # comes: a changed ossea_configs row applies to the next operation, never to half
             # of one.
             run.use(await self._credentials())
-            async with self._gate_for(command, await run.local_vm_id()):
+            async with self._gate_for(command, run), self._working:
                 if run.record.status == "pending":
                     if isinstance(command, AttachCommand):
                         await run.announce_attach(command)
                     if not await run.start():
                         if run.record.status not in TERMINAL:
-                            # Another delivery of this command moved it on: not ours to
-                            # end; the server hands it back after the ack wait.
                             raise Abandon(f"{op_id} was started elsewhere")
                         await run.settle()  # cancelled while it waited
                         return
@@ -381,21 +420,23 @@ class ExecutorActor:
         return lock
 
     @contextlib.asynccontextmanager
-    async def _gate_for(self, command: Command, local_vm_id: str | None) -> AsyncIterator[None]:
-        """Until this host has shown that its devices carry serials, attaches to it start one
-        at a time: the correlator can then prove a serial-less device is the volume of the
-        only attach in flight. The gate is taken before the operation turns `executing`,
-        which is what the correlator counts as in flight (and a waiting attach can still
-        be cancelled)."""
-        local = (
-            isinstance(command, AttachCommand)
-            and not self._serials_proven
-            and command.vm_id == (local_vm_id or command.vm_id)  # unknown: maybe local
-        )
-        if not local:
+    async def _gate_for(self, command: Command, run: OperationRun) -> AsyncIterator[None]:
+        """Until a host has shown that its devices carry serials, attaches to it start one
+        at a time, whichever executor process runs them (the host's gate lease): its
+        correlator can then prove a serial-less device is the volume of the only attach in
+        flight. The gate is taken before the operation turns `executing`, which is what the
+        correlator counts as in flight (and a waiting attach can still be cancelled).
+        Losing the gate is safe: the correlator then sees two attaches in flight and proves
+        neither device by exclusion."""
+        if (
+            not isinstance(command, AttachCommand)
+            or self._serials_proven
+            # Not served, and not this host's (if that is unknown, it may be: gated).
+            or not (await run.serves(command.vm_id) or await run.local_vm_id() is None)
+        ):
             yield
             return
-        async with self._local_gate:
+        async with self.leases.holding(f"gate.{command.vm_id}"):
             yield
 
     async def given_up(self, d: Delivery) -> None:
@@ -433,7 +474,12 @@ class ExecutorActor:
         """End the operation with ``internal`` unless it has ended; either way its latest
         event is published (again) before this returns. Only the operation's own command
         (``stream_seq``) can end it: a re-sent copy that could not be handled must never
-        fail the operation the original is still running."""
+        fail the operation the original is still running. A process still running it
+        keeps its lease: then this raises, and the given-up path tries again later."""
+        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
+            await self._fail_unless_ended(op_id, reason, stream_seq)
+
+    async def _fail_unless_ended(self, op_id: str, reason: str, stream_seq: int) -> None:
         assert self._ops is not None
         run = OperationRun(self, op_id)
         while (got := await self._ops.get(op_id)) is not None:
@@ -571,6 +617,28 @@ class OperationRun:
         # Held from a record change until its event is published (see the module doc).
         self.lock = executor.lock_for(operation_id)
         self._attach: AttachInFlight | None = None  # this attach's entry, once written
+        self.lease: Lease | None = None  # held while it runs (bus.lease)
+        self.clock = executor.clock
+
+    async def load(self, lease: Lease) -> bool:
+        """Under the operation's lease, read its record as it is now: False if it has ended
+        (its latest event is then out)."""
+        assert self.executor._ops is not None
+        self.lease = lease
+        got = await self.executor._ops.get(self.operation_id)
+        if got is None:
+            raise RuntimeError(f"the record of {self.operation_id} is gone")
+        self.record, self.revision = got
+        if self.record.status in TERMINAL:
+            await self.settle()
+            return False
+        return True
+
+    def hold(self) -> None:
+        """Raise LeaseLost unless this process still holds the operation's lease: called
+        just before a CloudStack mutation is sent."""
+        if self.lease is not None:
+            self.lease.check()
 
     # Context protocol for operations.py
     async def save(self) -> None:
@@ -594,6 +662,15 @@ class OperationRun:
     @property
     def creates(self) -> CreatesInFlight:
         return self.executor.creates
+
+    async def serves(self, vm_id: str, *, wait: bool = False) -> bool:
+        """Whether volumed proves the devices of VM ``vm_id``: a correlator serves it (on
+        whichever host), or it is this host's VM. Where this host's VM is unknown, it may
+        be it: with ``wait``, wait a bounded time for it and fail if it stays unknown;
+        without, it counts as not served."""
+        if await self.devices.serves(vm_id):
+            return True
+        return vm_id == await self.local_vm_id(wait=wait)
 
     async def local_vm_id(self, *, wait: bool = False) -> str | None:
         vm_id = self.settings.vm_id or self.credentials.vm_id
@@ -625,6 +702,7 @@ class OperationRun:
             volume_id=rec.volume_id,
             vm_id=rec.vm_id,
             at=now_rfc3339(),
+            clock=self.clock,
             **extra,
         )
 
@@ -673,6 +751,7 @@ class OperationRun:
             volume_id=command.volume_id,
             vm_id=command.vm_id,
             accepted_at=self.record.accepted_at,
+            clock=self.clock,
         )
         await self._attaching().put(self.operation_id, self._attach)
 
@@ -721,6 +800,7 @@ class OperationRun:
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
         await self._commit()
+        self.executor.order.ended_here(self.operation_id)
         if rec.type == "attach":
             await self._attaching().delete(self.operation_id)
 

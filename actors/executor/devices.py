@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 
 import msgspec
 
@@ -12,6 +14,7 @@ from bus.topology import (
     CORRELATION,
     correlate_request_subject,
     correlate_result_subject,
+    correlator_consumer,
     release_request_subject,
     release_result_subject,
 )
@@ -21,11 +24,28 @@ from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, 
 # Beyond the correlator's own timeout: how long the executor waits for a correlator that
 # may not be running at all before it calls the device lost.
 _MARGIN = 10.0
+_NOT_SERVED_TTL = 5.0  # seconds a VM found without correlator is believed so
 
 
 class BusDevices:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+        self._served: set[str] = set()
+        self._not_served: dict[str, float] = {}  # vm id → when last found not served
+
+    async def serves(self, vm_id: str) -> bool:
+        """Whether a correlator takes VM ``vm_id``'s hand-offs: its durable consumer exists
+        (made when that host's correlator first started; hand-offs wait in the stream
+        while it is down). Hosts are added, never removed, while volumed runs."""
+        if vm_id in self._served:
+            return True
+        if time.monotonic() - self._not_served.get(vm_id, -math.inf) < _NOT_SERVED_TTL:
+            return False
+        if await self.bus.consumer_exists(correlator_consumer(vm_id)):
+            self._served.add(vm_id)
+            return True
+        self._not_served[vm_id] = time.monotonic()
+        return False
 
     async def _exchange(
         self, request_subject: str, request: object, result_subject: str, timeout: float

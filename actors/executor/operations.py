@@ -29,6 +29,7 @@ from schemas.internal import (
     CorrelateRequest,
     CorrelateResult,
     OpRecord,
+    Phase,
     ReleaseRequest,
     VolumeOwner,
 )
@@ -82,6 +83,10 @@ class Devices(Protocol):
     ) -> tuple[bool, str]: ...
 
     async def device_of(self, volume_id: str) -> str | None: ...
+
+    async def serves(self, vm_id: str) -> bool:
+        """Whether a correlator (on any host) takes the hand-offs of VM ``vm_id``."""
+        ...
 
 
 class VolumeOwners:
@@ -170,6 +175,7 @@ class Context(Protocol):
     cloud: CloudStack
     devices: Devices
     record: OpRecord
+    clock: str  # Settings.clock: whose clock this process's times are on
 
     @property
     def owners(self) -> VolumeOwners: ...
@@ -182,6 +188,15 @@ class Context(Protocol):
     async def local_vm_id(self, *, wait: bool = False) -> str | None:
         """The VM this host is; with ``wait``, waits a bounded time for it to be known and
         fails the operation if it is not."""
+        ...
+
+    async def serves(self, vm_id: str, *, wait: bool = False) -> bool:
+        """Whether volumed proves VM ``vm_id``'s devices (a correlator serves it, on any
+        host, or it is this host's VM); ``wait`` as for local_vm_id."""
+        ...
+
+    def hold(self) -> None:
+        """Raise bus.lease.LeaseLost unless this process still runs the operation."""
         ...
 
     def note_proof(self, proof: str) -> None: ...
@@ -221,7 +236,7 @@ async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -
 
 async def mutate(
     ctx: Context,
-    phase: str,
+    phase: Phase,
     command: str,
     params: dict[str, Any],
     already_done: Callable[[], Awaitable[dict[str, Any] | None]],
@@ -259,6 +274,7 @@ async def mutate(
             found = await _look_up(ctx, already_done, params.get("id"))
             if found is not None:
                 return await finished(found)
+        ctx.hold()  # never sent by a process that may no longer be the only one running it
         rec.mutation_sent = time.time()
         await ctx.save()
         if not is_async:
@@ -376,7 +392,9 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
             "diskofferingid": cmd.disk_offering_id,
             "zoneid": cmd.zone_id,
         }
-        result = await mutate(ctx, "create", "createVolume", params, already_done, learned=claim)
+        result = await mutate(
+            ctx, Phase.CREATE, "createVolume", params, already_done, learned=claim
+        )
         volume = _volume_of(result)
         volume_id = str(volume.get("id") or rec.volume_id or "")
         if not volume_id:
@@ -466,10 +484,9 @@ def _created_near(created: Any, sent: float) -> bool:
 async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     rec = ctx.record
     _about(ctx, cmd.volume_id)
-    local_vm = await ctx.local_vm_id(wait=True)
-    is_local = cmd.vm_id == local_vm
+    is_local = await ctx.serves(cmd.vm_id, wait=True)
 
-    if rec.phase == "" and CHECKED not in rec.results:
+    if rec.phase == Phase.NONE and CHECKED not in rec.results:
         # Nothing sent yet: an attached volume is refused before anything is sent, so that
         # a lost answer can never make another attachment look like this operation's (and
         # a roll-back can never detach it). Not an idempotent "completed": a completed
@@ -480,7 +497,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             raise OperationFailed(
                 "conflict",
                 f"volume {cmd.volume_id} is already attached to VM {where}"
-                + (" (this host)" if where == local_vm else "")
+                + (" (this host)" if where == await ctx.local_vm_id() else "")
                 + (f" as device {volume['deviceid']}" if volume.get("deviceid") is not None else "")
                 + "; detach it first",
                 volume_id=cmd.volume_id,
@@ -502,8 +519,8 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
     if cmd.as_root:
         params["deviceid"] = 0
     if rec.attach_started_at is None:
-        rec.attach_started_at = time.time()
-    result = await mutate(ctx, "attach", "attachVolume", params, already_done)
+        rec.attach_started_at, rec.attach_clock = time.time(), ctx.clock
+    result = await mutate(ctx, Phase.ATTACH, "attachVolume", params, already_done)
     # This operation made the attachment if its own job said so, or if the volume was free
     # before it sent anything (then the attachment found after a lost answer is its own).
     made = CHECKED in rec.results or not result.get(LOOKED_UP)
@@ -517,9 +534,9 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
 
     # Resumed while rolling back: the phase keeps the roll-back's job id and "mutation sent",
     # so the detach is looked up, never sent blind again, and no device is taken any more.
-    rolling_back = rec.phase.startswith("rollback")
+    rolling_back = rec.phase.rolling_back
     if not rolling_back:
-        rec.phase = "correlate"
+        rec.phase = Phase.CORRELATE
         await ctx.save()
     request = CorrelateRequest(
         operation_id=rec.operation_id,
@@ -528,6 +545,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
         size=size or 0,
         serial=serial_of(cmd.volume_id),
         started_at=rec.attach_started_at,
+        clock=rec.attach_clock,
     )
     result_ = await ctx.devices.correlate(request, ctx.settings.correlation_timeout)
     if rolling_back and result_.error is None:
@@ -556,7 +574,9 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
         )
     else:
         try:
-            await _detach_in_cloudstack(ctx, cmd.volume_id, cmd.vm_id, phase="rollback", local=True)
+            await _detach_in_cloudstack(
+                ctx, cmd.volume_id, cmd.vm_id, phase=Phase.ROLLBACK, local=True
+            )
             message += "; the volume was detached again"
             attached = False
         except (CloudStackError, OperationFailed) as e:
@@ -576,7 +596,7 @@ LOOKED_UP = "looked_up"
 
 
 async def _detach_in_cloudstack(
-    ctx: Context, volume_id: str, vm_id: str, *, phase: str, local: bool
+    ctx: Context, volume_id: str, vm_id: str, *, phase: Phase, local: bool
 ) -> dict[str, Any]:
     device_path = await ctx.devices.device_of(volume_id) if local else None
 
@@ -590,7 +610,7 @@ async def _detach_in_cloudstack(
 
     result = await mutate(ctx, phase, "detachVolume", {"id": volume_id}, already_done)
     if local:
-        ctx.record.phase = f"{phase}-release"
+        ctx.record.phase = phase.release
         await ctx.save()
         gone, message = await ctx.devices.release(
             ReleaseRequest(
@@ -614,9 +634,9 @@ async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
             "conflict", f"volume {cmd.volume_id} is not attached to a VM", volume_id=cmd.volume_id
         )
     ctx.record.vm_id = str(vm_id)
-    local = str(vm_id) == await ctx.local_vm_id()
+    local = await ctx.serves(str(vm_id))
     result = await _detach_in_cloudstack(
-        ctx, cmd.volume_id, str(vm_id), phase="detach", local=local
+        ctx, cmd.volume_id, str(vm_id), phase=Phase.DETACH, local=local
     )
     return Outcome(
         volume_id=cmd.volume_id,
@@ -629,16 +649,17 @@ async def detach(ctx: Context, cmd: DetachCommand) -> Outcome:
 async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
     rec = ctx.record
     _about(ctx, cmd.volume_id)
-    if rec.phase != "delete":  # the delete itself has not been sent yet
+    if rec.phase != Phase.DELETE:  # the delete itself has not been sent yet
         volume = await _find_volume(ctx, cmd.volume_id)
-        vm_id = volume.get("virtualmachineid") or (
-            rec.vm_id if rec.phase.startswith("detach-first") else None
-        )
+        vm_id = volume.get("virtualmachineid") or (rec.vm_id if rec.phase.detaching_first else None)
         if vm_id:
             rec.vm_id = str(vm_id)
-            local = str(vm_id) == await ctx.local_vm_id()
             await _detach_in_cloudstack(
-                ctx, cmd.volume_id, str(vm_id), phase="detach-first", local=local
+                ctx,
+                cmd.volume_id,
+                str(vm_id),
+                phase=Phase.DETACH_FIRST,
+                local=await ctx.serves(str(vm_id)),
             )
 
     async def already_done() -> dict[str, Any] | None:
@@ -647,10 +668,10 @@ async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
 
     try:
         result = await mutate(
-            ctx, "delete", "deleteVolume", {"id": cmd.volume_id}, already_done, is_async=False
+            ctx, Phase.DELETE, "deleteVolume", {"id": cmd.volume_id}, already_done, is_async=False
         )
     except (CloudStackError, OperationFailed) as e:
-        if "detach-first" not in rec.results:
+        if Phase.DETACH_FIRST not in rec.results:
             raise
         # The detach took effect: say so, and let the mapping follow (attached False).
         raise OperationFailed(
@@ -675,8 +696,8 @@ def attachment_after(record: OpRecord) -> bool | None:
     """The volume's attachment to the record's VM as far as the record's finished steps
     tell (OperationEvent.attached), for an operation that ends without its own outcome."""
     done = record.results
-    if "rollback" in done or "detach" in done or "detach-first" in done:
+    if Phase.ROLLBACK in done or Phase.DETACH in done or Phase.DETACH_FIRST in done:
         return False
-    if record.type == "attach" and "attach" in done:
+    if record.type == "attach" and Phase.ATTACH in done:
         return True
     return None

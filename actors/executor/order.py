@@ -1,0 +1,144 @@
+"""Per-volume order across every executor process: the command stream is the queue.
+
+Operations on one volume take effect one at a time, in the order of their commands in the
+command stream, whichever executor processes run them. An operation waits for its turn:
+until every earlier command on its volume is done. "Earlier commands on its volume" are
+read from the stream itself, between the executor consumer's ack floor (every command up to
+it is acknowledged, which volumed does only once its operation is terminal) and its own
+sequence; each process reads each command once (cached). "Done" is read from the operations
+bucket: terminal, or a copy of an operation claimed by another command (a re-sent id, which
+changes nothing). No lease, no queue to keep consistent, nothing that a dead process can
+leave behind: a dead process's operation is simply not terminal until another executor has
+resumed and finished it.
+
+Why not a per-volume lease: whoever holds a lease first runs first, and deliveries race
+across processes (the server hands commands 10 and 11 to two processes at once, or command
+10 again after its first process died), so a lease alone cannot keep acceptance order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from bus import Bucket, Bus
+from bus.connection import StoredMessage
+from bus.topology import ConsumerSpec
+from schemas.common import TERMINAL
+from schemas.internal import OpRecord
+
+# A command's volume (None: it names none, or is invalid) and its operation id.
+Identity = tuple[str | None, str]
+Identify = Callable[[StoredMessage], Identity]
+
+_FLOOR_MAX_AGE = 0.5  # seconds an ack floor read is reused
+_READ_CONCURRENCY = 32
+_POLL = 0.1  # seconds between looks at operations that other processes run
+
+
+class VolumeOrder:
+    def __init__(
+        self, bus: Bus, ops: Bucket[OpRecord], consumer: ConsumerSpec, identify: Identify
+    ) -> None:
+        self._bus = bus
+        self._ops = ops
+        self._consumer = consumer
+        self._identify = identify
+        self._known: dict[int, Identity] = {}  # stream sequence → its command's identity
+        self._floor = 0
+        self._floor_read = -1.0
+        # Operation id → resolved when it is done (see ``ended``); one look-up loop for all.
+        self._watched: dict[str, asyncio.Future[None]] = {}
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def note(self, stream_seq: int, volume_id: str | None, operation_id: str) -> None:
+        """A command this process has read anyway (saves reading it again)."""
+        self._known[stream_seq] = (volume_id, operation_id)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def ended_here(self, operation_id: str) -> None:
+        """An operation turned terminal in this process: its waiters go on at once."""
+        future = self._watched.pop(operation_id, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def turn(self, volume_id: str, stream_seq: int) -> None:
+        """Wait until every earlier command on ``volume_id`` is done."""
+        for seq, op_id in sorted((await self._earlier(volume_id, stream_seq)).items()):
+            await self._command_done(seq, op_id)
+
+    async def ended(self, operation_id: str) -> None:
+        """Wait until the operation is terminal, wherever it runs. Waiters of one operation
+        share one look-up, so a flood of re-sent copies costs one read per poll."""
+        future = self._watched.get(operation_id)
+        if future is None or future.done():
+            future = self._watched[operation_id] = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+        await asyncio.shield(future)
+
+    async def _watch(self) -> None:
+        """Look up every watched operation now and then; resolve those that are done."""
+        while True:
+            for op_id, future in list(self._watched.items()):
+                if future.done() or future.cancelled():
+                    self._watched.pop(op_id, None)
+            if not self._watched:
+                self._wake.clear()
+                await self._wake.wait()
+            ids = list(self._watched)
+            results = await asyncio.gather(*(self._ops.get(i) for i in ids), return_exceptions=True)
+            for op_id, got in zip(ids, results, strict=True):
+                if isinstance(got, tuple) and got[0].status in TERMINAL:
+                    self.ended_here(op_id)
+            await asyncio.sleep(_POLL)
+
+    async def _command_done(self, stream_seq: int, operation_id: str) -> None:
+        """Wait until the command at ``stream_seq`` is done: acknowledged (below the ack
+        floor), or claimed as a copy of another command's operation, or its operation ended."""
+        delay = 0.01
+        while True:
+            if stream_seq <= await self._ack_floor():
+                return
+            got = await self._ops.get(operation_id)
+            if got is not None:  # else not even claimed yet: its delivery is late
+                if got[0].stream_seq != stream_seq or got[0].status in TERMINAL:
+                    return
+                await self.ended(operation_id)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 4 * _POLL)
+
+    async def _earlier(self, volume_id: str, stream_seq: int) -> dict[int, str]:
+        floor = await self._ack_floor()
+        for seq in [s for s in self._known if s <= floor]:
+            del self._known[seq]
+        missing = [s for s in range(floor + 1, stream_seq) if s not in self._known]
+        sem = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def read(seq: int) -> None:
+            async with sem:
+                stored = await self._bus.stored(self._consumer.stream, seq)
+            # Gone (aged out, or never there): no operation of it can still be running.
+            self._known[seq] = self._identify(stored) if stored is not None else (None, "")
+
+        await asyncio.gather(*(read(s) for s in missing))
+        earlier: dict[int, str] = {}
+        for seq in range(floor + 1, stream_seq):
+            volume, op_id = self._known.get(seq, (None, ""))  # gone: below a newer floor
+            if volume == volume_id:
+                earlier[seq] = op_id
+        return earlier
+
+    async def _ack_floor(self) -> int:
+        if time.monotonic() - self._floor_read > _FLOOR_MAX_AGE:
+            progress = await self._bus.consumer_progress(self._consumer)
+            self._floor = max(self._floor, progress.ack_floor)
+            self._floor_read = time.monotonic()
+        return self._floor
