@@ -12,6 +12,7 @@ from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import msgspec
 from nats.aio.client import Client
@@ -35,6 +36,7 @@ from schemas.config import (
     Settings,
     mask_secrets,
     mask_url_password,
+    split_url,
     url_secrets,
 )
 
@@ -478,6 +480,7 @@ def _refusal_text(
     reason = mask_secrets(str(e), secrets).removeprefix("nats: ").strip("'")
     if isinstance(e, ssl.SSLError):
         return f"TLS with NATS at {_hosts(urls)} failed: {reason}"
+    user = user or unquote(split_url(urls[0]).user or "")
     if user:
         who, check = f"user {user!r}", "the user name and its password"
     elif creds:

@@ -455,6 +455,27 @@ def login(server: SecureNats, role: str, **over: object) -> Awaitable[Bus]:
     return Bus.connect_with(settings, role)
 
 
+async def test_a_refused_client_names_its_user_never_the_password(
+    accounts_server: SecureNats,
+) -> None:
+    """The client gives up at the first refusal (the daemon would retry): Unauthorized, at
+    once, naming the user, whether it came from the settings or from the URL."""
+    wrong = f"wrong-{os.urandom(6).hex()}"
+    with_user = Settings(nats_url=accounts_server.url, nats_user="client", nats_password=wrong)
+    in_url = accounts_server.url.replace("nats://", f"nats://client:{wrong}@")
+    for connecting in (
+        Client.connect(settings=with_user, timeout=30),
+        Client.connect(in_url, timeout=30),
+    ):
+        started = time.monotonic()
+        with pytest.raises(Unauthorized) as refused:
+            await connecting
+        assert time.monotonic() - started < 5
+        text = str(refused.value)
+        assert "'client'" in text and "Authorization Violation" in text, text
+        assert wrong not in text and accounts_server.passwords["client"] not in text
+
+
 async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -> None:
     admin = await login(accounts_server, "admin")
     client = await login(accounts_server, "client")
