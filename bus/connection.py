@@ -464,6 +464,8 @@ class Bus:
 
 def _is_refusal(e: Exception) -> bool:
     """Whether NATS refused who we are (or TLS failed): trying again cannot help."""
+    if isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False  # the server went away mid-handshake (a restart): not about us
     if isinstance(e, ssl.SSLError | AuthorizationError):
         return True
     text = str(e).lower()
