@@ -57,17 +57,8 @@ async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
 
 
 def connect_bus(settings: Settings, name: str) -> Coroutine[Any, Any, Bus]:
-    """Bus.connect with this process's NATS identity and TLS files from the settings."""
-    return Bus.connect(
-        settings.nats_url,
-        name=name,
-        tls_ca=settings.nats_tls_ca,
-        tls_cert=settings.nats_tls_cert,
-        tls_key=settings.nats_tls_key,
-        user=settings.nats_user,
-        password=settings.nats_password,
-        creds=settings.nats_creds,
-    )
+    """The daemon's connection: Bus.connect_with, retrying for ever."""
+    return Bus.connect_with(settings, name)
 
 
 async def provision(settings: Settings) -> None:

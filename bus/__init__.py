@@ -7,7 +7,16 @@ the topology declared as data in ``bus.topology``.
 
 from bus.connection import Bus, encode
 from bus.consumer import Consumer, Delivery
-from bus.errors import Abandon, BadRequest, NotFound, Reject, Retry, ServiceFailed, Unavailable
+from bus.errors import (
+    Abandon,
+    BadRequest,
+    NotFound,
+    Refused,
+    Reject,
+    Retry,
+    ServiceFailed,
+    Unavailable,
+)
 from bus.kv import Bucket, Conflict
 from bus.service import call, serve
 
@@ -20,6 +29,7 @@ __all__ = [
     "Consumer",
     "Delivery",
     "NotFound",
+    "Refused",
     "Reject",
     "Retry",
     "ServiceFailed",

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import msgspec
-import nats
 from nats.aio.client import Client
+from nats.errors import AuthorizationError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
@@ -25,9 +28,17 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
-from bus.errors import Unavailable
+from bus.errors import Refused, Unavailable
 from bus.kv import Bucket, Conflict, is_wrong_last_sequence
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
+from schemas.config import (
+    ConfigError,
+    Settings,
+    mask_secrets,
+    mask_url_password,
+    split_url,
+    url_secrets,
+)
 
 log = logging.getLogger("volumed.bus")
 T = TypeVar("T")
@@ -78,6 +89,27 @@ class Bus:
         self.on_reconnect: list[Callable[[], None]] = []
 
     @classmethod
+    async def connect_with(
+        cls, settings: Settings, name: str, *, give_up_after: float | None = None
+    ) -> Bus:
+        """Connect as ``settings`` say: URL(s), TLS files, user and password or creds file,
+        inbox prefix. The one place that turns settings into a connection, for the daemon
+        and the clients alike."""
+        return await cls.connect(
+            settings.nats_url,
+            name,
+            tls_ca=settings.nats_tls_ca,
+            tls_cert=settings.nats_tls_cert,
+            tls_key=settings.nats_tls_key,
+            user=settings.nats_user,
+            password=settings.nats_password,
+            creds=settings.nats_creds,
+            inbox_prefix=settings.inbox_prefix,
+            secrets=settings.secrets(),
+            give_up_after=give_up_after,
+        )
+
+    @classmethod
     async def connect(
         cls,
         servers: str | list[str],
@@ -89,30 +121,51 @@ class Bus:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
+        inbox_prefix: str = "_INBOX",
+        secrets: Iterable[str] = (),
+        give_up_after: float | None = None,
     ) -> Bus:
-        """Connect, retrying for ever at start too: a NATS restart is an outage, not a crash.
+        """Connect; by default retrying for ever at start too: for the daemon a NATS restart
+        is an outage, not a crash.
 
         ``tls_ca`` (the server's CA), ``tls_cert`` and ``tls_key`` (this client's certificate,
         for a server that verifies clients) are PEM files; any of them, or a tls:// URL,
         makes the connection TLS. ``user`` and ``password``, or a ``creds`` file, say who
-        this process is (deploy/nats-accounts/)."""
+        this process is (deploy/nats-accounts/); ``inbox_prefix`` is where its replies
+        come (that user's own, see ``Settings.inbox_prefix``).
+
+        ``give_up_after`` (seconds), for clients that a person waits for: raise Refused at
+        the first refusal (login, certificate), Unavailable when no server answered in
+        time. Error texts never hold ``secrets`` nor a URL's password."""
         urls = [u.strip() for u in servers.split(",")] if isinstance(servers, str) else servers
+        secrets = list(secrets) + [p for url in urls for p in url_secrets(url)]
         options: dict[str, Any] = {}
         if tls_ca or tls_cert:
-            # Files that cannot be read fail here, at once, not in the retry loop below.
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca)
-            if tls_cert:
-                context.load_cert_chain(tls_cert, tls_key)
+            # Files that cannot be used fail here, at once, not in the retry loop below.
+            try:
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca)
+                if tls_cert:
+                    context.load_cert_chain(tls_cert, tls_key)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                files = ", ".join(f for f in (tls_ca, tls_cert, tls_key) if f)
+                raise ConfigError(f"cannot use the TLS files {files}: {e}") from None
             options["tls"] = context
         if user:
             options.update(user=user, password=password or "")
         if creds:
             options["user_credentials"] = creds
         holder: dict[str, Bus] = {}
+        # Only a client that gives up listens for refusals (the daemon retries them too).
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        failures: list[str] = []  # before the first connection: why none was made
 
         async def on_error(e: Exception) -> None:
             if holder:
-                holder["bus"].last_error = str(e)
+                holder["bus"].last_error = mask_secrets(str(e), secrets)
+            else:
+                failures[:] = [mask_secrets(str(e) or type(e).__name__, secrets)]
+            if give_up_after is not None and _is_refusal(e) and not refused.done():
+                refused.set_result(e)
             log.warning("nats error: %s", e)
 
         async def on_disconnected() -> None:
@@ -128,24 +181,59 @@ class Bus:
                     wake()
             log.info("nats reconnected")
 
-        delay = 0.2
-        while True:
-            try:
-                nc = await nats.connect(
+        async def attempt() -> Client:
+            nc = Client()
+            connecting = asyncio.ensure_future(
+                nc.connect(
                     servers=urls,
                     name=name,
                     connect_timeout=2,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works
+                    # nats-py also retries the first connection for ever with this.
                     max_reconnect_attempts=-1,
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     # Buffer publishes made during a short outage instead of failing them.
                     pending_size=64 * 1024 * 1024,
+                    inbox_prefix=inbox_prefix,
                     **options,
                 )
+            )
+            try:
+                both: set[asyncio.Future[Any]] = {connecting, refused}
+                await asyncio.wait(both, timeout=give_up_after, return_when=FIRST_COMPLETED)
+                if refused.done():
+                    raise Refused(_refusal_text(refused.result(), urls, user, creds, secrets))
+                if not connecting.done():
+                    why = f" ({failures[-1]})" if failures else ""
+                    raise Unavailable(
+                        f"no NATS server answered within {give_up_after} s at {_hosts(urls)}{why}"
+                    )
+                connecting.result()
+                return nc
+            except BaseException:
+                # Cancelled, refused or too late: a half-made connection must not go on
+                # retrying in the background.
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
+
+        delay = 0.2
+        while True:
+            try:
+                nc = await attempt()
                 break
+            except (Refused, Unavailable):
+                raise
             except Exception as e:
+                if give_up_after is not None:
+                    # Not a refusal: a malformed URL, an option nats-py does not take.
+                    text = mask_secrets(str(e), secrets)
+                    raise Unavailable(f"cannot connect to NATS at {_hosts(urls)}: {text}") from None
                 # Not up yet (a restart in progress): an outage at start is waited out too.
                 log.warning("cannot connect to nats (%s); retrying in %.1f s", e, delay)
                 await asyncio.sleep(delay)
@@ -379,6 +467,41 @@ class Bus:
         start = time.perf_counter()
         await self.js.account_info()
         return time.perf_counter() - start
+
+
+def _is_refusal(e: Exception) -> bool:
+    """Whether NATS refused who we are (or TLS failed): trying again cannot help."""
+    if isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False  # the server went away mid-handshake (a restart): not about us
+    if isinstance(e, ssl.SSLError | AuthorizationError):
+        return True
+    text = str(e).lower()
+    return any(
+        words in text
+        for words in ("authorization violation", "authentication expired", "authentication revoked")
+    )
+
+
+def _refusal_text(
+    e: Exception, urls: list[str], user: str | None, creds: str | None, secrets: list[str]
+) -> str:
+    """Why the connection was refused, in words a person can act on: never a secret."""
+    reason = mask_secrets(str(e), secrets).removeprefix("nats: ").strip("'")
+    if isinstance(e, ssl.SSLError):
+        return f"TLS with NATS at {_hosts(urls)} failed: {reason}"
+    user = user or unquote(split_url(urls[0]).user or "")
+    if user:
+        who, check = f"user {user!r}", "the user name and its password"
+    elif creds:
+        who, check = f"the creds file {creds}", "the creds file"
+    else:
+        who, check = "this client", "whether the server wants a user (VOLUMED_NATS_USER)"
+    return f"NATS at {_hosts(urls)} refused {who} ({reason}): check {check}"
+
+
+def _hosts(urls: list[str]) -> str:
+    """The URLs for a message: never a password."""
+    return ",".join(mask_url_password(url) for url in urls)
 
 
 def _consumer_matches(config: ConsumerConfig, spec: ConsumerSpec) -> bool:

@@ -51,3 +51,8 @@ class ServiceFailed(BusError):
         super().__init__(f"{text} (error {code})")
         self.code = code
         self.text = text
+
+
+class Refused(BusError, PermissionError):
+    """NATS refused this connection, or TLS failed: the user, password or creds file, the
+    client certificate, or the server's certificate. Waiting does not fix it."""

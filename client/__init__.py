@@ -14,6 +14,7 @@ from client.errors import (
     OperationRejected,
     ServiceError,
     Timeout,
+    Unauthorized,
     Unavailable,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "Progress",
     "ServiceError",
     "Timeout",
+    "Unauthorized",
     "Unavailable",
     "new_operation_id",
 ]

@@ -5,7 +5,12 @@ For a person each command shows its progress live (a spinner, a line per event, 
 at the end); with ``--json`` it prints one JSON object per line instead (each event as it
 arrives, or the query's reply) for scripts. Exit codes: 0 completed (or found, or healthy),
 1 failed, rejected or cancelled (the code is in the output; also an unknown id, an unhealthy
-volumed), 2 a usage error, 3 no server or no volumed there, or a timeout.
+volumed), 2 a usage error, 3 no server or no volumed there, or a timeout, 4 NATS refused the
+login (user, password, creds file, certificate) or a subject.
+
+It reaches NATS as the daemon does, from the same VOLUMED_NATS_* variables (URL, TLS files,
+user and password or creds file, inbox prefix); a flag replaces its variable. The password
+has no flag (every local user can read a command line): VOLUMED_NATS_PASSWORD.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Mapping as StrMapping
 from typing import Any
 
 import msgspec
@@ -29,6 +35,7 @@ from client.errors import (
     NotFound,
     ServiceError,
     Timeout,
+    Unauthorized,
     Unavailable,
 )
 from schemas.commands import (
@@ -40,10 +47,11 @@ from schemas.commands import (
     DetachCommand,
 )
 from schemas.common import GIB, TERMINAL
+from schemas.config import ConfigError, Settings, env_name, load_nats_settings
 from schemas.events import OperationEvent
 from schemas.queries import Health, Mapping, Operation
 
-OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+OK, FAILED, USAGE, UNAVAILABLE, UNAUTHORIZED = 0, 1, 2, 3, 4
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 COMMANDS = (
@@ -377,15 +385,43 @@ def parse_metadata(text: str) -> tuple[str, str]:
     return key, value
 
 
+# The CLI flags of the NATS settings beside --server; each replaces its variable.
+_NATS_FLAGS = (
+    ("--tls-ca", "nats_tls_ca", "PEM file of the CA of the server's certificate"),
+    ("--tls-cert", "nats_tls_cert", "PEM file of this client's certificate"),
+    ("--tls-key", "nats_tls_key", "PEM file of its private key"),
+    ("--user", "nats_user", "NATS user; its password: $VOLUMED_NATS_PASSWORD"),
+    ("--creds", "nats_creds", "NATS .creds file, instead of a user"),
+    ("--inbox-prefix", "nats_inbox_prefix", "subject prefix of the replies (default: _INBOX.USER)"),
+)
+
+
+def nats_settings(
+    args: argparse.Namespace, environ: StrMapping[str, str] | None = None
+) -> Settings:
+    """The NATS settings of the environment (as the daemon reads them), with the flags given
+    in their place. Raises ConfigError (its text names the setting, never a secret)."""
+    environ = dict(os.environ if environ is None else environ)
+    for key in ("nats_url", *(key for _, key, _ in _NATS_FLAGS)):
+        value = getattr(args, key, None)
+        if value:
+            environ[env_name(key)] = value
+    return load_nats_settings(environ)
+
+
 def add_commands(sub: Any) -> None:
     """Add the user commands to ``sub`` (the subparsers of the `volumed` parser)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
         metavar="URL",
-        default=os.environ.get("VOLUMED_NATS_URL", DEFAULT_SERVER),
-        help="NATS URL(s), comma-separated (default: $VOLUMED_NATS_URL or %(default)s)",
+        dest="nats_url",
+        help=f"NATS URL(s), comma-separated (default: $VOLUMED_NATS_URL or {DEFAULT_SERVER})",
     )
+    for flag, key, what in _NATS_FLAGS:
+        common.add_argument(
+            flag, dest=key, metavar=flag.split("-")[-1].upper(), help=f"{what} (${env_name(key)})"
+        )
     common.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
     common.add_argument(
         "--connect-timeout",
@@ -503,8 +539,15 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, out: Output) -> int:
     handler: Handler = args.handler
     try:
-        async with await Client.connect(args.server, timeout=args.connect_timeout) as client:
+        connecting = Client.connect(settings=nats_settings(args), timeout=args.connect_timeout)
+        async with await connecting as client:
             return await handler(client, args, out)
+    except ConfigError as e:  # a NATS setting, or a TLS file that is no PEM
+        out.error("invalid_request", str(e))
+        return USAGE
+    except Unauthorized as e:
+        out.error("unauthorized", str(e))
+        return UNAUTHORIZED
     except (Unavailable, Timeout) as e:
         out.error("unavailable" if isinstance(e, Unavailable) else "timeout", str(e))
         return UNAVAILABLE

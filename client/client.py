@@ -25,7 +25,7 @@ from typing import Any, Self, TypeVar
 import msgspec
 
 from bus import BadRequest as BusBadRequest
-from bus import Bus, ServiceFailed, call
+from bus import Bus, Refused, ServiceFailed, call
 from bus import NotFound as BusNotFound
 from bus import Unavailable as BusUnavailable
 from bus.topology import API_PREFIX, EVENTS, EVENTS_PREFIX, command_subject, event_subject
@@ -35,6 +35,7 @@ from client.errors import (
     OperationFailed,
     ServiceError,
     Timeout,
+    Unauthorized,
     Unavailable,
 )
 from schemas.commands import (
@@ -47,7 +48,7 @@ from schemas.commands import (
     operation_type_of,
 )
 from schemas.common import STATUS_RANK, TERMINAL, OpType, Status, is_operation_id
-from schemas.config import Settings, mask_url_password
+from schemas.config import Settings
 from schemas.events import OperationEvent
 from schemas.queries import (
     Health,
@@ -179,22 +180,32 @@ class Client:
     @classmethod
     async def connect(
         cls,
-        servers: str | list[str] = DEFAULT_SERVER,
+        servers: str | list[str] | None = None,
         *,
+        settings: Settings | None = None,
         name: str = "volumed-client",
         timeout: float = 5.0,
         request_timeout: float = 5.0,
     ) -> Client:
-        """Connect to NATS (``servers``: one URL, a comma-separated list, or a list).
+        """Connect to NATS as volumed's daemon would with ``settings``: its TLS files, user
+        and password or creds file, and inbox prefix (``schemas.config.load_nats_settings()``
+        reads them from the same VOLUMED_NATS_* variables). ``servers`` (one URL, a
+        comma-separated list, or a list) replaces ``settings.nats_url``; with neither, the
+        default server, without TLS or a user.
 
-        Raises Unavailable when no server answers within ``timeout`` seconds."""
+        Raises Unavailable when no server answers within ``timeout`` seconds, Unauthorized
+        at once when NATS refuses the login or TLS fails. Their texts hold no secret."""
+        settings = settings or Settings()
+        if servers is not None:
+            urls = servers if isinstance(servers, str) else ",".join(servers)
+            settings = msgspec.structs.replace(settings, nats_url=urls)
         try:
-            # The bus retries for ever (right for the daemon); a client gives up in time.
-            bus = await asyncio.wait_for(Bus.connect(servers, name), timeout)
-        except TimeoutError:
-            raise Unavailable(
-                f"no NATS server answered within {timeout} s at {_redact(servers)}"
-            ) from None
+            # The daemon retries for ever; a client gives up in time.
+            bus = await Bus.connect_with(settings, name, give_up_after=timeout)
+        except BusUnavailable as e:
+            raise Unavailable(str(e)) from None
+        except Refused as e:
+            raise Unauthorized(str(e)) from None
         return cls(bus, request_timeout=request_timeout)
 
     async def close(self) -> None:
@@ -433,10 +444,11 @@ class Client:
         except BusUnavailable as e:
             raise Unavailable(f"volumed is not running or not set up here: {e}") from None
         except TimeoutError:
+            if "permissions violation" in self.bus.last_error.lower():
+                # NATS drops what a user may not do, and says so only in an error callback.
+                why = self.bus.last_error.removeprefix("nats: ")
+                raise Unauthorized(
+                    f"NATS refused this user: {why} (check its permissions in the server's "
+                    "accounts, and its inbox prefix: VOLUMED_NATS_INBOX_PREFIX)"
+                ) from None
             raise Timeout(f"NATS did not answer within {self.request_timeout} s") from None
-
-
-def _redact(servers: str | list[str]) -> str:
-    """The server URLs for a message: never a password."""
-    urls = servers.split(",") if isinstance(servers, str) else servers
-    return ",".join(mask_url_password(url) for url in urls)

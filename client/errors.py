@@ -16,6 +16,12 @@ class Unavailable(ClientError, ConnectionError):
     stream captures commands, no service answers queries)."""
 
 
+class Unauthorized(ClientError, PermissionError):
+    """NATS refused this client: its user and password, creds file or client certificate
+    (or TLS failed on the server's certificate), or a subject its user may not use.
+    Trying again with the same settings does not help."""
+
+
 class Timeout(ClientError, TimeoutError):
     """volumed did not answer, or an operation did not end, within the time allowed.
 

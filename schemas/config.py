@@ -104,6 +104,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """That user's password: a secret, never logged."""
     nats_creds: str | None = None
     """A .creds file (JWT and NKey seed) instead of user and password."""
+    nats_inbox_prefix: str | None = None
+    """Subject prefix of this process's reply inboxes (requests, JetStream API calls, pull
+    consumers). Unset: ``inbox_prefix`` derives it from the user name."""
     nats_provision: bool = True
     """Create or update the streams, consumers and buckets at start. False for the
     least-privilege actor users, which may not: an admin provisions once (see
@@ -133,6 +136,21 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         for url in (self.db_dsn, self.cloudstack_endpoint or "", *self.nats_url.split(",")):
             found += url_secrets(url)
         return list(dict.fromkeys(s for s in found if s))
+
+    @property
+    def inbox_prefix(self) -> str:
+        """``nats_inbox_prefix``, else ``_INBOX.<user>`` for a process that logs in as a user
+        (``nats_user``, or the user in the first ``nats_url``), else NATS's ``_INBOX``.
+
+        Derived from the user because deploy/nats-accounts/ grants each user subscribe on
+        ``_INBOX.<user>.>`` only (no role reads another's replies): the name that picks the
+        permissions picks the prefix, with nothing more to keep in step. A server whose
+        accounts still grant ``_INBOX.>`` covers the derived prefix too."""
+        if self.nats_inbox_prefix:
+            return self.nats_inbox_prefix
+        first_url = self.nats_url.split(",")[0]
+        user = self.nats_user or unquote(split_url(first_url).user or "")
+        return f"_INBOX.{user}" if user else "_INBOX"
 
     @property
     def clock(self) -> str:
@@ -200,6 +218,22 @@ def _name_the_setting(error: str) -> str:
     return f"{env_name(m[1])} ({m[1]}): {error}"
 
 
+# A NATS subject without wildcards: tokens of anything but white space, '.', '*' and '>'.
+_SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+# The settings that say how to reach NATS and who to be there: all a client needs.
+NATS_KEYS = tuple(key for key in Settings.__struct_fields__ if key.startswith("nats_"))
+
+
+def load_nats_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The NATS settings (``NATS_KEYS``) from the environment, checked as ``load_settings``
+    checks them; every other setting keeps its default. For clients (the `volumed` user
+    commands): a variable of the daemon's that they never use cannot stop them."""
+    environ = os.environ if environ is None else environ
+    names = {env_name(key) for key in NATS_KEYS}
+    return load_settings(environ={k: v for k, v in environ.items() if k in names})
+
+
 def _check_nats_security(settings: Settings) -> Settings:
     """Settings that only make sense together: refused at start, not at the first connect."""
     if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
@@ -211,6 +245,13 @@ def _check_nats_security(settings: Settings) -> Settings:
     if settings.nats_creds and settings.nats_user:
         raise ConfigError(
             "invalid configuration: VOLUMED_NATS_CREDS and VOLUMED_NATS_USER exclude each other"
+        )
+    if not _SUBJECT.fullmatch(settings.inbox_prefix):
+        # A user name is no secret; it is named so that the fix is obvious.
+        why = "" if settings.nats_inbox_prefix else " (made from the NATS user name)"
+        raise ConfigError(
+            f"invalid configuration: VOLUMED_NATS_INBOX_PREFIX: {settings.inbox_prefix!r}{why}"
+            " is not a subject without wildcards; set VOLUMED_NATS_INBOX_PREFIX"
         )
     for key in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds"):
         path = getattr(settings, key)

@@ -27,7 +27,8 @@ import pytest
 from actors.supervisor import Supervisor, connect_bus
 from bus import Bus
 from bus.topology import TOPOLOGY
-from schemas.config import ConfigError, Settings, load_settings
+from client import Client, Unauthorized
+from schemas.config import ConfigError, Settings, load_nats_settings, load_settings
 from simulator import SimConfig, Simulator
 from tests.conftest import (
     Database,
@@ -37,6 +38,7 @@ from tests.conftest import (
     volumed_env,
     wait_for,
 )
+from tests.test_cli import VOLUMED, create_args
 from tests.test_devices_e2e import fake_tree, hotplugging
 from tests.test_lifecycle import create_body, op, remote_vm, settings_for
 
@@ -243,6 +245,18 @@ def test_nats_settings_that_go_together(environ: dict[str, str]) -> None:
     assert "VOLUMED_NATS_" in str(e.value) and "s3cr3t-Pw" not in str(e.value)
 
 
+def test_a_client_reads_only_the_nats_settings() -> None:
+    """The user commands take the daemon's NATS variables, checked as the daemon checks
+    them, and nothing else: a daemon setting they never use cannot stop them."""
+    settings = load_nats_settings(
+        {"VOLUMED_NATS_USER": "client", "VOLUMED_POLL_INTERVAL": "soon", "VOLUMED_VM_ID": "x"}
+    )
+    assert settings.nats_user == "client" and settings.vm_id is None
+    assert settings.inbox_prefix == "_INBOX.client"
+    with pytest.raises(ConfigError, match="VOLUMED_NATS_TLS_KEY"):
+        load_nats_settings({"VOLUMED_NATS_TLS_CERT": "/c.pem"})
+
+
 # -- TLS --------------------------------------------------------------------------------
 
 
@@ -433,13 +447,38 @@ async def test_a_wrong_password_is_refused_and_never_logged(
     assert wrong not in caplog.text and wrong not in repr(settings)
 
 
+def login(server: SecureNats, role: str, **over: object) -> Awaitable[Bus]:
+    """A connection as ``role``, made as volumed makes its own (its inbox prefix too)."""
+    settings = Settings(
+        nats_url=server.url, nats_user=role, nats_password=server.passwords[role], **over
+    )  # type: ignore[arg-type]
+    return Bus.connect_with(settings, role)
+
+
+async def test_a_refused_client_names_its_user_never_the_password(
+    accounts_server: SecureNats,
+) -> None:
+    """The client gives up at the first refusal (the daemon would retry): Unauthorized, at
+    once, naming the user, whether it came from the settings or from the URL."""
+    wrong = f"wrong-{os.urandom(6).hex()}"
+    with_user = Settings(nats_url=accounts_server.url, nats_user="client", nats_password=wrong)
+    in_url = accounts_server.url.replace("nats://", f"nats://client:{wrong}@")
+    for connecting in (
+        Client.connect(settings=with_user, timeout=30),
+        Client.connect(in_url, timeout=30),
+    ):
+        started = time.monotonic()
+        with pytest.raises(Unauthorized) as refused:
+            await connecting
+        assert time.monotonic() - started < 5
+        text = str(refused.value)
+        assert "'client'" in text and "Authorization Violation" in text, text
+        assert wrong not in text and accounts_server.passwords["client"] not in text
+
+
 async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -> None:
-    admin = await Bus.connect(
-        accounts_server.url, "admin", user="admin", password=accounts_server.passwords["admin"]
-    )
-    client = await Bus.connect(
-        accounts_server.url, "client", user="client", password=accounts_server.passwords["client"]
-    )
+    admin = await login(accounts_server, "admin")
+    client = await login(accounts_server, "client")
     try:
         await admin.provision(TOPOLOGY)
         # Allowed: a command, answered by the command stream's acknowledgement.
@@ -462,12 +501,8 @@ async def test_client_user_cannot_touch_internals(accounts_server: SecureNats) -
 
 
 async def test_operator_user_reads_and_changes_nothing(accounts_server: SecureNats) -> None:
-    def login(role: str) -> Any:
-        return Bus.connect(
-            accounts_server.url, role, user=role, password=accounts_server.passwords[role]
-        )
-
-    admin, operator = await login("admin"), await login("operator")
+    admin = await login(accounts_server, "admin")
+    operator = await login(accounts_server, "operator")
     try:
         await admin.provision(TOPOLOGY)
         await admin.publish("volume.events.op-1", {"status": "pending"})
@@ -495,6 +530,150 @@ async def test_operator_user_reads_and_changes_nothing(accounts_server: SecureNa
         await operator.close()
         await admin.close()
     assert len(accounts_server.violations()) == 6, accounts_server.violations()
+
+
+# -- inboxes: each role its own -----------------------------------------------------------
+
+
+def test_inbox_prefix_follows_the_user() -> None:
+    def prefix(**environ: str) -> str:
+        variables = {f"VOLUMED_{k.upper()}": v for k, v in environ.items()}
+        return load_settings(environ=variables).inbox_prefix
+
+    assert prefix() == "_INBOX"  # no user: NATS's own
+    assert prefix(nats_user="executor") == "_INBOX.executor"
+    assert prefix(nats_url="nats://client:pw@10.0.0.5:4222") == "_INBOX.client"
+    assert prefix(nats_user="executor", nats_inbox_prefix="_I.exec-1") == "_I.exec-1"
+    # A user name that cannot be part of a subject asks for an explicit prefix.
+    with pytest.raises(ConfigError) as e:
+        prefix(nats_user="my user", nats_password="s3cr3t-Pw")
+    assert "VOLUMED_NATS_INBOX_PREFIX" in str(e.value) and "s3cr3t-Pw" not in str(e.value)
+    with pytest.raises(ConfigError):
+        prefix(nats_inbox_prefix="_INBOX.*")
+
+
+async def test_a_role_reads_only_its_own_inbox(accounts_server: SecureNats) -> None:
+    """The client may subscribe to its own inbox prefix, never to the executor's or to all of
+    _INBOX; a client that uses another prefix gets no replies and is told why."""
+    admin = await login(accounts_server, "admin")
+    client = await login(accounts_server, "client")
+    got: list[str] = []
+
+    async def collect(subject: str, data: bytes, reply: str | None) -> None:
+        got.append(subject)
+
+    try:
+        assert client.nc.new_inbox().startswith("_INBOX.client.")
+        for subject in ("_INBOX.client.>", "_INBOX.executor.>", "_INBOX.>"):
+            await client.subscribe(subject, collect)
+        await client.flush()
+        for subject in ("_INBOX.client.probe", "_INBOX.executor.probe", "_INBOX.probe"):
+            await admin.publish_core(subject, b"secret reply")
+        await admin.flush()
+        await wait_for(lambda: got)
+        await asyncio.sleep(0.2)  # anything else would have come by now
+        assert got == ["_INBOX.client.probe"]
+    finally:
+        await client.close()
+        await admin.close()
+    denied = [line for line in accounts_server.violations() if "Subscription Violation" in line]
+    assert len(denied) == 2, denied
+    assert any('"_INBOX.executor.>"' in line for line in denied), denied
+    assert any('"_INBOX.>"' in line for line in denied), denied
+
+    # The client's user with NATS's default prefix: its replies are not allowed to reach it.
+    settings = Settings(
+        nats_url=accounts_server.url,
+        nats_user="client",
+        nats_password=accounts_server.passwords["client"],
+        nats_inbox_prefix="_INBOX",
+    )
+    async with await Client.connect(settings=settings, request_timeout=1) as shared:
+        with pytest.raises(Unauthorized) as refused:
+            await shared.health()
+    assert "permissions violation" in str(refused.value).lower(), refused.value
+    assert accounts_server.passwords["client"] not in str(refused.value)
+
+
+# -- the client and the `volumed` user commands on a secured NATS ----------------------------
+
+
+async def user_command(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> tuple[int, str, str]:
+    """`volumed ARGS` as a process with only ``env``'s NATS settings (none inherited)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VOLUMED_NATS_")}
+    proc = await asyncio.create_subprocess_exec(
+        VOLUMED,
+        *args,
+        env={**clean, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_as_the_client_user_over_tls(
+    tls_server: SecureNats, database: Database, sim: Simulator
+) -> None:
+    """The `volumed` user commands as the least-privilege `client` user over TLS with a
+    client certificate, configured as the daemon is: a create runs to its end; flags do
+    the same as the variables; a wrong password or a missing certificate exits 4 with a
+    clear message, no traceback and no password."""
+    certs = tls_server.dir / "certs"
+    tls = {
+        "VOLUMED_NATS_TLS_CA": str(certs / "ca.pem"),
+        "VOLUMED_NATS_TLS_CERT": str(certs / "volumed.pem"),
+        "VOLUMED_NATS_TLS_KEY": str(certs / "volumed.key"),
+    }
+    password = tls_server.passwords["client"]
+    env = {"VOLUMED_NATS_URL": tls_server.url, **tls, "VOLUMED_NATS_USER": "client"}
+    env["VOLUMED_NATS_PASSWORD"] = password
+    base = settings_for(tls_server, database, sim)  # type: ignore[arg-type]
+    admin = as_user(base, tls_server, "admin", **{k[8:].lower(): v for k, v in tls.items()})
+    supervisor, task = await run_supervisor(admin, ["persistence", "executor"])
+    try:
+        code, out, err = await user_command(env, *create_args(sim, "tls-1"), "--json")
+        assert code == 0, err
+        created = [json.loads(line) for line in out.splitlines()][-1]
+        assert created["status"] == "completed" and created["volume_id"], created
+
+        # The same settings as flags (the password stays in the environment).
+        flags = ["--server", tls_server.url, "--user", "client"]
+        flags += ["--tls-ca", tls["VOLUMED_NATS_TLS_CA"]]
+        flags += ["--tls-cert", tls["VOLUMED_NATS_TLS_CERT"]]
+        flags += ["--tls-key", tls["VOLUMED_NATS_TLS_KEY"]]
+        only_password = {"VOLUMED_NATS_PASSWORD": password}
+        code, out, err = await user_command(
+            only_password, "status", created["operation_id"], "--json", *flags
+        )
+        assert code == 0 and json.loads(out)["status"] == "completed", err
+
+        wrong = f"wrong-{os.urandom(6).hex()}"
+        code, out, err = await user_command({**env, "VOLUMED_NATS_PASSWORD": wrong}, "health")
+        assert code == 4, (out, err)
+        assert "unauthorized" in err and "'client'" in err and "Traceback" not in err, err
+        assert wrong not in out + err and password not in out + err
+        code, out, _ = await user_command(
+            {**env, "VOLUMED_NATS_PASSWORD": wrong}, "health", "--json"
+        )
+        assert code == 4 and json.loads(out)["error"]["code"] == "unauthorized", out
+
+        # No client certificate: TLS fails, and it says so.
+        client_pair = ("VOLUMED_NATS_TLS_CERT", "VOLUMED_NATS_TLS_KEY")
+        no_cert = {k: v for k, v in env.items() if k not in client_pair}
+        code, out, err = await user_command(no_cert, "health")
+        assert code == 4 and "TLS" in err and "Traceback" not in err, err
+        assert password not in out + err
+        # A key without its certificate is a usage error, named.
+        key_only = {**no_cert, "VOLUMED_NATS_TLS_KEY": tls["VOLUMED_NATS_TLS_KEY"]}
+        code, _, err = await user_command(key_only, "health")
+        assert code == 2 and "VOLUMED_NATS_TLS_CERT" in err, err
+    finally:
+        await stop_supervisor(supervisor, task)
+    assert tls_server.violations() == []
 
 
 # -- creds files (a server in JWT mode) -------------------------------------------------
