@@ -4,6 +4,7 @@ decisions out on the correlation result subjects."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,6 +43,8 @@ from schemas.internal import (
 from tests.conftest import NatsServer, wait_for
 
 VM = "7c4b1c2e-0000-4000-8000-00000000c0de"
+HERE = Settings().clock  # an executor on this host stamps its times with it
+THERE = "boot-id-of-another-host"
 
 
 @pytest.fixture
@@ -106,7 +109,9 @@ async def watcher_started(bus: Bus, *devices: DeviceInfo) -> None:
     await bus.publish(device_subject(VM), inv)
 
 
-def attach_request(op: str, volume_id: str, size: int, started_at: float) -> CorrelateRequest:
+def attach_request(
+    op: str, volume_id: str, size: int, started_at: float, clock: str | None = HERE
+) -> CorrelateRequest:
     return CorrelateRequest(
         operation_id=op,
         volume_id=volume_id,
@@ -114,7 +119,12 @@ def attach_request(op: str, volume_id: str, size: int, started_at: float) -> Cor
         size=size,
         serial=serial_of(volume_id),
         started_at=started_at,
+        clock=clock,
     )
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat()
 
 
 async def test_serial_device_already_in_the_watchers_state(bus: Bus, results: Results) -> None:
@@ -256,6 +266,64 @@ async def test_attach_in_flight_from_the_attaching_bucket(bus: Bus, results: Res
         )
         await bus.publish(event_subject("op-other"), failed)
         await wait_for(lambda: "op-other" in actor.engine._ended, timeout=5)
+    finally:
+        await stop(actor, task)
+
+
+async def test_attaches_on_another_hosts_clock(bus: Bus, results: Results) -> None:
+    """An executor's times are compared with the watcher's only when they are on this
+    host's clock: an attach in flight on another host's clock (an hour ahead here) competes
+    for every device of its size, one on this host's clock keeps its window."""
+    later = time.time() + 3600
+    attaching = await bus.bucket(ATTACHING_BUCKET, AttachInFlight)
+    there, here = str(uuid.uuid4()), str(uuid.uuid4())
+    for op, volume, clock in (("op-there", there, THERE), ("op-here", here, HERE)):
+        record = AttachInFlight(
+            operation_id=op,
+            volume_id=volume,
+            vm_id=VM,
+            accepted_at=iso(later),
+            started_at=later,
+            clock=clock,
+        )
+        await attaching.create(op, record)
+    actor, task = await start(bus)
+    try:
+        assert {"op-there", "op-here"} <= set(actor.engine._claimants)
+        t0 = time.time()
+        await device_added(bus, dev("vdb", GIB, None, t0 + 0.01))
+        v = str(uuid.uuid4())
+        await bus.publish(correlate_request_subject(VM), attach_request("op-1", v, GIB, t0))
+        await wait_for(lambda: actor.engine.waiting == 1, timeout=5)
+        await asyncio.sleep(0.2)
+        assert "op-1" not in results.attach  # vdb could be op-there's, whatever its clock says
+        # op-there's request says 5 GiB; op-here, on this clock, starts in an hour: vdb can
+        # only be op-1's.
+        await bus.publish(
+            correlate_request_subject(VM),
+            attach_request("op-there", there, 5 * GIB, later, clock=THERE),
+        )
+        r = await wait_for(lambda: results.attach.get("op-1"), timeout=5)
+        assert (r.device_path, r.proof) == ("/dev/vdb", "exclusive")
+        # The same for an attach announced by its executing event (no clock: an older
+        # executor, counted as another host's).
+        executing = OperationEvent(
+            operation_id="op-x",
+            type="attach",
+            status="executing",
+            vm_id=VM,
+            volume_id=str(uuid.uuid4()),
+            at=iso(later),
+        )
+        await bus.publish(event_subject("op-x"), executing)
+        await wait_for(lambda: "op-x" in actor.engine._claimants, timeout=5)
+        t1 = time.time()
+        await device_added(bus, dev("vdc", 2 * GIB, None, t1 + 0.01))
+        w = str(uuid.uuid4())
+        await bus.publish(correlate_request_subject(VM), attach_request("op-2", w, 2 * GIB, t1))
+        await wait_for(lambda: actor.engine.waiting == 2, timeout=5)  # op-there still waits
+        await asyncio.sleep(0.2)
+        assert "op-2" not in results.attach  # vdc could be op-x's
     finally:
         await stop(actor, task)
 

@@ -4,8 +4,9 @@ A seeded simulator plays a host: up to 15 concurrent attaches to the local VM (s
 different sizes, serials on, off or mixed), devices that appear before or after the
 executor's request, stale devices present before, CloudStack failures, roll-backs whose
 terminal event comes before the device is seen to go, detaches and re-attaches that reuse
-a letter, watcher restarts and NATS reconnects. After every decision the invariant is
-checked: no request is ever mapped to a device that is not its volume's.
+a letter, watcher restarts and NATS reconnects; in some worlds executors on other hosts,
+whose clocks are off by up to an hour either way (or name no clock). After every decision
+the invariant is checked: no request is ever mapped to a device that is not its volume's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, 
 
 VM = "vm-1"
 TIMEOUT = 30.0
+HERE = "boot-id-of-the-vm-host"  # the correlator's (and its watcher's) clock
 
 
 def iso(t: float) -> str:
@@ -56,7 +58,14 @@ def inventory(devs: list[DeviceInfo], at: float, source: str = "rescan") -> Devi
     return DeviceEvent(kind="inventory", vm_id=VM, at=at, source=source, devices=tuple(devs))  # type: ignore[arg-type]
 
 
-def op_event(op: str, status: str, at: float, volume_id: str, size: int | None = None) -> Any:
+def op_event(
+    op: str,
+    status: str,
+    at: float,
+    volume_id: str,
+    size: int | None = None,
+    clock: str | None = None,
+) -> Any:
     return OperationEvent(
         operation_id=op,
         type="attach",
@@ -65,10 +74,13 @@ def op_event(op: str, status: str, at: float, volume_id: str, size: int | None =
         vm_id=VM,
         at=iso(at),
         size=size,
+        clock=clock,
     )
 
 
-def request(op: str, volume_id: str, size: int, started_at: float) -> CorrelateRequest:
+def request(
+    op: str, volume_id: str, size: int, started_at: float, clock: str | None = None
+) -> CorrelateRequest:
     return CorrelateRequest(
         operation_id=op,
         volume_id=volume_id,
@@ -76,6 +88,7 @@ def request(op: str, volume_id: str, size: int, started_at: float) -> CorrelateR
         size=size,
         serial=serial_of(volume_id),
         started_at=started_at,
+        clock=clock,
     )
 
 
@@ -97,6 +110,8 @@ class Attach:
     job: float  # CloudStack job duration: the request arrives after it
     device_delay: float | None  # None: the device never shows up
     cs_fails: bool = False
+    clock: str | None = None  # the executor's: its times are the truth plus ``offset``
+    offset: float = 0.0
     rolled_back: bool = False
     result: CorrelateResult | None = None
     requested: bool = False
@@ -113,6 +128,7 @@ class Stats:
     reproven: int = 0
     unproven: int = 0
     resized: int = 0
+    foreign_exclusive: int = 0  # proven by exclusion for an executor on another clock
 
 
 @dataclass(eq=False)
@@ -130,6 +146,7 @@ class Appearance:
 class World:
     rng: random.Random
     mode: str  # "on" | "off" | "mixed"
+    clocks: bool = False  # executors on other hosts, with their own clocks
     engine: CorrelationEngine = field(init=False)
     now: float = 0.0
     present: dict[str, Appearance] = field(default_factory=dict)  # the kernel's truth
@@ -152,7 +169,12 @@ class World:
         # Short time-outs make devices that come after their attach has failed.
         self.timeout = self.rng.choice([2.0, 8.0, TIMEOUT])
         self.engine = CorrelationEngine(
-            VM, now=0.0, timeout=self.timeout, release_timeout=TIMEOUT, linger=5.0
+            VM,
+            now=0.0,
+            timeout=self.timeout,
+            release_timeout=TIMEOUT,
+            linger=5.0,
+            clock=HERE if self.clocks else None,
         )
 
     # scheduling
@@ -261,7 +283,7 @@ class World:
 
         def sync() -> None:
             flying = [
-                InFlightAttach(a.op, a.volume_id, a.announce_at)
+                InFlightAttach(a.op, a.volume_id, a.announce_at + a.offset, clock=a.clock)
                 for a in self.attaches.values()
                 if a.announce_at <= self.now and not a.ended
             ]
@@ -280,7 +302,9 @@ class World:
             f"start={a.started_at:.3f} request={a.started_at + a.job:.3f} "
             f"device={a.device_delay and a.started_at + a.device_delay} cs_fails={a.cs_fails}"
         )
-        executing = op_event(a.op, "executing", a.announce_at, a.volume_id)
+        executing = op_event(
+            a.op, "executing", a.announce_at + a.offset, a.volume_id, clock=a.clock
+        )
         self.at(a.announce_at, lambda: self.feed(self.engine.operation_event(executing, self.now)))
         if a.cs_fails:
             self.at(a.started_at + a.job, lambda: self.end(a, "failed"))
@@ -296,7 +320,7 @@ class World:
 
         def send() -> None:
             a.requested = True
-            req = request(a.op, a.volume_id, a.size, a.started_at)
+            req = request(a.op, a.volume_id, a.size, a.started_at + a.offset, a.clock)
             self.feed(self.engine.attach(req, self.now))
             if self.rng.random() < 0.1:  # a redelivery must get the same answer
                 again = self.now + self.rng.uniform(0, 40)
@@ -307,7 +331,7 @@ class World:
     def end(self, a: Attach, status: str) -> None:
         a.ended = True
         self.log.append(f"{self.now:.3f} {a.op} {status}")
-        event = op_event(a.op, status, self.now, a.volume_id)
+        event = op_event(a.op, status, self.now + a.offset, a.volume_id, clock=a.clock)
         self.feed(self.engine.operation_event(event, self.now))
 
     # decisions
@@ -344,6 +368,7 @@ class World:
             else:
                 assert r.proof == "exclusive"
                 self.stats.exclusive += 1
+                self.stats.foreign_exclusive += a.clock != self.engine.clock
             self.at(self.now + rng.uniform(0.01, 0.2), lambda: self.end(a, "completed"))
             if rng.random() < 0.5:
                 self.detach_later(a, app)
@@ -434,6 +459,12 @@ class World:
         delay = rng.uniform(0.1, job + 1.5)
         if rng.random() < 0.1:  # slow to show up in the guest
             delay = job + rng.uniform(0, 2 * self.timeout)
+        clock, offset = self.engine.clock, 0.0
+        if self.clocks and rng.random() < 0.5:  # (no draw otherwise: same worlds as before)
+            clock = rng.choice(["boot-id-of-another-host", None])
+            offset = rng.choice(
+                [rng.uniform(-1, 1), rng.uniform(-60, 60), rng.uniform(-3600, 3600), -10, 10]
+            )
         return Attach(
             op=op,
             volume_id=volume_id,
@@ -444,15 +475,17 @@ class World:
             job=job,
             device_delay=None if never else delay,
             cs_fails=rng.random() < 0.05,
+            clock=clock,
+            offset=offset,
         )
 
     def trace(self) -> str:
         return "\n".join(self.log[-60:])
 
 
-def simulate(seed: int, mode: str) -> World:
+def simulate(seed: int, mode: str, clocks: bool = False) -> World:
     rng = random.Random(seed)
-    w = World(rng=rng, mode=mode)
+    w = World(rng=rng, mode=mode, clocks=clocks)
     pool = rng.choice([[1], [1, 2], [1, 2, 3, 4]])
     sizes = [s * GIB for s in pool]
 
@@ -534,17 +567,35 @@ def test_generated_worlds_never_map_a_device_to_the_wrong_volume(mode: str) -> N
     assert total.reproven > 1000 and total.unproven > 100 and total.resized > 300, total
 
 
+@pytest.mark.parametrize("mode", ["off", "mixed"])
+def test_generated_worlds_with_executors_on_other_hosts(mode: str) -> None:
+    """Half the attaches come from executors whose clocks are off (or unnamed): never a
+    wrong mapping, and those attaches still get their devices by exclusion."""
+    total = Stats()
+    for seed in range(1500):
+        s = simulate(seed * 7919 + MODE_SALT[mode], mode, clocks=True).stats
+        for k in vars(total):
+            setattr(total, k, getattr(total, k) + getattr(s, k))
+    assert total.exclusive > (1500 if mode == "off" else 300), total
+    assert total.foreign_exclusive > (600 if mode == "off" else 150), total
+    assert total.ambiguous > 100, total
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(["on", "off", "mixed"]))
-def test_hypothesis_worlds(seed: int, mode: str) -> None:
-    simulate(seed, mode)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(["on", "off", "mixed"]),
+    clocks=st.booleans(),
+)
+def test_hypothesis_worlds(seed: int, mode: str, clocks: bool) -> None:
+    simulate(seed, mode, clocks)
 
 
 # -- targeted cases -------------------------------------------------------------------------
 
 
-def engine(now: float = 0.0) -> CorrelationEngine:
-    e = CorrelationEngine(VM, now=now, timeout=30, release_timeout=30)
+def engine(now: float = 0.0, clock: str | None = None) -> CorrelationEngine:
+    e = CorrelationEngine(VM, now=now, timeout=30, release_timeout=30, clock=clock)
     e.sync_attaches([], now)
     return e
 
@@ -1008,3 +1059,109 @@ def test_an_unclaimed_device_resized_to_a_waiting_attachs_size_is_not_its_one() 
     assert e.device_event(changed(grown, 11.0), 11.0) == []
     r = only(e.tick(10.2 + 31.0))
     assert r.operation_id == "r" and r.error.code == "device_timeout"
+
+
+# -- executors on other hosts: their times are on another clock -----------------------------
+
+# Another host's clock, and no clock at all (an executor older than the field).
+FOREIGN = pytest.mark.parametrize("there", ["boot-id-of-another-host", None])
+
+
+@FOREIGN
+def test_an_executor_clock_behind_never_lets_a_stale_device_in(there: str | None) -> None:
+    """Its clock 10 s behind: its started_at (0.0) would open a window that admits vdb,
+    seen at 9.0 before the attach existed. The window opens when the correlator first heard
+    of the attach (its executing event, 10.0)."""
+    e = engine(clock=HERE)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 9.0)), 9.0)  # stale
+    e.operation_event(op_event("a", "executing", 0.0, v, clock=there), 10.0)
+    assert e.attach(request("a", v, GIB, 0.0, there), 11.0) == []
+    r = only(e.device_event(added(device("vdc", GIB, None, 10.5)), 11.5))
+    assert (r.operation_id, r.device_path, r.proof) == ("a", "/dev/vdc", "exclusive")
+
+
+@FOREIGN
+def test_a_foreign_request_as_first_news_opens_its_window_on_arrival(there: str | None) -> None:
+    """No executing event seen: the request itself is the first news. Its own device
+    appeared before (CloudStack's job was over), so it times out, the stale one untaken."""
+    e = engine(clock=HERE)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 9.0)), 9.0)
+    assert e.attach(request("a", v, GIB, 0.0, there), 11.0) == []
+    r = only(e.tick(41.0))
+    assert r.error.code == "device_timeout"
+    assert "after this correlator learned of the attach" in r.error.message
+
+
+@FOREIGN
+def test_an_executor_clock_ahead_still_gets_the_device_seen_after_its_news(
+    there: str | None,
+) -> None:
+    """Its clock 10 s ahead: its started_at (20.0) would close its window on its own
+    device (seen at 10.5). Seen after the executing event came (10.0), the device is its."""
+    e = engine(clock=HERE)
+    v = new_volume()
+    e.operation_event(op_event("a", "executing", 20.0, v, clock=there), 10.0)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    r = only(e.attach(request("a", v, GIB, 20.0, there), 11.0))
+    assert (r.operation_id, r.device_path, r.proof) == ("a", "/dev/vdb", "exclusive")
+
+
+@FOREIGN
+@pytest.mark.parametrize("offset", [-3600.0, -10.0, 10.0, 3600.0])
+@pytest.mark.parametrize("via", ["executing", "in flight"])
+def test_a_foreign_attach_in_flight_competes_whatever_its_times_say(
+    there: str | None, offset: float, via: str
+) -> None:
+    """A (on this host) and B (another host's clock) in flight, both 1 GiB; vdb is B's.
+    B's times, off by ``offset``, must not let A prove vdb by exclusion (ahead, they would
+    put vdb before B's window), nor may the time B was heard of: here that is after vdb
+    appeared (a late event, an in-flight read after a reconnect)."""
+    e = engine(clock=HERE)
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va, clock=HERE), 10.0)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)  # really B's
+    if via == "executing":
+        e.operation_event(op_event("b", "executing", 10.1 + offset, vb, clock=there), 10.6)
+    else:
+        e.lose_track("reconnect", 10.2)
+        assert e.sync_attaches([InFlightAttach("b", vb, 10.1 + offset, clock=there)], 10.6) == []
+    assert e.attach(request("a", va, GIB, 10.0, HERE), 11.0) == []  # B's size unknown: wait
+    r = only(e.attach(request("b", vb, GIB, 10.1 + offset, there), 11.5))
+    assert (r.operation_id, r.error.code) == ("a", "ambiguous_device")
+    assert "vdb" in r.error.message and "attach b " in r.error.message
+    # vdb appeared before the correlator heard of B: B cannot prove it is its own either.
+    r = only(e.tick(41.5))
+    assert (r.operation_id, r.error.code) == ("b", "device_timeout")
+
+
+def test_a_foreign_attach_of_another_size_does_not_block() -> None:
+    """A foreign competitor fits only devices of its size once that is known."""
+    e = engine(clock=HERE)
+    va, vb = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va, clock=HERE), 10.0)
+    e.operation_event(op_event("b", "executing", 5000.0, vb, clock=None), 10.1)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    assert e.attach(request("a", va, GIB, 10.0, HERE), 11.0) == []
+    r = only(e.attach(request("b", vb, 2 * GIB, 5000.0), 11.5))
+    assert (r.operation_id, r.device_path, r.proof) == ("a", "/dev/vdb", "exclusive")
+
+
+def test_the_same_clock_keeps_the_exact_windows() -> None:
+    """Named clocks that match compare as before: SKEW, no more, no less."""
+    e = engine(clock=HERE)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.0 - 2 * SKEW)), 10.0)  # stale
+    e.operation_event(op_event("a", "executing", 9.0, v, clock=HERE), 9.0)
+    assert e.attach(request("a", v, GIB, 10.0, HERE), 11.0) == []
+    r = only(e.device_event(added(device("vdc", GIB, None, 10.0 - SKEW / 2)), 11.1))
+    assert r.device_path == "/dev/vdc"
+    # An attach on this host that started after a device appeared is no competitor for it.
+    e2 = engine(clock=HERE)
+    va, vb = new_volume(), new_volume()
+    e2.operation_event(op_event("a", "executing", 10.0, va, clock=HERE), 10.0)
+    e2.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    e2.operation_event(op_event("b", "executing", 10.7, vb, clock=HERE), 10.7)
+    r = only(e2.attach(request("a", va, GIB, 10.0, HERE), 11.0))
+    assert (r.operation_id, r.device_path) == ("a", "/dev/vdb")

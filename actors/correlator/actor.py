@@ -125,6 +125,8 @@ class CorrelatorActor:
             release_timeout=s.detach_timeout,
             horizon=s.cloudstack_job_timeout + s.correlation_timeout + 60.0,
             linger=max(5.0, 2 * s.poll_interval + 1.0),
+            # The watcher of this VM runs on this host: its device stamps are on this clock.
+            clock=s.clock,
         )
         unsubscribe = [
             await self.bus.subscribe(device_subject(self.vm_id), self._on_device),
@@ -369,6 +371,7 @@ class CorrelatorActor:
                     operation_id=a.operation_id,
                     volume_id=a.volume_id,
                     started_at=min(times) if times else float("-inf"),
+                    clock=a.clock,
                 )
             )
 

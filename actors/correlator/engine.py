@@ -22,7 +22,8 @@ the volume of attach R only if all of this holds:
    window opens; a device seen earlier is stale and never taken. ``SKEW`` (50 ms) only
    absorbs timestamp granularity and clock slew. It is far shorter than any CloudStack attach
    takes to reach a guest (API call, job, agent command, PCI hot-plug), so it does not
-   reopen the seed's 5 s "contemporary" window.
+   reopen the seed's 5 s "contemporary" window. If R's executor runs on another host, R's
+   window opens when this correlator first learned of R instead (below).
 2. *Its size equals R's size exactly*, it is not claimed by an earlier answer, and it is not
    the device of a volume detached since.
 3. *It is R's only such device*: with two, both could be R's, so R is ambiguous at once.
@@ -30,6 +31,8 @@ the volume of attach R only if all of this holds:
    the device is a competitor: one whose request waits too (same size) makes both
    ambiguous at once; one known only from its ``executing`` event (size unknown until its
    request comes) makes R wait, and R fails ``ambiguous_device`` if its time-out comes first.
+   A competitor's window opens at the earliest time known of it (``executing``'s ``at``,
+   ``accepted_at``, ``started_at``, less ``SKEW``); for one on another host's clock, always.
 5. *It appeared after this correlator started* (claims live in memory: a device seen
    before may already be another volume's), and it is not *tainted*.
 
@@ -45,12 +48,39 @@ attach. Attaches that may have started while nothing was listening (process star
 reconnect) count as one "unknown" competitor that blocks every exclusion proof until the
 actor has read the in-flight attaches from the attaching bucket again.
 
+**Executors on other hosts.** The watcher and this correlator run on the VM's host, an
+executor on any host. A time the executor stamped (``executing``'s ``at``, the attaching
+bucket's ``accepted_at`` and ``started_at``, the request's ``started_at``) is compared with
+the watcher's stamps only if it is stamped with this engine's ``clock`` (Settings.clock: one
+boot of one host). Another clock may be off by any amount: behind, it would let a stale
+device into R's window (a wrong mapping); ahead, it would shrink a competitor's window so
+that R takes the competitor's device (a wrong mapping too). A time without a clock (an
+executor older than the field) counts as another host's. For such an attach the engine uses
+only its own clock, each time on the side where an error costs a failed attach and never a
+wrong mapping:
+
+- *as R* (its own window), it opens when this correlator first learned of R: the receipt
+  of its ``executing`` event, of the in-flight read that listed it, or of its request,
+  whichever came first. Opening after R was sent only costs R its device (a time-out and a
+  roll-back), never a wrong one. It may also open a little before the send (``executing``
+  precedes it), but a device first seen after the correlator knew of R is no stale one: it
+  is another attach's, which competes for it (rule 4) or has tainted it, as for any device
+  seen inside a window;
+- *as a competitor* of another attach, its window is open since always: it may own any
+  device of its size (any, while its size is unknown), whenever that appeared. Earlier is
+  safe there; it costs the other attach a wait or an ``ambiguous_device``.
+
+So an executor on another host costs attaches of the same size that overlap it their proof
+by exclusion, and its own attach its device when that appeared before the correlator heard
+of it; attaches on the correlator's host keep their exact windows.
+
 Requirements on the others: every attach to this VM goes through volumed (a disk
 hot-plugged by hand inside a window of the same size would be indistinguishable); the
 executor publishes ``executing`` before it sends an attach and ``failed`` only after the
-roll-back detach is done; the watcher stamps ``appeared_at`` when it first sees a device
-(its start scan is marked ``source="start"``, and devices first learned from it count as
-present since an unknown time).
+roll-back detach is done, and names the clock of every time it hands over (``clock``); the
+watcher stamps ``appeared_at`` when it first sees a device (its start scan is marked
+``source="start"``, and devices first learned from it count as present since an unknown
+time).
 
 **Proving mappings again** (``prove``). A mapping recorded earlier names a kernel name, and
 the kernel may give that name to another disk (a reboot names disks again, in any order). A
@@ -110,6 +140,7 @@ class InFlightAttach:
     volume_id: str | None = None
     started_at: float = _UNKNOWN
     size: int | None = None
+    clock: str | None = None  # whose clock started_at is on (the executor's)
 
 
 @dataclass
@@ -135,19 +166,15 @@ class _Claimant:
 
     operation_id: str
     kind: ClaimantKind
-    window_start: float  # its device cannot have been seen before this
+    window_start: float  # as a competitor: its device cannot have been seen before this
     size: int | None  # None: unknown, fits any size
     volume_id: str | None
+    learned_at: float = _UNKNOWN  # when this engine first heard of it (its own clock)
     expires: float = _NEVER  # announced/failed/unknown: forgotten (and its devices tainted)
     request: CorrelateRequest | None = None
+    own_start: float = _NEVER  # open: its own candidates were seen at or after this
     deadline: float = _NEVER  # open: when it times out
     reason: str = ""  # unknown: why the engine may have missed attaches
-
-    @property
-    def own_start(self) -> float:
-        """Start of the window for the request's own candidates (its own started_at)."""
-        assert self.request is not None
-        return self.request.started_at - SKEW
 
 
 @dataclass
@@ -172,14 +199,18 @@ class CorrelationEngine:
         horizon: float = 930.0,
         linger: float = 5.0,
         attaches_known: bool = False,
+        clock: str | None = None,
     ) -> None:
         """``horizon``: seconds after which an attach that never reported its end is
         forgotten (longer than any CloudStack job plus the correlation timeout).
         ``linger``: seconds a failed attach still taints new devices after its terminal
         event (longer than the watcher's observation lag, i.e. its rescan interval).
         ``attaches_known=False`` (the safe default) means attaches may be in flight that the
-        engine has not heard of; call ``sync_attaches`` once they are known."""
+        engine has not heard of; call ``sync_attaches`` once they are known.
+        ``clock``: the clock ``now`` and the watcher's stamps are on (Settings.clock); an
+        executor's time is compared with them only if it is stamped with the same clock."""
         self.vm_id = vm_id
+        self.clock = clock
         self.timeout = timeout
         self.release_timeout = release_timeout
         self.horizon = horizon
@@ -264,16 +295,24 @@ class CorrelationEngine:
         current = self._claimants.get(op)
         if current is not None and current.kind == "open":
             return []
-        window = request.started_at - SKEW
+        window = self._window(request.started_at, request.clock)
+        learned = now
         if current is not None:
             window = min(window, current.window_start)
+            learned = current.learned_at
+        # Its own window must not open too early (a stale device would enter it): on a
+        # foreign clock only this engine's first news of the attach is known to be late
+        # enough.
+        own = request.started_at - SKEW if self._ours(request.clock) else learned
         self._claimants[op] = _Claimant(
             operation_id=op,
             kind="open",
             window_start=window,
             size=request.size,
             volume_id=request.volume_id,
+            learned_at=learned,
             request=request,
+            own_start=own,
             deadline=now + self.timeout,
         )
         return self._evaluate(now)
@@ -309,18 +348,19 @@ class CorrelationEngine:
             if op in self._ended or op in self._answers:
                 return []
             current = self._claimants.get(op)
-            started = _parse_time(event.at)
+            window = self._window(_parse_time(event.at), event.clock)
             if current is None:
                 self._claimants[op] = _Claimant(
                     operation_id=op,
                     kind="announced",
-                    window_start=started - SKEW,
+                    window_start=window,
                     size=event.size,
                     volume_id=event.volume_id,
+                    learned_at=now,
                     expires=now + self.horizon,
                 )
             else:
-                current.window_start = min(current.window_start, started - SKEW)
+                current.window_start = min(current.window_start, window)
             return []
         if event.status in TERMINAL:
             return self._end(op, now)
@@ -333,17 +373,19 @@ class CorrelationEngine:
             if a.operation_id in self._ended or a.operation_id in self._answers:
                 continue
             current = self._claimants.get(a.operation_id)
+            window = self._window(a.started_at, a.clock)
             if current is None:
                 self._claimants[a.operation_id] = _Claimant(
                     operation_id=a.operation_id,
                     kind="announced",
-                    window_start=a.started_at - SKEW,
+                    window_start=window,
                     size=a.size,
                     volume_id=a.volume_id,
+                    learned_at=now,
                     expires=now + self.horizon,
                 )
             else:
-                current.window_start = min(current.window_start, a.started_at - SKEW)
+                current.window_start = min(current.window_start, window)
         for op in [op for op, c in self._claimants.items() if c.kind == "unknown"]:
             del self._claimants[op]
         return self._evaluate(now)
@@ -521,7 +563,7 @@ class CorrelationEngine:
                 c,
                 "ambiguous_device",
                 f"cannot tell which device is volume {req.volume_id}: {names} have no serial, "
-                f"are all {_size(req.size)} and all appeared after the attach was sent",
+                f"are all {_size(req.size)} and all appeared after {self._since(req)}",
                 now,
             )
         if not candidates:
@@ -583,7 +625,7 @@ class CorrelationEngine:
         else:
             what += (
                 f", nor a device without serial of exactly {_size(req.size)} that appeared "
-                f"after the attach was sent"
+                f"after {self._since(req)}"
             )
         return self._fail(c, "device_timeout", what, now)
 
@@ -645,6 +687,12 @@ class CorrelationEngine:
         self._taint(c, self._why(c))
         return self._evaluate(now)
 
+    def _since(self, req: CorrelateRequest) -> str:
+        """What the request's own window opens with, for messages."""
+        if self._ours(req.clock):
+            return "the attach was sent"
+        return "this correlator learned of the attach (its executor's clock is another host's)"
+
     @staticmethod
     def _why(c: _Claimant) -> str:
         if c.kind == "unknown":
@@ -652,6 +700,15 @@ class CorrelationEngine:
         return f"attach {c.operation_id} of volume {c.volume_id}, which got no device"
 
     # -- rules ----------------------------------------------------------------------------
+
+    def _ours(self, clock: str | None) -> bool:
+        """Are times stamped on ``clock`` comparable with this engine's (the watcher's)?"""
+        return clock == self.clock
+
+    def _window(self, at: float, clock: str | None) -> float:
+        """Where a competitor's window opens, from a time its executor stamped: on another
+        host's clock the time tells nothing here, so the window is open since always."""
+        return at - SKEW if self._ours(clock) else _UNKNOWN
 
     def _candidate(self, c: _Claimant, d: _Device) -> bool:
         """A device R could be proven to own: no serial, unclaimed, not a detached volume's,
