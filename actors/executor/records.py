@@ -1,0 +1,131 @@
+"""Operation records and their events: the one place that changes either.
+
+A record (the operations bucket, key: operation id) is created once (the idempotency
+claim) and then changed compare-and-set on its revision, by whoever holds the operation's
+lease, or by a cancel (pending → cancelled). Each change of status carries the event that
+announces it (``last_event``) and is published right after it is saved.
+
+Events of one operation never go backwards: each record change and the publish of its event
+hold the operation's lock (in this process), and every publish that is not the record's own
+next step (a re-sent command, a resumed one) is publish-if-last on the events stream: read the
+subject's last sequence, then the record, then publish only if nothing came in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+from actors.logs import SECRETS
+from bus import Bucket, Bus, Conflict
+from bus.connection import encode
+from bus.topology import EVENTS, event_subject
+from schemas.common import Status, now_rfc3339
+from schemas.events import ErrorInfo, OperationEvent
+from schemas.internal import AttachInFlight, OpRecord
+
+
+class Records:
+    def __init__(
+        self,
+        bus: Bus,
+        ops: Bucket[OpRecord],
+        attaching: Bucket[AttachInFlight],
+        clock: str,
+    ) -> None:
+        self.bus = bus
+        self.ops = ops
+        # The attaches in flight, for the correlator (written before an attach turns
+        # executing, deleted with its terminal record).
+        self.attaching = attaching
+        self.clock = clock
+        # One lock per operation id while anything here works on it (see the module doc).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Ids whose "latest event again" waits for the lock.
+        self._queued_again: dict[str, object] = {}
+
+    def lock_for(self, op_id: str) -> asyncio.Lock:
+        lock = self._locks.get(op_id)
+        if lock is None:
+            lock = self._locks[op_id] = asyncio.Lock()
+        return lock
+
+    def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
+        error = extra.get("error")
+        if isinstance(error, ErrorInfo):
+            # The safety net: error texts quote CloudStack's and libraries' texts, which must
+            # not carry a known secret (or any URL's password) into events and records.
+            extra["error"] = ErrorInfo(code=error.code, message=SECRETS.mask(error.message))
+        return OperationEvent(
+            operation_id=rec.operation_id,
+            type=rec.type,
+            status=status,
+            volume_id=rec.volume_id,
+            vm_id=rec.vm_id,
+            at=now_rfc3339(),
+            clock=self.clock,
+            **extra,
+        )
+
+    async def publish(self, record: OpRecord, *, if_last: int | None = None) -> None:
+        """Publish the record's own event (its next step: the caller holds the lock)."""
+        event = record.last_event
+        if event is not None:
+            await self.bus.publish(
+                event_subject(record.operation_id),
+                event,
+                msg_id=event_msg_id(event),
+                if_last=if_last,
+            )
+
+    async def publish_latest(self, op_id: str, *, again: bool = False) -> OpRecord | None:
+        """Publish the operation's latest event (its record's), never an older one.
+
+        Publish-if-last, so that it holds across processes too: the subject's last sequence
+        is read before the record, and the publish is refused if anything was published on
+        the subject in between (then both are read again). ``again``: publish it even if it
+        is the last one stored (a re-sent command asks for it); else only if it is not."""
+        if again:
+            if op_id in self._queued_again:
+                # One not yet started serves this copy too (its event goes out after this
+                # copy came), and a flood of copies cannot starve the operation's own steps.
+                return None
+            self._queued_again[op_id] = token = object()
+        try:
+            async with self.lock_for(op_id):
+                if again and self._queued_again.get(op_id) is token:
+                    del self._queued_again[op_id]
+                return await self._publish_latest(op_id, again)
+        finally:
+            if again and self._queued_again.get(op_id) is token:
+                del self._queued_again[op_id]
+
+    async def _publish_latest(self, op_id: str, again: bool) -> OpRecord | None:
+        subject = event_subject(op_id)
+        for _ in range(20):
+            last = await self.bus.last_stored(EVENTS.name, subject)
+            got = await self.ops.get(op_id)
+            record = got[0] if got is not None else None
+            event = record.last_event if record is not None else None
+            if event is None:
+                return record
+            if not again and last is not None and last.data == encode(event):
+                return record  # it is out already
+            try:
+                await self.bus.publish(
+                    subject,
+                    event,
+                    msg_id=None if again else event_msg_id(event),
+                    if_last=last.stream_seq if last is not None else 0,
+                )
+                return record
+            except Conflict:
+                continue  # something newer went out meanwhile: read both again
+        raise RuntimeError(f"the events of {op_id} kept changing; its latest is not out yet")
+
+
+def event_msg_id(event: OperationEvent) -> str:
+    """JetStream drops a second copy of one step's event published within its dedupe window
+    (a step published again after a restart)."""
+    return f"{event.operation_id}:{event.status}"
