@@ -68,6 +68,17 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def epoch_of(value: object) -> float | None:
+    """Seconds since the epoch of an RFC 3339 / ISO 8601 time (ours, with 'Z', or
+    CloudStack's, with '+0000'); None if it is not one. The one time parser of volumed."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
 def serial_of(volume_id: str) -> str:
     """The disk serial CloudStack gives a volume on KVM: its id without dashes, 20 chars."""
     return volume_id.replace("-", "")[:20]

@@ -87,6 +87,17 @@ class AttachInFlight(Struct, kw_only=True):
     clock: str | None = None  # whose clock accepted_at and started_at are on (Settings.clock)
 
 
+class CreateInFlight(Struct, kw_only=True):
+    """A create that may have made a volume it has not claimed yet (the creating bucket, key:
+    operation id): a create whose answer was lost must not take a volume of these
+    parameters while another create of them may still be about to claim it."""
+
+    name: str
+    size: int
+    zone_id: str
+    disk_offering_id: str
+
+
 class LeaseHolder(Struct, kw_only=True):
     """Who holds a lease (the leases bucket, bus.lease): the process and a token of this one
     acquisition, so that a renewal whose answer was lost is recognised as its own."""

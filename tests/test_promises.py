@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from actors.executor.operations import CreatesInFlight
+from bus import Bus
+from bus.topology import CREATING_BUCKET, Topology
 from schemas.common import GIB
+from schemas.internal import CreateInFlight, OpRecord
 from simulator import Fault, SimConfig, Simulator
 from tests import test_lifecycle
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
@@ -97,6 +101,32 @@ async def test_a_create_waits_for_a_twin_whose_answer_is_slow(
     assert first["volume_id"] != second["volume_id"]
     named = sorted(v.id for v in sim.volumes.values() if v.name == "twin")
     assert named == sorted([str(first["volume_id"]), str(second["volume_id"])])
+
+
+async def test_creates_in_doubt_are_seen_across_executor_processes(
+    nats_server: NatsServer,
+) -> None:
+    """The look-up of a create whose answer was lost waits for same-parameter creates of
+    every executor process, not only its own: each process's creates are in the creating
+    bucket from before createVolume may be sent until they hold their volume."""
+    bus = await Bus.connect(nats_server.url, "test-creates")
+    try:
+        await bus.provision(Topology(buckets=(CREATING_BUCKET,)))
+        here = CreatesInFlight(await bus.bucket(CREATING_BUCKET, CreateInFlight))
+        there = CreatesInFlight(await bus.bucket(CREATING_BUCKET, CreateInFlight))
+        key = ("twin", GIB, "zone", "offering")
+        record = OpRecord(operation_id="a", type="create", status="executing", stream_seq=1)
+        async with there.running(key, record) as a:
+            assert await here.in_doubt(key, "b") == ["a"]
+            assert await here.in_doubt(("twin", 2 * GIB, "zone", "offering"), "b") == []
+            assert not await here.settled(key, "b", timeout=0.3)
+            await there.claimed(a)
+            assert await here.in_doubt(key, "b") == []
+        async with there.running(key, record):
+            pass  # ended without a volume: no longer in doubt either
+        assert await here.settled(key, "b", timeout=1.0)
+    finally:
+        await bus.close()
 
 
 # -- device_mappings follows CloudStack ------------------------------------------------------

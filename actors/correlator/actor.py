@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import re
+import math
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import msgspec
 
 from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
+from actors.heartbeat import beat
 from actors.logs import bind
 from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
 from bus import Bus, Consumer, Delivery, Reject, Retry
@@ -42,7 +42,6 @@ from bus.topology import (
     ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
-    HEALTH_BUCKET,
     Topology,
     correlate_result_subject,
     correlator_consumer,
@@ -50,6 +49,7 @@ from bus.topology import (
     proof_subject,
     release_result_subject,
 )
+from schemas.common import epoch_of
 from schemas.config import Settings
 from schemas.devices import (
     DeviceEvent,
@@ -64,7 +64,6 @@ from schemas.internal import (
     CheckResult,
     CorrelateRequest,
     CorrelateResult,
-    Heartbeat,
     ReleaseRequest,
 )
 
@@ -364,7 +363,8 @@ class CorrelatorActor:
             a = got[0]
             # Its device cannot appear before the attach was sent; the earliest time known
             # (accepted, else sent) is the safe window start.
-            accepted = _parse(a.accepted_at) if a.accepted_at else None
+            # (An unreadable time: since an unknown time.)
+            accepted = (epoch_of(a.accepted_at) or -math.inf) if a.accepted_at else None
             times = [t for t in (accepted, a.started_at) if t is not None]
             found.append(
                 InFlightAttach(
@@ -509,23 +509,18 @@ class CorrelatorActor:
         return parts
 
     async def _heartbeat_loop(self) -> None:
-        key = re.sub(r"[^-/_=.a-zA-Z0-9]", "_", f"correlator.{self.instance}")
-        while not self._stopping.is_set():
-            # Cleared before the checks are read: a change meanwhile makes another beat.
-            self._beat_now.clear()
-            try:
-                health = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
-                beat = Heartbeat(
-                    actor="correlator",
-                    instance=self.instance,
-                    at=time.time(),
-                    checks=self.checks(),
-                )
-                await health.put(key, beat)
-            except Exception as e:
-                log.debug("heartbeat failed: %s", e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
+        async def checks() -> dict[str, CheckResult]:
+            return self.checks()
+
+        await beat(
+            self.bus,
+            "correlator",
+            self.instance,
+            self.settings.heartbeat_interval,
+            checks,
+            now=self._beat_now,
+            stop=self._stopping,
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -584,12 +579,3 @@ def boot_time(stat: str = "/proc/stat") -> float:
     except (OSError, ValueError, IndexError):
         pass
     return 0.0
-
-
-def _parse(value: str) -> float:
-    if not value:
-        return float("-inf")
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return float("-inf")

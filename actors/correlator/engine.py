@@ -101,14 +101,13 @@ one appearance: a letter reused later is a new device.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from schemas.common import GIB, TERMINAL, ErrorCode, serial_of
+from schemas.common import GIB, TERMINAL, ErrorCode, epoch_of, serial_of
 from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, ProvenMapping
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
@@ -859,12 +858,8 @@ def _seen_at(info: DeviceInfo, observed: float) -> float:
 
 
 def _parse_time(value: str | None) -> float:
-    if not value:
-        return _UNKNOWN
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return _UNKNOWN
+    at = epoch_of(value)
+    return _UNKNOWN if at is None else at
 
 
 def _size(size: int) -> str:

@@ -50,6 +50,7 @@ from actors.executor.operations import (
 from actors.executor.order import VolumeOrder
 from actors.executor.records import Records
 from actors.executor.run import OperationRun
+from actors.heartbeat import beat
 from bus import Abandon, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
 from bus.consumer import dead_letter
@@ -57,9 +58,9 @@ from bus.lease import LeaseLost, Leases
 from bus.topology import (
     ATTACHING_BUCKET,
     COMMANDS,
+    CREATING_BUCKET,
     EXECUTOR,
     EXECUTOR_GIVEN_UP,
-    HEALTH_BUCKET,
     LEASES_BUCKET,
     OPERATIONS_BUCKET,
     VOLUME_OWNERS_BUCKET,
@@ -80,8 +81,8 @@ from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     AttachInFlight,
     CheckResult,
+    CreateInFlight,
     GivenUpAdvisory,
-    Heartbeat,
     LeaseHolder,
     OpRecord,
     VolumeOwner,
@@ -117,7 +118,7 @@ class ExecutorActor:
         # commands than that, so that commands waiting for their turn or a lease never keep
         # the one they wait for from being delivered.
         self._working = asyncio.Semaphore(settings.executor_concurrency)
-        self.creates = CreatesInFlight()
+        self._creates: CreatesInFlight | None = None
         self._cloudstack_unavailable_since: float | None = None
         self._consumer: Consumer | None = None
         self._given_up: Consumer | None = None
@@ -129,6 +130,7 @@ class ExecutorActor:
         attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
         self._records = Records(self.bus, ops, attaching, self.settings.clock)
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
+        self._creates = CreatesInFlight(await self.bus.bucket(CREATING_BUCKET, CreateInFlight))
         self._order = VolumeOrder(self.bus, ops, EXECUTOR, self._identify)
         self._leases = Leases(
             await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
@@ -138,6 +140,11 @@ class ExecutorActor:
     def owners(self) -> VolumeOwners:
         assert self._owners is not None, "open() first"
         return self._owners
+
+    @property
+    def creates(self) -> CreatesInFlight:
+        assert self._creates is not None, "open() first"
+        return self._creates
 
     @property
     def records(self) -> Records:
@@ -427,22 +434,10 @@ class ExecutorActor:
     # -- health --------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        bucket = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
-        while True:
-            check = await self.probe_cloudstack()
-            try:
-                await bucket.put(
-                    f"executor.{self.instance}",
-                    Heartbeat(
-                        actor="executor",
-                        instance=self.instance,
-                        at=time.time(),
-                        checks={"cloudstack": check, "local_vm": self.identity.check()},
-                    ),
-                )
-            except Exception as e:
-                log.debug("heartbeat not stored: %s", e)
-            await asyncio.sleep(self.settings.heartbeat_interval)
+        async def checks() -> dict[str, CheckResult]:
+            return {"cloudstack": await self.probe_cloudstack(), "local_vm": self.identity.check()}
+
+        await beat(self.bus, "executor", self.instance, self.settings.heartbeat_interval, checks)
 
     async def probe_cloudstack(self) -> CheckResult:
         start = time.perf_counter()

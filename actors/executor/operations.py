@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -22,12 +22,13 @@ from actors.logs import bind
 from actors.metrics import RETRIES, RETRIES_EXHAUSTED
 from bus import Bucket, Conflict
 from schemas.commands import AttachCommand, CreateCommand, DeleteCommand, DetachCommand
-from schemas.common import GIB, ErrorCode, serial_of
+from schemas.common import GIB, ErrorCode, epoch_of, serial_of
 from schemas.config import Settings
 from schemas.events import ErrorInfo
 from schemas.internal import (
     CorrelateRequest,
     CorrelateResult,
+    CreateInFlight,
     OpRecord,
     Phase,
     ReleaseRequest,
@@ -130,41 +131,55 @@ class _Create:
 
 
 class CreatesInFlight:
-    """The creates this process runs. A create whose answer was lost may find a volume of
-    another create of the same name, size, zone and offering that has sent createVolume but
-    not claimed its volume yet: such a volume must not be adopted before that create has
-    settled. (Creates in other executor processes are not seen here: see the README.)"""
+    """The creates running now in every executor process (the creating bucket). A create
+    whose answer was lost may find a volume of another create of the same name, size, zone
+    and offering that has sent createVolume but not claimed its volume yet: such a volume
+    must not be adopted before that create has settled."""
 
-    def __init__(self) -> None:
-        self._creates: dict[str, _Create] = {}
+    def __init__(self, bucket: Bucket[CreateInFlight]) -> None:
+        self._bucket = bucket
 
-    @contextlib.contextmanager
-    def running(self, key: CreateKey, record: OpRecord) -> Iterator[_Create]:
+    @contextlib.asynccontextmanager
+    async def running(self, key: CreateKey, record: OpRecord) -> AsyncIterator[_Create]:
+        name, size, zone_id, offering = key
         entry = _Create(key, record)
-        self._creates[record.operation_id] = entry
+        await self._bucket.put(
+            record.operation_id,
+            CreateInFlight(name=name, size=size, zone_id=zone_id, disk_offering_id=offering),
+        )
         try:
             yield entry
         finally:
-            del self._creates[record.operation_id]
+            if not entry.claimed:
+                with contextlib.suppress(Exception):  # else it expires with the bucket's ttl
+                    await self._bucket.delete(record.operation_id)
 
-    def in_doubt(self, key: CreateKey, operation_id: str) -> list[str]:
+    async def claimed(self, entry: _Create) -> None:
+        """The create holds its volume now: it is no longer in doubt."""
+        if not entry.claimed:
+            entry.claimed = True
+            await self._bucket.delete(entry.record.operation_id)
+
+    async def in_doubt(self, key: CreateKey, operation_id: str) -> list[str]:
         """Other creates with these parameters that may have made a volume not claimed yet."""
-        return [
-            op
-            for op, c in self._creates.items()
-            if op != operation_id
-            and c.key == key
-            and not c.claimed
-            and (c.record.mutation_sent is not None or c.record.job_id is not None)
-        ]
+        found = []
+        for op in await self._bucket.keys():
+            if op == operation_id:
+                continue
+            got = await self._bucket.get(op)
+            if got is not None and (
+                (got[0].name, got[0].size, got[0].zone_id, got[0].disk_offering_id) == key
+            ):
+                found.append(op)
+        return found
 
     async def settled(self, key: CreateKey, operation_id: str, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until no other create is in doubt."""
         deadline = time.monotonic() + timeout
-        while self.in_doubt(key, operation_id):
+        while await self.in_doubt(key, operation_id):
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         return True
 
 
@@ -362,7 +377,7 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
     rec = ctx.record
     _about(ctx, rec.volume_id)
     key: CreateKey = (cmd.name, cmd.size, cmd.zone_id, cmd.disk_offering_id)
-    with ctx.creates.running(key, rec) as this:
+    async with ctx.creates.running(key, rec) as this:
 
         async def claim(volume_id: str) -> None:
             """Claim a volume this create made; it must not be another operation's."""
@@ -373,7 +388,7 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
                     f"createVolume made volume {volume_id}, but operation {holder} holds it; "
                     "volumed leaves it to that operation and made no other volume",
                 )
-            this.claimed = True
+            await ctx.creates.claimed(this)
             _about(ctx, volume_id)
 
         async def already_done() -> dict[str, Any] | None:
@@ -430,13 +445,13 @@ async def _find_created(
         for volume in candidates:
             holder = await ctx.owners.owner(str(volume.get("id")))
             if holder == me:
-                this.claimed = True
+                await ctx.creates.claimed(this)
                 return {"volume": volume}  # claimed before a restart
             if holder is None:
                 free.append(volume)
         if not free:
             return None  # every match is another operation's: this create made none
-        others = ctx.creates.in_doubt(key, me)
+        others = await ctx.creates.in_doubt(key, me)
         if others:
             if not waited and await ctx.creates.settled(key, me, ctx.settings.cloudstack_timeout):
                 waited = True
@@ -458,24 +473,15 @@ async def _find_created(
             )
         holder = await ctx.owners.claim(str(free[0].get("id")), me)
         if holder is None:
-            this.claimed = True
+            await ctx.creates.claimed(this)
             return {"volume": free[0]}
         candidates = [v for v in candidates if v is not free[0]]  # taken meanwhile
     return None
 
 
 def _created_near(created: Any, sent: float) -> bool:
-    import datetime as dt
-
-    if not isinstance(created, str):
-        return False
-    for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"):
-        try:
-            at = dt.datetime.strptime(created, fmt).timestamp()
-        except ValueError:
-            continue
-        return abs(at - sent) <= CREATE_LOOKUP_SKEW
-    return False
+    at = epoch_of(created)
+    return at is not None and abs(at - sent) <= CREATE_LOOKUP_SKEW
 
 
 # -- attach ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 from collections import Counter as Tally
@@ -27,7 +26,7 @@ from actors import metrics as m
 from bus import Bucket, Bus
 from bus.monitoring import consumer_lag, dead_letters
 from bus.topology import EVENTS, EVENTS_PREFIX, HEALTH_BUCKET, TOPOLOGY, event_subject
-from schemas.common import TERMINAL
+from schemas.common import TERMINAL, epoch_of
 from schemas.config import Settings
 from schemas.events import OperationEvent
 from schemas.internal import Heartbeat
@@ -48,10 +47,8 @@ def parse_address(address: str) -> tuple[str | None, int]:
 
 
 def _timestamp(at: str) -> float:
-    try:
-        return dt.datetime.fromisoformat(at).timestamp()
-    except ValueError:
-        return time.time()
+    parsed = epoch_of(at)
+    return time.time() if parsed is None else parsed
 
 
 @dataclass

@@ -19,15 +19,16 @@ from typing import Literal
 
 from msgspec.structs import replace
 
+from actors.heartbeat import beat, raise_if_cancelled
 from actors.metrics import DEVICE_EVENTS
 from actors.watcher import sysfs
 from actors.watcher.netlink import UeventSocket, add_reader, parse_uevent
 from actors.watcher.state import Change, diff, diff_one, same_device
 from bus import Bucket, Bus
-from bus.topology import DEVICES_BUCKET, HEALTH_BUCKET, device_subject
+from bus.topology import DEVICES_BUCKET, device_subject
 from schemas.config import Settings
 from schemas.devices import DeviceEvent, DeviceInfo, DeviceSnapshot
-from schemas.internal import CheckResult, Heartbeat
+from schemas.internal import CheckResult
 
 log = logging.getLogger("volumed.watcher")
 
@@ -316,7 +317,7 @@ class WatcherActor:
                     await self.bus.publish(self.subject, event, msg_id=f"{self._msg_prefix}-{seq}")
                     break
                 except Exception as e:
-                    _raise_if_cancelled()
+                    raise_if_cancelled()
                     if self.publish_error is None:
                         log.warning("device watcher: cannot publish device event: %s", e)
                     self.publish_error = f"{type(e).__name__}: {e}"
@@ -325,7 +326,7 @@ class WatcherActor:
             self.publish_error = None
             self.events_published += 1
             DEVICE_EVENTS.labels(event.kind, event.source).inc()
-            _raise_if_cancelled()
+            raise_if_cancelled()
             if self._outbox.empty():
                 # The snapshot follows the stream (written once a burst is out), for late
                 # or restarted readers; the events are what matters, so failures only log.
@@ -344,7 +345,7 @@ class WatcherActor:
                     )
                 except Exception as e:
                     log.debug("device watcher: snapshot not written: %s", e)
-                _raise_if_cancelled()
+                raise_if_cancelled()
 
     async def _wait_for_by_id(self, event: DeviceEvent, info: DeviceInfo) -> DeviceEvent:
         """udev creates by-id links just after the kernel announces a disk: give it a moment
@@ -398,32 +399,7 @@ class WatcherActor:
         return CheckResult(status=status, detail=detail)
 
     async def _heartbeat_loop(self) -> None:
-        bucket: Bucket[Heartbeat] | None = None
-        key = f"watcher.{self.instance}"
-        while True:
-            try:
-                if bucket is None:
-                    bucket = await self.bus.bucket(HEALTH_BUCKET, Heartbeat)
-                await bucket.put(
-                    key,
-                    Heartbeat(
-                        actor="watcher",
-                        instance=self.instance,
-                        at=time.time(),
-                        checks={"device_watcher": self.check()},
-                    ),
-                )
-            except Exception as e:
-                log.debug("device watcher: heartbeat not written: %s", e)
-            _raise_if_cancelled()
-            await asyncio.sleep(self.heartbeat_interval)
+        async def checks() -> dict[str, CheckResult]:
+            return {"device_watcher": self.check()}
 
-
-def _raise_if_cancelled() -> None:
-    """Re-raise a cancellation that a library swallowed. On Python 3.11, asyncio.wait_for
-    (inside nats-py's requests) returns the result when it completes together with a
-    cancel, and the loop around it would then wait for ever on its next await; the task
-    still counts the cancel request, so it is checked after every bus call."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+        await beat(self.bus, "watcher", self.instance, self.heartbeat_interval, checks)
