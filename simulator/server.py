@@ -231,6 +231,11 @@ class Simulator:
             for vm_id, h in self.hotplugs.items()
         }
 
+    def plugged_into(self, vm_id: str) -> list[tuple[str, str]]:
+        """(volume id, device name) of every device made in guest ``vm_id``, oldest first."""
+        hotplug = self.hotplugs.get(vm_id)
+        return list(hotplug.plugged) if hotplug is not None else []
+
     def devices_of(self, vm_id: str) -> dict[str, str]:
         """volume id -> name of its device present now in guest ``vm_id`` ({}: no guest)."""
         hotplug = self.hotplugs.get(vm_id)

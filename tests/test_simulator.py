@@ -606,6 +606,9 @@ async def test_several_guests_each_get_their_own_devices(tmp_path: Path) -> None
         assert sim.devices_of(vm_a) == {}
         assert sim.devices_of(vm_b) == {two: "vdb", one: "vdc"}
         assert sorted(os.listdir(a_sys / "block")) == ["vda"] and not (a_dev / "vdb").exists()
+        assert sim.plugged_into(vm_a) == [(one, "vdb")]
+        assert sim.plugged_into(vm_b) == [(two, "vdb"), (one, "vdc")]
+        assert sim.plugged_into(vm_c) == []
 
         world = await control(sim, "GET", "world")
         assert world["guests"] == [
