@@ -6,10 +6,12 @@ default 0), and that many `volumed run executor persistence` processes sharing t
 Once every process's executor beats, bench_lifecycle's throughput phase runs: --volumes
 volumes created and each deleted as soon as its create completes, --window operations in
 flight at most. Figures per count N: `executors_<N>_throughput` (ops/s) with its latencies,
-and `executors_<N>_ratio` (throughput / the 1-process throughput).
+and `executors_<N>_ratio` (throughput / the 1-process throughput). With --rounds R the counts
+run R times, interleaved, each round's figures named `executors_<N>_round_<r>_...`, and
+`executors_<N>_throughput_median` is the median over the rounds, which the ratios then use.
 
     python -m bench.bench_executors [--volumes 1000] [--window 200] [--job-latency 0]
-                                    [--processes 1,2,3]
+                                    [--processes 1,2,3] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import statistics
 import time
 from collections import Counter
 
@@ -49,8 +52,8 @@ async def executors_beating(bus: Bus, count: int, timeout: float = 60.0) -> None
         await asyncio.sleep(0.2)
 
 
-async def one_count(processes: int, args: argparse.Namespace) -> float:
-    """Throughput (ops/s) with ``processes`` executor processes."""
+async def one_count(processes: int, args: argparse.Namespace, prefix: str) -> float:
+    """Throughput (ops/s) with ``processes`` executor processes; figures named ``prefix``_..."""
     db = database_name()
     sim_args = ["--seed", "7", "--job-latency", str(args.job_latency)]
     try:
@@ -64,9 +67,7 @@ async def one_count(processes: int, args: argparse.Namespace) -> float:
                     await bus.provision(TOPOLOGY)
                     await executors_beating(bus, processes)
                     client = await warmed_up(bus, sim)
-                    return await throughput(
-                        client, args.volumes, args.window, f"executors_{processes}"
-                    )
+                    return await throughput(client, args.volumes, args.window, prefix)
                 finally:
                     await bus.close()
     finally:
@@ -83,13 +84,28 @@ async def main() -> None:
     parser.add_argument(
         "--processes", default="1,2,3", help="executor process counts, comma-separated"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every count this many times, interleaved (1, 2, 3, 1, 2, 3, ...), so that "
+        "a machine busy with other work weighs on each alike; the ratios use the medians",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
 
-    rates = {n: await one_count(n, args) for n in counts}
-    base = rates.get(1)
+    rates: dict[int, list[float]] = {n: [] for n in counts}
+    for r in range(1, args.rounds + 1):
+        for n in counts:
+            prefix = f"executors_{n}" if args.rounds == 1 else f"executors_{n}_round_{r}"
+            rates[n].append(await one_count(n, args, prefix))
+    medians = {n: statistics.median(found) for n, found in rates.items()}
+    if args.rounds > 1:
+        for n, rate in medians.items():
+            figure(f"executors_{n}_throughput_median", rate, "ops/s")
+    base = medians.get(1)
     if base:
-        for n, rate in rates.items():
+        for n, rate in medians.items():
             figure(f"executors_{n}_ratio", rate / base, "x")
 
 
