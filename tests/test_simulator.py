@@ -694,6 +694,7 @@ async def test_process_mode_prints_its_json_line() -> None:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         ready = json.loads(line)
         assert {"endpoint", "key", "secret", "zone_id", "disk_offering_ids", "vm_ids"} <= set(ready)
+        assert ready["guests"] == []  # no --sysfs, --dev or --guest: no device tree
         assert ready["endpoint"].endswith("/client/api")
         async with AIOCloudStack(
             endpoint=ready["endpoint"], key=ready["key"], secret=ready["secret"]
