@@ -296,8 +296,8 @@ async def _kill_and_restart(
         return sum(1 for op_id in w.seen if w.ops[op_id].type != "create")
 
     counts["killed"] = counts["restarted"] = False
-    await wait_for(lambda: ended() >= lifecycle * KILL_AT, timeout=60, interval=0.01)
     before = set(await (await bus.js.key_value("volumed_health")).keys())
+    await wait_for(lambda: ended() >= lifecycle * KILL_AT, timeout=60, interval=0.01)
     counts["ended_at_kill"] = ended()
     await victim.kill()
     counts["killed"] = True
