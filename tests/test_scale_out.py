@@ -15,7 +15,8 @@ have ended, one executor is killed with SIGKILL and started again a few seconds 
 
 Checks, each reported on its own when it fails:
 
-1. every operation ends exactly once: exactly one terminal event in the VOLUMED_EVENTS stream;
+1. every operation ends exactly once: exactly one terminal event in the VOLUMED_EVENTS stream,
+   and its row in volume_operations (written by three persistence processes) says the same;
 2. every operation completed;
 3. per-volume order: for consecutive operations k, k+1 on a volume (in the order they were
    published), k+1's `executing` is stored in the events stream after k's terminal event;
@@ -353,8 +354,11 @@ async def _check(
         elif e.get("status") == "executing":
             executing.setdefault(op_id, []).append(seq)
 
-    # 1. Exactly one terminal event per operation.
-    once = problems.setdefault("1. every operation ends exactly once (VOLUMED_EVENTS)", [])
+    # 1. Exactly one terminal event per operation, and its row (the three writers') agrees.
+    once = problems.setdefault(
+        "1. every operation ends exactly once (VOLUMED_EVENTS; its volume_operations row agrees)",
+        [],
+    )
     for op in w.ops.values():
         found = terminal.get(op.id, [])
         if not found:
@@ -363,6 +367,24 @@ async def _check(
             once.append(f"{op.id}: {len(found)} terminal events {[e['status'] for _, e in found]}")
     counts["operations"] = len(w.ops)
     counts["terminal_events"] = sum(len(found) for found in terminal.values())
+    wanted = {op_id: found[0][1]["status"] for op_id, found in terminal.items() if op_id in w.ops}
+    rows: dict[str, object] = {}
+
+    async def rows_agree() -> bool:
+        nonlocal rows
+        found = await database.query(
+            "SELECT id, status FROM volume_operations WHERE id LIKE %s", f"{w.run}-%"
+        )
+        rows = {str(r["id"]): r["status"] for r in found}
+        return all(rows.get(op_id) == status for op_id, status in wanted.items())
+
+    with contextlib.suppress(AssertionError):
+        await wait_for(rows_agree, timeout=15, interval=0.2)
+    once.extend(
+        f"{op_id}: row {rows.get(op_id)}, terminal event {status}"
+        for op_id, status in wanted.items()
+        if rows.get(op_id) != status
+    )
 
     # 2. All completed.
     completed = problems.setdefault("2. every operation completed", [])
@@ -466,17 +488,17 @@ async def _check(
 
     # 6. Nothing left: no mapping rows (once the writers caught up), no volumes, no devices.
     left = problems.setdefault("6. nothing left (device_mappings, volumes, devices)", [])
-    rows: list[dict[str, object]] = []
+    mappings: list[dict[str, object]] = []
 
-    async def no_rows() -> bool:
-        nonlocal rows
-        rows = await database.query("SELECT volume_id, vm_id, device_path FROM device_mappings")
-        return not rows
+    async def no_mappings() -> bool:
+        nonlocal mappings
+        mappings = await database.query("SELECT volume_id, vm_id, device_path FROM device_mappings")
+        return not mappings
 
     try:
-        await wait_for(no_rows, timeout=15, interval=0.2)
+        await wait_for(no_mappings, timeout=15, interval=0.2)
     except AssertionError:
-        left.extend(f"device_mappings row {r}" for r in rows)
+        left.extend(f"device_mappings row {r}" for r in mappings)
     mine = set(w.volume_ids.values())
     left.extend(
         f"volume {v.id} ({v.name}) is still in CloudStack"
