@@ -5,7 +5,7 @@
 """
 
 from simulator.calllog import Call, CallLog
-from simulator.config import DiskOfferingConfig, SimConfig, VMConfig, load_config
+from simulator.config import DiskOfferingConfig, GuestConfig, SimConfig, VMConfig, load_config
 from simulator.faults import Fault, FaultKind
 from simulator.server import Simulator
 from simulator.world import ApiError, Volume
@@ -17,6 +17,7 @@ __all__ = [
     "DiskOfferingConfig",
     "Fault",
     "FaultKind",
+    "GuestConfig",
     "SimConfig",
     "Simulator",
     "VMConfig",

@@ -11,6 +11,11 @@ from msgspec import Struct
 # Never kept: they differ on every request and say nothing about what was asked.
 UNLOGGED_PARAMS = frozenset({"signature", "apikey", "expires", "signatureversion"})
 
+MUTATIONS = frozenset(
+    {"createVolume", "attachVolume", "detachVolume", "resizeVolume", "deleteVolume"}
+)
+"""The commands that change a volume."""
+
 
 class Call(Struct, kw_only=True):
     """One request to the API endpoint."""
@@ -29,6 +34,11 @@ class Call(Struct, kw_only=True):
     errortext: str | None = None
     fault: str | None = None
     """The kind of injected fault that hit this call, if any."""
+    accepted: bool = False
+    """The simulator took the command (its answer was a success, whether or not the client
+    got it): a mutation's change is made or its job started."""
+    volume_id: str | None = None
+    """The volume the call is about: its ``id`` parameter, or the one a createVolume made."""
 
     def matches(self, command: str | None, params: Mapping[str, str]) -> bool:
         if command is not None and self.command != command:
@@ -49,7 +59,12 @@ class CallLog:
             k: v for k, v in params.items() if k != "command" and k.lower() not in UNLOGGED_PARAMS
         }
         call = Call(
-            seq=next(self._seq), at=at, method=method, command=params.get("command"), params=kept
+            seq=next(self._seq),
+            at=at,
+            method=method,
+            command=params.get("command"),
+            params=kept,
+            volume_id=params.get("id") or None,
         )
         self._calls.append(call)
         return call
@@ -67,6 +82,18 @@ class CallLog:
     def count(self, command: str | None = None, **params: str) -> int:
         """How many logged calls of ``command`` (None: any) had these parameter values."""
         return sum(1 for c in self._calls if c.matches(command, params))
+
+    def mutations(self, volume_id: str | None = None) -> list[Call]:
+        """The accepted calls that change a volume (``volume_id``; None: any), oldest first:
+        what CloudStack was really asked to do to it. A detachVolume by VM and device id
+        names no volume and is not among them."""
+        return [
+            c
+            for c in self._calls
+            if c.accepted
+            and c.command in MUTATIONS
+            and (volume_id is None or c.volume_id == volume_id)
+        ]
 
     def clear(self) -> None:
         self._calls.clear()

@@ -12,7 +12,7 @@ import sys
 
 import msgspec
 
-from simulator.config import SimConfig, load_config
+from simulator.config import GuestConfig, SimConfig, load_config
 from simulator.server import Simulator
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hotplug-delay", type=float, metavar="S")
     p.add_argument("--unplug-delay", type=float, metavar="S")
     p.add_argument("--local-vm", metavar="ID", help="id of the VM devices are hot-plugged into")
+    p.add_argument(
+        "--guest",
+        action="append",
+        type=_guest,
+        metavar="VM_ID:SYSFS:DEV",
+        help="one more VM with its own fake sysfs and /dev trees (repeatable; an empty VM_ID: "
+        "the first VM no earlier guest is; --sysfs/--dev/--local-vm make the first guest)",
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
+
+
+def _guest(value: str) -> GuestConfig:
+    """VM_ID:SYSFS:DEV (the VM id holds no colon; an empty part: None)."""
+    parts = value.split(":", 2)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{value!r} is not VM_ID:SYSFS:DEV")
+    vm_id, sysfs, dev = (part or None for part in parts)
+    return GuestConfig(vm_id=vm_id, sysfs_root=sysfs, dev_root=dev)
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
@@ -57,6 +74,8 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         "hotplug_delay": args.hotplug_delay,
         "unplug_delay": args.unplug_delay,
         "local_vm_id": args.local_vm,
+        # The flags' guests replace a config file's.
+        "guests": msgspec.to_builtins(args.guest) if args.guest else None,
     }
     if args.config:
         return load_config(args.config, **overrides)
@@ -75,6 +94,7 @@ def ready_line(sim: Simulator) -> str:
             "disk_offering_ids": sim.disk_offering_ids,
             "vm_ids": sim.vm_ids,
             "local_vm_id": sim.local_vm_id,
+            "guests": sim.guest_views(),
         }
     )
 

@@ -34,6 +34,18 @@ class VMConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Give the VM a ROOT volume at deviceid 0 (as every real VM has)."""
 
 
+class GuestConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A VM whose volumes appear as devices in a fake sysfs and /dev tree of its own (a host
+    volumed runs on). An attach to it hot-plugs into its tree only."""
+
+    vm_id: str | None = None
+    """The VM's CloudStack id; None: the first configured VM that no earlier guest is."""
+    sysfs_root: str | None = None
+    """Its fake sysfs root (devices as <sysfs_root>/block/vdX); None: no sysfs entries."""
+    dev_root: str | None = None
+    """Its fake /dev (nodes <dev_root>/vdX, links <dev_root>/disk/by-id/); None: no nodes."""
+
+
 def _default_offerings() -> tuple[DiskOfferingConfig, ...]:
     return (
         DiskOfferingConfig(name="Custom", disk_size_gb=0),
@@ -65,7 +77,8 @@ class SimConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     )
     vms: tuple[VMConfig, ...] = msgspec.field(default_factory=_default_vms)
     local_vm_id: str | None = None
-    """The VM the daemon runs on (attaches to it hot-plug devices); None: the first VM."""
+    """The VM the daemon runs on, the first guest when sysfs_root or dev_root is set; None:
+    the first guest's VM, else the first VM."""
     max_data_disks: Annotated[int, Meta(ge=1, le=64)] = 6
     """Data disks one VM may have attached (CloudStack's hypervisor capability)."""
     job_latency: NonNegative = 0.0
@@ -75,9 +88,12 @@ class SimConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     call_log_size: Annotated[int, Meta(ge=1)] = 100_000
     """Calls kept in the call log (oldest dropped first); also the finished jobs kept."""
     sysfs_root: str | None = None
-    """Fake sysfs root: attaches to the local VM appear as <sysfs_root>/block/vdX; None: off."""
+    """Fake sysfs root: attaches to the local VM appear as <sysfs_root>/block/vdX; None: off.
+    With dev_root, the first guest (the local VM's); ``guests`` adds more."""
     dev_root: str | None = None
     """Fake /dev: device nodes <dev_root>/vdX and links <dev_root>/disk/by-id/; None: off."""
+    guests: tuple[GuestConfig, ...] = ()
+    """More guests, each VM with its own tree (several hosts), after the local VM's."""
     serials: bool = True
     """Give hot-plugged devices the volume's serial (KVM) or none (other hypervisors)."""
     hotplug_delay: NonNegative = 0.0
@@ -86,6 +102,19 @@ class SimConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Seconds between a detach job completing and its device going."""
     cloudstack_version: str = "4.19.1.0"
     """Reported by listCapabilities."""
+
+
+def guest_configs(config: SimConfig) -> list[GuestConfig]:
+    """Every guest, the local VM's (from sysfs_root and dev_root, when either is set) first;
+    VM ids not yet resolved."""
+    first = []
+    if config.sysfs_root is not None or config.dev_root is not None:
+        first.append(
+            GuestConfig(
+                vm_id=config.local_vm_id, sysfs_root=config.sysfs_root, dev_root=config.dev_root
+            )
+        )
+    return [*first, *config.guests]
 
 
 def load_config(path: str | Path, **overrides: Any) -> SimConfig:

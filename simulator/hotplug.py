@@ -72,6 +72,9 @@ class Hotplug:
         self.unplug_delay = unplug_delay
         self.devices: dict[str, str] = {}
         """volume id -> device name, for the devices present now."""
+        self.plugged: list[tuple[str, str]] = []
+        """(volume id, device name) of every device made, oldest first: which device a
+        volume had, after it has gone (a name is used again once free)."""
         self._controllers: dict[str, Path] = {}
         """volume id -> its virtio device directory under <sysfs>/devices."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -157,6 +160,7 @@ class Hotplug:
         self.close()
         for volume_id in list(self.devices):
             self._run(self._unplug_now, volume_id)
+        self.plugged.clear()
 
     def close(self) -> None:
         """Cancel pending appearances and removals (the devices stay as they are)."""
@@ -251,6 +255,7 @@ class Hotplug:
             )
             os.rename(tmp, block / name)
         self.devices[volume_id] = name
+        self.plugged.append((volume_id, name))
         if self.dev_root is not None:
             self.dev_root.mkdir(parents=True, exist_ok=True)
             (self.dev_root / name).touch()

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from simulator.calllog import Call, CallLog
-from simulator.config import SimConfig
+from simulator.config import SimConfig, guest_configs
 from simulator.faults import Fault, FaultBook
 from simulator.hotplug import Hotplug
 from simulator.signing import verify
@@ -45,27 +45,27 @@ class _Latency(msgspec.Struct, forbid_unknown_fields=True):
     command: str | None = None
 
 
-class _LocalDevices:
-    """Hot-plugs devices for the volumes attached to the local VM (the daemon's host)."""
+class _GuestDevices:
+    """Hot-plugs devices for the volumes attached to a guest VM (a host volumed runs on),
+    each into its own VM's tree."""
 
-    def __init__(self, world: World, hotplug: Hotplug) -> None:
-        self.world = world
-        self.hotplug = hotplug
+    def __init__(self, hotplugs: dict[str, Hotplug]) -> None:
+        self.hotplugs = hotplugs
 
-    def _local(self, vm: VirtualMachine) -> bool:
-        return vm.id == self.world.local_vm_id and vm.state == "Running"
+    def _of(self, vm: VirtualMachine) -> Hotplug | None:
+        return self.hotplugs.get(vm.id) if vm.state == "Running" else None
 
     def attached(self, volume: Volume, vm: VirtualMachine) -> None:
-        if self._local(vm):
-            self.hotplug.plug(volume.id, volume.size)
+        if (hotplug := self._of(vm)) is not None:
+            hotplug.plug(volume.id, volume.size)
 
     def detached(self, volume: Volume, vm: VirtualMachine) -> None:
-        if self._local(vm):
-            self.hotplug.unplug(volume.id)
+        if (hotplug := self._of(vm)) is not None:
+            hotplug.unplug(volume.id)
 
     def resized(self, volume: Volume, vm: VirtualMachine) -> None:
-        if self._local(vm):
-            self.hotplug.resize(volume.id, volume.size)
+        if (hotplug := self._of(vm)) is not None:
+            hotplug.resize(volume.id, volume.size)
 
 
 class Simulator:
@@ -77,20 +77,31 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self.hotplug = Hotplug(
-            self.config.sysfs_root,
-            self.config.dev_root,
-            serials=self.config.serials,
-            hotplug_delay=self.config.hotplug_delay,
-            unplug_delay=self.config.unplug_delay,
-        )
         self.world = World(self.config)
-        self.world.hooks = _LocalDevices(self.world, self.hotplug)
+        self.hotplugs: dict[str, Hotplug] = {
+            vm_id: self._hotplug(guest.sysfs_root, guest.dev_root)
+            for vm_id, guest in zip(
+                self.world.guest_vm_ids, guest_configs(self.config), strict=True
+            )
+        }
+        """VM id -> the hot-plug of that guest's tree, in guest order."""
+        self.hotplug = next(iter(self.hotplugs.values()), None) or self._hotplug(None, None)
+        """The first guest's (the local VM's); a disabled one when there is no guest."""
+        self.world.hooks = _GuestDevices(self.hotplugs)
         self.faults = FaultBook()
         self.call_log = CallLog(self.config.call_log_size)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._closing = asyncio.Event()
+
+    def _hotplug(self, sysfs_root: str | None, dev_root: str | None) -> Hotplug:
+        return Hotplug(
+            sysfs_root,
+            dev_root,
+            serials=self.config.serials,
+            hotplug_delay=self.config.hotplug_delay,
+            unplug_delay=self.config.unplug_delay,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -100,6 +111,7 @@ class Simulator:
         app.router.add_route("GET", API_PATH, self._api)
         app.router.add_route("POST", API_PATH, self._api)
         app.router.add_get(f"{CONTROL_PATH}/calls", self._get_calls)
+        app.router.add_get(f"{CONTROL_PATH}/mutations", self._get_mutations)
         app.router.add_get(f"{CONTROL_PATH}/volumes", self._get_volumes)
         app.router.add_get(f"{CONTROL_PATH}/world", self._get_world)
         app.router.add_get(f"{CONTROL_PATH}/faults", self._get_faults)
@@ -120,7 +132,8 @@ class Simulator:
         """Stop answering; pending jobs and device changes are dropped, devices stay."""
         self._closing.set()
         self.world.cancel_timers()
-        self.hotplug.close()
+        for hotplug in self.hotplugs.values():
+            hotplug.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -203,8 +216,37 @@ class Simulator:
 
     @property
     def devices(self) -> dict[str, str]:
-        """volume id -> name of its hot-plugged device, for the devices present now."""
+        """volume id -> name of its hot-plugged device in the local VM (the first guest),
+        for the devices present now."""
         return dict(self.hotplug.devices)
+
+    @property
+    def guests(self) -> dict[str, tuple[str | None, str | None]]:
+        """VM id -> (sysfs root, dev root) of every guest, the local VM's first."""
+        return {
+            vm_id: (
+                str(h.sysfs_root) if h.sysfs_root is not None else None,
+                str(h.dev_root) if h.dev_root is not None else None,
+            )
+            for vm_id, h in self.hotplugs.items()
+        }
+
+    def plugged_into(self, vm_id: str) -> list[tuple[str, str]]:
+        """(volume id, device name) of every device made in guest ``vm_id``, oldest first."""
+        hotplug = self.hotplugs.get(vm_id)
+        return list(hotplug.plugged) if hotplug is not None else []
+
+    def devices_of(self, vm_id: str) -> dict[str, str]:
+        """volume id -> name of its device present now in guest ``vm_id`` ({}: no guest)."""
+        hotplug = self.hotplugs.get(vm_id)
+        return dict(hotplug.devices) if hotplug is not None else {}
+
+    def guest_views(self) -> list[Body]:
+        """The guests as the ready line and /_sim/world show them."""
+        return [
+            {"vm_id": vm_id, "sysfs": sysfs, "dev": dev}
+            for vm_id, (sysfs, dev) in self.guests.items()
+        ]
 
     def volume_view(self, volume_id: str) -> Body:
         """A volume as listVolumes shows it."""
@@ -231,7 +273,8 @@ class Simulator:
 
     def reset(self) -> None:
         """Back to the seeded world: no volumes, jobs, calls, faults or devices."""
-        self.hotplug.clear()
+        for hotplug in self.hotplugs.values():
+            hotplug.clear()
         self.world.reset()
         self.faults.clear()
         self.call_log.clear()
@@ -242,7 +285,8 @@ class Simulator:
         async with asyncio.timeout(timeout):
             while True:
                 # A completing job may schedule a device change, so look again after each.
-                deadlines = [self.world.last_deadline(), self.hotplug.last_deadline()]
+                deadlines = [self.world.last_deadline()]
+                deadlines += [h.last_deadline() for h in self.hotplugs.values()]
                 pending = [d for d in deadlines if d is not None]
                 if not pending:
                     return
@@ -295,7 +339,10 @@ class Simulator:
             self.faults.refund(fault)
             call.fault = None
         if status == 200:
+            call.accepted = True
             call.jobid = body.get("jobid")
+            if command == "createVolume":
+                call.volume_id = body.get("id")
         else:
             call.errortext = body.get("errortext")
         log.debug("%s %s -> %s", request.method, command, status)
@@ -399,9 +446,20 @@ class Simulator:
         calls = self.call_log.select(command, since, **query)
         return self._json({"count": len(calls), "calls": calls})
 
+    async def _get_mutations(self, request: web.Request) -> web.Response:
+        calls = self.call_log.mutations(request.query.get("volume_id"))
+        return self._json({"count": len(calls), "calls": calls})
+
     async def _get_volumes(self, request: web.Request) -> web.Response:
         views = [self.world.volume_view(v) for v in self.world.volumes.values()]
-        return self._json({"volumes": views, "mutations": self.mutations, "devices": self.devices})
+        return self._json(
+            {
+                "volumes": views,
+                "mutations": self.mutations,
+                "devices": self.devices,
+                "guest_devices": {vm_id: self.devices_of(vm_id) for vm_id in self.hotplugs},
+            }
+        )
 
     async def _get_world(self, request: web.Request) -> web.Response:
         return self._json(
@@ -412,6 +470,7 @@ class Simulator:
                 "disk_offering_ids": self.disk_offering_ids,
                 "vm_ids": self.vm_ids,
                 "local_vm_id": self.local_vm_id,
+                "guests": self.guest_views(),
                 "pending_jobs": self.world.pending_jobs(),
             }
         )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from simulator.config import SimConfig
+from simulator.config import SimConfig, guest_configs
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,11 @@ class World:
                 vm.devices[0] = root.id
         if cfg.local_vm_id is not None and cfg.local_vm_id not in self.vms:
             raise ValueError(f"local_vm_id {cfg.local_vm_id} is not one of the configured VMs")
-        self.local_vm_id: str | None = cfg.local_vm_id or next(iter(self.vms), None)
+        self.guest_vm_ids = self._guest_vm_ids()
+        """The VM of each guest (guest_configs order): the VMs with a device tree."""
+        self.local_vm_id: str | None = (
+            cfg.local_vm_id or next(iter(self.guest_vm_ids), None) or next(iter(self.vms), None)
+        )
         self.removed: OrderedDict[str, None] = OrderedDict()
         """Ids of deleted volumes (the newest call_log_size): CloudStack keeps their rows, so
         listVolumes finds nothing for them instead of refusing the id."""
@@ -255,6 +259,22 @@ class World:
         self.mutations: Counter[str] = Counter()
         self._latency = {None: cfg.job_latency}
         self._latency.update(cfg.command_latency)
+
+    def _guest_vm_ids(self) -> list[str]:
+        taken: list[str] = []
+        for guest in guest_configs(self.config):
+            if guest.vm_id is None:
+                vm_id = next((v for v in self.vms if v not in taken), None)
+                if vm_id is None:
+                    raise ValueError("more guests than VMs")
+            elif guest.vm_id not in self.vms:
+                raise ValueError(f"guest VM {guest.vm_id} is not one of the configured VMs")
+            elif guest.vm_id in taken:
+                raise ValueError(f"VM {guest.vm_id} is two guests")
+            else:
+                vm_id = guest.vm_id
+            taken.append(vm_id)
+        return taken
 
     @property
     def secrets(self) -> dict[str, str]:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
-from simulator import Fault, SimConfig, Simulator
+from simulator import Fault, GuestConfig, SimConfig, Simulator, VMConfig
 from simulator.cli import main as cli_main
 from tests.conftest import wait_for
 
@@ -561,6 +561,118 @@ async def test_hotplug_without_serials_and_with_delays(tmp_path: Path) -> None:
         assert block_names(sim) == ["vda"] and not (dev / "vdb").exists()
 
 
+def guest_tree(root: Path) -> tuple[Path, Path]:
+    """A guest's sysfs and /dev with its root disk vda."""
+    sysfs, dev = root / "sys", root / "dev"
+    (sysfs / "block" / "vda").mkdir(parents=True)
+    (sysfs / "block" / "vda" / "size").write_text("16777216\n")
+    (dev / "disk" / "by-id").mkdir(parents=True)
+    return sysfs, dev
+
+
+async def test_several_guests_each_get_their_own_devices(tmp_path: Path) -> None:
+    (a_sys, a_dev), (b_sys, b_dev) = guest_tree(tmp_path / "a"), guest_tree(tmp_path / "b")
+    vm_a, vm_b, vm_c = (str(uuid.uuid4()) for _ in range(3))
+    config = SimConfig(
+        seed=12,
+        vms=(VMConfig(id=vm_a), VMConfig(id=vm_b), VMConfig(id=vm_c)),
+        sysfs_root=str(a_sys),
+        dev_root=str(a_dev),
+        guests=(GuestConfig(vm_id=vm_b, sysfs_root=str(b_sys), dev_root=str(b_dev)),),
+    )
+    async with Simulator(config) as sim, client(sim) as cs:
+        assert sim.local_vm_id == vm_a  # the single-guest options are the first guest
+        assert sim.guests == {vm_a: (str(a_sys), str(a_dev)), vm_b: (str(b_sys), str(b_dev))}
+        one, two, three = [await create(cs, sim, f"g{n}") for n in range(3)]
+
+        await cs.attachVolume(id=one, virtualmachineid=vm_a)
+        await cs.attachVolume(id=two, virtualmachineid=vm_b)
+        await cs.attachVolume(id=three, virtualmachineid=vm_c)  # no guest: no device anywhere
+        # Each guest's kernel names its own disks: both hot-plugs are vdb, in their own trees.
+        assert sim.devices_of(vm_a) == {one: "vdb"} == sim.devices
+        assert sim.devices_of(vm_b) == {two: "vdb"}
+        assert sim.devices_of(vm_c) == {}
+        assert (a_sys / "block/vdb/serial").read_text() == one.replace("-", "")[:20]
+        assert (b_sys / "block/vdb/serial").read_text() == two.replace("-", "")[:20]
+        assert os.readlink(b_dev / "disk/by-id" / f"virtio-{two.replace('-', '')[:20]}") == (
+            "../../vdb"
+        )
+        assert not (a_dev / "disk/by-id" / f"virtio-{two.replace('-', '')[:20]}").exists()
+        assert sorted(os.listdir(b_sys / "block")) == ["vda", "vdb"]
+
+        # Moving a volume from one guest to the other moves its device.
+        await cs.detachVolume(id=one)
+        await cs.attachVolume(id=one, virtualmachineid=vm_b)
+        assert sim.devices_of(vm_a) == {}
+        assert sim.devices_of(vm_b) == {two: "vdb", one: "vdc"}
+        assert sorted(os.listdir(a_sys / "block")) == ["vda"] and not (a_dev / "vdb").exists()
+        assert sim.plugged_into(vm_a) == [(one, "vdb")]
+        assert sim.plugged_into(vm_b) == [(two, "vdb"), (one, "vdc")]
+        assert sim.plugged_into(vm_c) == []
+
+        world = await control(sim, "GET", "world")
+        assert world["guests"] == [
+            {"vm_id": vm_a, "sysfs": str(a_sys), "dev": str(a_dev)},
+            {"vm_id": vm_b, "sysfs": str(b_sys), "dev": str(b_dev)},
+        ]
+        volumes = await control(sim, "GET", "volumes")
+        assert volumes["guest_devices"] == {vm_a: {}, vm_b: {two: "vdb", one: "vdc"}}
+
+        sim.reset()
+        assert sorted(os.listdir(b_sys / "block")) == ["vda"]
+
+
+async def test_guests_without_ids_take_the_vms_in_order(tmp_path: Path) -> None:
+    (a_sys, a_dev), (b_sys, b_dev) = guest_tree(tmp_path / "a"), guest_tree(tmp_path / "b")
+    only_guests = SimConfig(
+        seed=13,
+        guests=(
+            GuestConfig(sysfs_root=str(a_sys), dev_root=str(a_dev)),
+            GuestConfig(sysfs_root=str(b_sys), dev_root=str(b_dev)),
+        ),
+    )
+    async with Simulator(only_guests) as sim:
+        first, second, _ = sim.vm_ids
+        assert list(sim.guests) == [first, second] and sim.local_vm_id == first
+
+    with pytest.raises(ValueError, match="two guests"):
+        Simulator(SimConfig(seed=13, guests=(GuestConfig(vm_id=first), GuestConfig(vm_id=first))))
+    with pytest.raises(ValueError, match="not one of the configured VMs"):
+        Simulator(SimConfig(seed=13, guests=(GuestConfig(vm_id="no-such-vm"),)))
+
+
+async def test_call_log_counts_the_mutations_of_each_volume(
+    sim: Simulator, cs: AIOCloudStack
+) -> None:
+    volume_id = await create(cs, sim, "counted")
+    other = await create(cs, sim, "other")
+    await cs.attachVolume(id=volume_id, virtualmachineid=remote_vm(sim))
+    with pytest.raises(CloudStackApiException):  # accepted, then its job fails
+        await cs.attachVolume(id=volume_id, virtualmachineid=sim.vm_ids[0])
+    with pytest.raises(CloudStackApiException):  # refused at once (431): never accepted
+        await cs.attachVolume(id=volume_id, virtualmachineid="no-such-vm")
+    await cs.detachVolume(id=volume_id)
+    await cs.listVolumes(id=volume_id)
+    await cs.deleteVolume(id=volume_id)
+
+    made = sim.call_log.mutations(volume_id)
+    assert [c.command for c in made] == [
+        "createVolume",
+        "attachVolume",
+        "attachVolume",  # accepted; its job then failed (already attached): still sent
+        "detachVolume",
+        "deleteVolume",
+    ]
+    assert made[0].params["name"] == "counted" and made[0].volume_id == volume_id
+    assert [c.volume_id for c in sim.call_log.mutations(other)] == [other]
+    assert len(sim.call_log.mutations()) == 6
+    refused = sim.call_log.select("attachVolume", virtualmachineid="no-such-vm")
+    assert len(refused) == 1 and not refused[0].accepted
+
+    logged = await control(sim, "GET", f"mutations?volume_id={volume_id}")
+    assert [c["command"] for c in logged["calls"]] == [c.command for c in made]
+
+
 # -- running as a process ----------------------------------------------------------------
 
 
@@ -582,6 +694,7 @@ async def test_process_mode_prints_its_json_line() -> None:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         ready = json.loads(line)
         assert {"endpoint", "key", "secret", "zone_id", "disk_offering_ids", "vm_ids"} <= set(ready)
+        assert ready["guests"] == []  # no --sysfs, --dev or --guest: no device tree
         assert ready["endpoint"].endswith("/client/api")
         async with AIOCloudStack(
             endpoint=ready["endpoint"], key=ready["key"], secret=ready["secret"]
@@ -601,3 +714,24 @@ def test_cli_refuses_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_key = 1\n")
     assert cli_main(["--config", str(bad)]) == 2
+
+
+def test_cli_guests(tmp_path: Path) -> None:
+    from simulator.cli import _parser, build_config
+
+    args = _parser().parse_args(
+        ["--sysfs", "/a/sys", "--dev", "/a/dev", "--guest", "vm-b:/b/sys:/b/dev", "--guest", "::"]
+    )
+    config = build_config(args)
+    assert (config.sysfs_root, config.dev_root) == ("/a/sys", "/a/dev")
+    assert config.guests == (
+        GuestConfig(vm_id="vm-b", sysfs_root="/b/sys", dev_root="/b/dev"),
+        GuestConfig(),
+    )
+    toml = tmp_path / "sim.toml"
+    toml.write_text('[[guests]]\nvm_id = "vm-x"\nsysfs_root = "/x/sys"\n')
+    assert build_config(_parser().parse_args(["--config", str(toml)])).guests == (
+        GuestConfig(vm_id="vm-x", sysfs_root="/x/sys"),
+    )
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--guest", "vm-only"])
