@@ -19,6 +19,7 @@ import msgspec
 from actors.logs import bind
 from actors.metrics import ACTOR_UP
 from bus import Bus
+from bus.tasks import Backoff, finish
 from bus.topology import CONFIG_SUBJECT, topology_for
 from schemas.config import Settings
 from schemas.internal import CloudStackCredentials
@@ -41,7 +42,7 @@ async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
     for it: the watcher and correlator cannot know their VM without it)."""
     if settings.vm_id:
         return settings.vm_id
-    delay = 0.2
+    backoff = Backoff(0.2, 10.0)
     while True:
         try:
             data = await bus.request(CONFIG_SUBJECT, b"{}", timeout=2.0)
@@ -52,8 +53,7 @@ async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
         except Exception as e:
             reason = f"no answer from the persistence actor ({type(e).__name__})"
         log.warning("local VM id unknown: %s; set VOLUMED_VM_ID. Retrying.", reason)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+        await backoff.pause()
 
 
 def connect_bus(settings: Settings, name: str) -> Coroutine[Any, Any, Bus]:
@@ -183,13 +183,7 @@ class Supervisor:
                 actor.stop()  # finishes in-flight work, takes no more
             else:
                 tasks[name].cancel()  # holds no work worth finishing (or is not built yet)
-        pending = [t for t in tasks.values() if not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=GRACE)
-            for t in still:
-                t.cancel()
-            if still:
-                await asyncio.wait(still, timeout=5)
+        await finish(tasks.values(), GRACE, then=5.0)
 
 
 async def run_until_signalled(settings: Settings, actors: Sequence[str]) -> None:

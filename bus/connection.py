@@ -30,6 +30,7 @@ from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
 from bus.errors import Refused, Unavailable
 from bus.kv import Bucket, Conflict, is_wrong_last_sequence
+from bus.tasks import Backoff
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 from schemas.config import (
     ConfigError,
@@ -222,7 +223,7 @@ class Bus:
                     await nc.close()
                 raise
 
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 nc = await attempt()
@@ -235,9 +236,8 @@ class Bus:
                     text = mask_secrets(str(e), secrets)
                     raise Unavailable(f"cannot connect to NATS at {_hosts(urls)}: {text}") from None
                 # Not up yet (a restart in progress): an outage at start is waited out too.
-                log.warning("cannot connect to nats (%s); retrying in %.1f s", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.warning("cannot connect to nats (%s); retrying in %.1f s", e, backoff.delay)
+                await backoff.pause()
         bus = cls(nc, nc.jetstream(timeout=5.0), name)
         holder["bus"] = bus
         return bus

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from bus.connection import Bus
 from bus.errors import Abandon, Reject, Retry
+from bus.tasks import finish
 from bus.topology import DEAD_LETTER_PREFIX, ConsumerSpec
 
 log = logging.getLogger("volumed.bus.consumer")
@@ -151,12 +152,7 @@ class Consumer:
     async def _finish(self, grace: float) -> None:
         """Let in-flight handlers end within ``grace`` seconds, then cancel the rest: their
         messages stay unacknowledged and are redelivered."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=2)
+        await finish(set(self._tasks), grace, then=2.0)
 
     async def _top_up(self, pull_subject: str, inbox: str) -> None:
         room = self.concurrency - len(self._tasks) - self._queue.qsize() - self._credit

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from bus.kv import Bucket, Conflict
+from bus.tasks import Backoff
 from schemas.internal import LeaseHolder
 
 log = logging.getLogger("volumed.bus.lease")
@@ -89,12 +90,11 @@ class Leases:
         """Wait until the lease is free (released, or expired on the server), then take it;
         TimeoutError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.01
+        backoff = Backoff(0.01, _MAX_POLL)
         while (lease := await self.try_acquire(key)) is None:
-            if deadline is not None and time.monotonic() + delay > deadline:
+            if deadline is not None and time.monotonic() + backoff.delay > deadline:
                 raise TimeoutError(f"the lease {key} is held elsewhere")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_POLL)
+            await backoff.pause()
         return lease
 
     @contextlib.asynccontextmanager

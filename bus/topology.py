@@ -200,7 +200,9 @@ EXECUTOR_GIVEN_UP = ConsumerSpec(
 PERSISTENCE = ConsumerSpec(
     stream=EVENTS.name,
     durable="persistence",
-    ack_wait=30.0,
+    # Handlers heartbeat (bus/consumer.py), so this is only how long the events a killed
+    # persistence process had taken wait for another: queries wait for them (READ_AFTER).
+    ack_wait=10.0,
     # Unbounded: a database outage must delay events, never drop them. Undecodable events
     # are terminated and dead-lettered by the handler instead.
     max_deliver=-1,
@@ -210,7 +212,7 @@ PERSISTENCE = ConsumerSpec(
 PERSISTENCE_PROOFS = ConsumerSpec(
     stream=MAPPING_PROOFS.name,
     durable="persistence_proofs",
-    ack_wait=30.0,
+    ack_wait=10.0,
     # Unbounded like the events: a database outage delays a proof, never drops it.
     max_deliver=-1,
     description="the database writers apply the correlators' mapping proofs",

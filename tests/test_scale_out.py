@@ -381,7 +381,7 @@ async def _check(
         return all(rows.get(op_id) == status for op_id, status in wanted.items())
 
     # Events that the killed process's persistence had taken, uncommitted, come back to the
-    # others only after the consumer's ack wait (30 s): allow for it.
+    # others only after the consumer's ack wait (PERSISTENCE.ack_wait): allow for it.
     waited = time.monotonic()
     with contextlib.suppress(AssertionError):
         await wait_for(rows_agree, timeout=ROWS_WAIT, interval=0.2)

@@ -37,6 +37,7 @@ from actors.heartbeat import beat
 from actors.logs import bind
 from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
 from bus import Bus, Consumer, Delivery, Reject, Retry
+from bus.tasks import Backoff
 from bus.topology import (
     API_PREFIX,
     ATTACHING_BUCKET,
@@ -321,7 +322,7 @@ class CorrelatorActor:
 
     async def _sync_loop(self) -> None:
         """Read the attaches in flight (and the device state) whenever they may be unknown."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while not self._stopping.is_set():
             await self._need_sync.wait()
             if self._stopping.is_set():
@@ -333,11 +334,10 @@ class CorrelatorActor:
                 in_flight = await self._read_in_flight()
             except Exception as e:
                 log.warning("cannot read the attaches in flight (%s); retrying", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.pause()
                 self._need_sync.set()
                 continue
-            delay = 0.2
+            backoff = Backoff(0.2, 5.0)
             log.info("attaches in flight to VM %s: %d", self.vm_id, len(in_flight))
             self._apply(self.engine.sync_attaches(in_flight, time.time()))
             self._beat_now.set()
@@ -415,7 +415,7 @@ class CorrelatorActor:
 
     async def _proof_loop(self) -> None:
         """Prove the VM's mappings again whenever asked to, and every REPROVE_INTERVAL."""
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reprove.wait(), REPROVE_INTERVAL)
@@ -432,11 +432,10 @@ class CorrelatorActor:
                 self.proof_error = f"{type(e).__name__}: {e}"
                 log.warning("cannot prove the mappings of VM %s (%s); retrying", self.vm_id, e)
                 self._reprove.set()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.pause()
                 continue
             self.proof_error = None
-            delay = 0.2
+            backoff = Backoff(0.2, 5.0)
 
     async def _publish_proof(self) -> None:
         data = await self.bus.request(

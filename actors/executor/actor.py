@@ -55,6 +55,7 @@ from bus import Abandon, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
 from bus.consumer import dead_letter
 from bus.lease import LeaseLost, Leases
+from bus.tasks import finish
 from bus.topology import (
     ATTACHING_BUCKET,
     COMMANDS,
@@ -180,9 +181,9 @@ class ExecutorActor:
             await self._consumer.run()
         finally:
             self._given_up.stop()
-            await asyncio.wait(background[2:], timeout=5)
-            for task in background:
-                task.cancel()
+            background[0].cancel()
+            background[1].cancel()
+            await finish(background, 5.0, then=1.0)
             self.order.close()
             await self.cloud.close()
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from bus import Bucket, Bus
 from bus.connection import StoredMessage
+from bus.tasks import Backoff
 from bus.topology import ConsumerSpec
 from schemas.common import TERMINAL
 from schemas.internal import OpRecord
@@ -102,7 +103,7 @@ class VolumeOrder:
     async def _command_done(self, stream_seq: int, operation_id: str) -> None:
         """Wait until the command at ``stream_seq`` is done: acknowledged (below the ack
         floor), or claimed as a copy of another command's operation, or its operation ended."""
-        delay = 0.01
+        backoff = Backoff(0.01, 4 * _POLL)
         while True:
             if stream_seq <= await self._ack_floor():
                 return
@@ -112,8 +113,7 @@ class VolumeOrder:
                     return
                 await self.ended(operation_id)
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 4 * _POLL)
+            await backoff.pause()
 
     async def _earlier(self, volume_id: str, stream_seq: int) -> dict[int, str]:
         floor = await self._ack_floor()

@@ -16,6 +16,7 @@ from actors.persistence.read_after import ReadAfter
 from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
+from bus.tasks import Backoff, finish
 from bus.topology import CONFIG_SUBJECT, PERSISTENCE, PERSISTENCE_PROOFS
 from schemas.config import Settings, mask_url_password, url_secrets
 from schemas.internal import CloudStackCredentials
@@ -122,16 +123,13 @@ class PersistenceActor:
             await asyncio.wait({task})
         except asyncio.CancelledError:
             consumer.stop()
-            await asyncio.wait({task}, timeout=15.0)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=2.0)
+            await finish([task], 15.0, then=2.0)
             raise
         task.result()
 
     async def _open_store(self) -> Store | None:
         where = mask_url_password(self.settings.db_dsn)
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         attempt = 0
         while not self._stopping.is_set():
             attempt += 1
@@ -143,11 +141,9 @@ class PersistenceActor:
                     log.warning(
                         "cannot open the database (%s); retrying every %.0f s",
                         self.store_error,
-                        delay,
+                        backoff.delay,
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, 10.0)
+                await backoff.pause(self._stopping)
                 continue
             self.store_error = ""
             log.info("database %s open", where)

@@ -25,6 +25,7 @@ from actors.watcher import sysfs
 from actors.watcher.netlink import UeventSocket, add_reader, parse_uevent
 from actors.watcher.state import Change, diff, diff_one, same_device
 from bus import Bucket, Bus
+from bus.tasks import Backoff
 from bus.topology import DEVICES_BUCKET, device_subject
 from schemas.config import Settings
 from schemas.devices import DeviceEvent, DeviceInfo, DeviceSnapshot
@@ -310,7 +311,7 @@ class WatcherActor:
             if event.kind == "added" and event.device is not None:
                 event = await self._wait_for_by_id(event, event.device)
             seq += 1
-            delay = 0.1
+            backoff = Backoff(0.1, 5.0)
             while True:
                 try:
                     # The id makes a retry after a lost acknowledgement a no-op in the stream.
@@ -321,8 +322,7 @@ class WatcherActor:
                     if self.publish_error is None:
                         log.warning("device watcher: cannot publish device event: %s", e)
                     self.publish_error = f"{type(e).__name__}: {e}"
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    await backoff.pause()
             self.publish_error = None
             self.events_published += 1
             DEVICE_EVENTS.labels(event.kind, event.source).inc()
