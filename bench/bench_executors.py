@@ -34,9 +34,7 @@ from bench.common import (
     volumed_env,
 )
 from bus import Bus
-from bus.topology import TOPOLOGY
-
-HEALTH_BUCKET = "volumed_health"
+from bus.topology import HEALTH_BUCKET, TOPOLOGY
 
 
 async def executors_beating(bus: Bus, count: int, timeout: float = 60.0) -> None:
@@ -44,7 +42,7 @@ async def executors_beating(bus: Bus, count: int, timeout: float = 60.0) -> None
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(Exception):  # the bucket is empty or not made yet
-            keys = await (await bus.js.key_value(HEALTH_BUCKET)).keys()
+            keys = await (await bus.js.key_value(HEALTH_BUCKET.name)).keys()
             if Counter(k.split(".", 1)[0] for k in keys)["executor"] >= count:
                 return
         if time.monotonic() > deadline:
