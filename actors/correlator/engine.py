@@ -86,11 +86,27 @@ time).
 the kernel may give that name to another disk (a reboot names disks again, in any order). A
 mapped volume is proven again by the one present device with its serial, or by the device
 without serial that this engine itself proved for that same attach, as long as that
-appearance is present and unchanged; otherwise it names no device, with the reason. A
-restarted engine has proven nothing, so devices without serial name nothing after a restart.
-A ``changed`` device (resized: same name, serial and controller) keeps its appearance: its
-owner, its claim and when it was seen; it is never a candidate for an attach by exclusion
-(a disk that came with another size is not the one an attach of its new size made).
+appearance is present and not doubted (below); otherwise it names no device, with the
+reason. A restarted engine has proven nothing, so devices without serial name nothing after
+a restart.
+
+**Resized disks.** A resized disk is the same disk. The watcher reports a resize as
+``changed`` (same name, serial and controller, a new size), and the device keeps its
+appearance: its owner, its claim, when it was first seen; a pending release still waits for
+it. It is never a candidate for an attach by exclusion (a disk that came with another size
+is not the one an attach of its new size made). A resize may also be seen only in an
+inventory (the watcher's start scan after it was down, the saved device state): an entry
+with the name, serial and controller of a present appearance and another size is that
+appearance resized just the same, never a removal plus a new device, which would answer its
+volume's release ``gone`` while its disk is still there. With a serial this is proof
+enough: the serial is the volume's. Without serial nothing is proven either way: the
+watcher reports ``changed`` only for a disk it kept observing (uevents, rescans one poll
+interval apart), but an inventory follows a gap nobody watched, in which the disk may have
+been detached and another attached under its name on the same controller (the kernel hands
+out the lowest free name and virtio index again). So the engine takes the side where
+neither error is possible: the device keeps its appearance (its volume's release waits for
+it, no attach is offered it) and is *doubted* until it goes: ``prove`` names it for no
+volume any more, and a release that times out on it says it only *may* be the volume's.
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -158,6 +174,9 @@ class _Device:
     # Its size changed since it appeared (``changed``): a disk that came with another size
     # is not one an attach of its new size made, so it never proves one by exclusion.
     resized: bool = False
+    # Why it may be another disk than the one it was (listed without serial at another
+    # size): it is still waited for as its volume's, but never proven to be it again.
+    doubt: str | None = None
 
 
 @dataclass
@@ -182,7 +201,7 @@ class _Release:
     request: ReleaseRequest
     targets: dict[int, str]  # device key → name: every device that may be the volume's
     deadline: float
-    certain: bool  # the volume's own device, not only devices that may be its one
+    doubt: str  # why the targets may only be the volume's device; "": they are its own
 
 
 class CorrelationEngine:
@@ -254,6 +273,9 @@ class CorrelationEngine:
                 if known is not None and _same_device(known.info, info):
                     known.info = _merge(known.info, info)
                     continue
+                if known is not None and _resized(known.info, info):
+                    self._resize(known, info, listed=True)
+                    continue
                 if known is not None:
                     out += self._remove(info.name, now)
                 # The watcher's start scan cannot know when its devices appeared.
@@ -272,10 +294,7 @@ class CorrelationEngine:
                     self._add(info, _seen_at(info, event.at))
             elif event.kind == "changed":
                 if known is not None and _resized(known.info, info):
-                    # The same disk with a new size: it keeps its appearance (owner, claim,
-                    # when it was seen), so it can never prove another attach.
-                    known.info = _merge(known.info, info)
-                    known.resized = True
+                    self._resize(known, info, listed=False)
                 else:
                     # A change of a disk this engine did not know as such: present since
                     # an unknown time, never a fresh candidate.
@@ -325,7 +344,7 @@ class CorrelationEngine:
             return [answered[1]]
         if op in self._releases:
             return []
-        devices, certain = self._devices_of(request)
+        devices, doubt = self._devices_of(request)
         if not devices:
             return [self._release_answer(request, True, "no device of the volume is present", now)]
         for d in devices:
@@ -334,7 +353,7 @@ class CorrelationEngine:
             request=request,
             targets={d.key: d.info.name for d in devices},
             deadline=now + self.release_timeout,
-            certain=certain,
+            doubt=doubt,
         )
         return []
 
@@ -417,12 +436,16 @@ class CorrelationEngine:
                 del self._releases[op]
                 names = ", ".join(sorted(r.targets.values()))
                 volume, waited = r.request.volume_id, f"{self.release_timeout:g} s"
-                if r.certain:
+                doubt = r.doubt or next(
+                    (d.doubt for d in self._devices.values() if d.key in r.targets and d.doubt),
+                    "",
+                )
+                if not doubt:
                     msg = f"device {names} of volume {volume} is still present {waited} after "
                 else:
                     msg = (
-                        f"{names}, which may be volume {volume}'s device (its attach failed "
-                        f"without proof of which device it got), still present {waited} after "
+                        f"{names}, which may be volume {volume}'s device ({doubt}), still "
+                        f"present {waited} after "
                     )
                 msg += "the detach"
                 out.append(self._release_answer(r.request, False, msg, now))
@@ -471,7 +494,12 @@ class CorrelationEngine:
             and mine.claimed_by == m.operation_id
             and not mine.released
         ):
-            return on(mine, "exclusive")
+            if mine.doubt is None:
+                return on(mine, "exclusive")
+            return none(
+                f"no device with serial {serial} is present, and the device proven to be "
+                f"this volume's may be another disk now: {mine.doubt}{was}"
+            )
         missing = f"no device with serial {serial} is present"
         if key is not None and mine is None:
             return none(f"{missing}, and the device proven to be this volume's is gone{was}")
@@ -766,24 +794,39 @@ class CorrelationEngine:
                 out.append(self._release_answer(r.request, True, f"device {name} is gone", now))
         return out
 
-    def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], bool]:
+    def _resize(self, d: _Device, info: DeviceInfo, *, listed: bool) -> None:
+        """The same disk with a new size (same name, serial and controller): it keeps its
+        appearance (owner, claim, when it was seen, what it may be), so a pending release
+        still waits for it, and it can never prove another attach. ``listed``: seen only in
+        an inventory, after a gap nobody watched; without serial that cannot tell it from
+        another disk that took the name, so it is doubted (see "Resized disks")."""
+        if listed and not info.serial and d.doubt is None:
+            d.doubt = (
+                f"{info.name} has no serial and was listed at {_size(info.size)} instead of "
+                f"{_size(d.info.size)}: the same disk resized, or another one under its name"
+            )
+        d.info = _merge(d.info, info)
+        d.resized = True
+
+    def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], str]:
         """The volume's present device: the appearance we mapped, one with its serial, or
         (only for a volume this engine never mapped, e.g. after a restart) the given path
         when that device has no serial and no other owner. For a volume whose attach failed
-        without serial (a roll-back): every device that could have been its one."""
+        without serial (a roll-back): every device that could have been its one. With them,
+        why they may only be its device ("" when they are its own)."""
         key = self._mapped.get(request.volume_id)
         mapped = next((d for d in self._devices.values() if d.key == key), None)
         if mapped is not None:
-            return [mapped], True
+            return [mapped], mapped.doubt or ""
         serial = serial_of(request.volume_id)
         for d in self._devices.values():
             if d.info.serial == serial and not d.released:
-                return [d], True
+                return [d], ""
         if key is not None:
-            return [], True  # the appearance we mapped is gone; its letter may be reused
+            return [], ""  # the appearance we mapped is gone; its letter may be reused
         suspects = [d for d in self._devices.values() if request.volume_id in d.suspects]
         if suspects:
-            return suspects, False
+            return suspects, "its attach failed without proof of which device it got"
         if request.device_path:
             for d in self._devices.values():
                 if (
@@ -791,8 +834,8 @@ class CorrelationEngine:
                     and d.volume_id in (None, request.volume_id)
                     and not d.info.serial
                 ):
-                    return [d], True
-        return [], True
+                    return [d], ""
+        return [], ""
 
     # -- bookkeeping ----------------------------------------------------------------------
 
