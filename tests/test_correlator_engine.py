@@ -596,6 +596,9 @@ def test_generated_worlds_with_executors_on_other_hosts(mode: str) -> None:
         # Without serial: the disk went while the watcher was down and another one, of
         # another size, took its name; its release waits for that one, and says "may be".
         (3972836884, "mixed", False),
+        # The same at the same size: the release waited for the other volume's disk and
+        # called it this volume's; prove would have named it for this volume too.
+        (2933934851, "off", True),
     ],
 )
 def test_fixed_seed_worlds(seed: int, mode: str, clocks: bool) -> None:
@@ -1131,6 +1134,36 @@ def test_without_serial_a_resize_seen_only_in_an_inventory_is_waited_for_but_dou
     other = msgspec.structs.replace(listed, size=2 * GIB, controller="virtio6")
     r = only(e.device_event(inventory([other], 61.0, "start"), 61.0))
     assert r.operation_id == "d2" and r.gone
+
+
+def test_without_serial_a_disk_listed_again_after_a_gap_is_doubted_even_at_its_size() -> None:
+    """While the watcher was down the volume's disk may have gone and another one of the
+    same size taken its name: nothing tells them apart, so the claim proves nothing any
+    more, the release waits for the disk and says "may be"."""
+    e = engine()
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    assert only(e.attach(request("a", v, GIB, 10.0), 11.0)).proof == "exclusive"
+    assert e.device_event(inventory([device("vdb", GIB, None, 21.0)], 21.0, "start"), 21.0) == []
+    assert e.mapping(v) is not None
+    (p,) = e.prove(rows((v, "a")))
+    assert p.proof == "none" and p.device_path is None and "another one under" in p.reason
+    assert e.release(ReleaseRequest(operation_id="d", volume_id=v), 22.0) == []
+    r = only(e.tick(52.0))
+    assert not r.gone and "which may be volume" in r.message and "listed again" in r.message
+
+
+def test_an_unclaimed_disk_listed_again_after_a_gap_is_no_candidate() -> None:
+    """It appeared in R's window, but after the gap it may be another disk under its name
+    (one seen before R's window, say): R does not get it."""
+    e = CorrelationEngine(VM, now=0.0, timeout=30)
+    v = new_volume()
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    assert e.attach(request("a", v, GIB, 10.0), 11.0) == []  # attaches not known yet
+    assert e.device_event(inventory([device("vdb", GIB, None, 12.0)], 12.0, "start"), 12.0) == []
+    assert e.sync_attaches([], 13.0) == []
+    r = only(e.tick(41.0))
+    assert r.operation_id == "a" and r.error.code == "device_timeout"
 
 
 # -- executors on other hosts: their times are on another clock -----------------------------

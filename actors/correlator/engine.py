@@ -94,19 +94,22 @@ a restart.
 ``changed`` (same name, serial and controller, a new size), and the device keeps its
 appearance: its owner, its claim, when it was first seen; a pending release still waits for
 it. It is never a candidate for an attach by exclusion (a disk that came with another size
-is not the one an attach of its new size made). A resize may also be seen only in an
-inventory (the watcher's start scan after it was down, the saved device state): an entry
-with the name, serial and controller of a present appearance and another size is that
-appearance resized just the same, never a removal plus a new device, which would answer its
-volume's release ``gone`` while its disk is still there. With a serial this is proof
-enough: the serial is the volume's. Without serial nothing is proven either way: the
-watcher reports ``changed`` only for a disk it kept observing (uevents, rescans one poll
-interval apart), but an inventory follows a gap nobody watched, in which the disk may have
-been detached and another attached under its name on the same controller (the kernel hands
-out the lowest free name and virtio index again). So the engine takes the side where
+is not the one an attach of its new size made).
+
+**Inventories** (the watcher's start scan, the saved device state) follow a gap nobody
+watched. An entry under the name of a present appearance, with its serial and its size, or
+its serial and controller and another size (a resize seen only there, a resize as above), is
+that appearance, never a removal plus a new device, which would answer its volume's release
+``gone`` while its disk is still there. With a serial this is proof enough: the serial is
+the volume's. Without serial nothing is proven either way: in the gap the disk may have been
+detached and another one, of any size, attached under its name on the same controller (the
+kernel hands out the lowest free name and virtio index again); a ``changed`` is different,
+the watcher reports it only for a disk it kept observing. So the engine takes the side where
 neither error is possible: the device keeps its appearance (its volume's release waits for
-it, no attach is offered it) and is *doubted* until it goes: ``prove`` names it for no
-volume any more, and a release that times out on it says it only *may* be the volume's.
+it) and is *doubted* until it goes: it is never a candidate by exclusion, ``prove`` names it
+for no volume, and a release that times out on it says it only *may* be the volume's. A
+watcher restart thus costs mappings without serial their proof, as a correlator restart
+does.
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -174,8 +177,8 @@ class _Device:
     # Its size changed since it appeared (``changed``): a disk that came with another size
     # is not one an attach of its new size made, so it never proves one by exclusion.
     resized: bool = False
-    # Why it may be another disk than the one it was (listed without serial at another
-    # size): it is still waited for as its volume's, but never proven to be it again.
+    # Why it may be another disk than the one it was (listed again without serial after a
+    # gap): still waited for as its volume's, but never proven to be it, or anyone's, again.
     doubt: str | None = None
 
 
@@ -270,11 +273,10 @@ class CorrelationEngine:
                     out += self._remove(name, now)
             for info in event.devices:
                 known = self._devices.get(info.name)
-                if known is not None and _same_device(known.info, info):
-                    known.info = _merge(known.info, info)
-                    continue
-                if known is not None and _resized(known.info, info):
-                    self._resize(known, info, listed=True)
+                if known is not None and (
+                    _same_device(known.info, info) or _resized(known.info, info)
+                ):
+                    self._relist(known, info)
                     continue
                 if known is not None:
                     out += self._remove(info.name, now)
@@ -294,7 +296,10 @@ class CorrelationEngine:
                     self._add(info, _seen_at(info, event.at))
             elif event.kind == "changed":
                 if known is not None and _resized(known.info, info):
-                    self._resize(known, info, listed=False)
+                    # The same disk with a new size: it keeps its appearance (owner, claim,
+                    # when it was seen), so it can never prove another attach.
+                    known.info = _merge(known.info, info)
+                    known.resized = True
                 else:
                     # A change of a disk this engine did not know as such: present since
                     # an unknown time, never a fresh candidate.
@@ -740,14 +745,15 @@ class CorrelationEngine:
 
     def _candidate(self, c: _Claimant, d: _Device) -> bool:
         """A device R could be proven to own: no serial, unclaimed, not a detached volume's,
-        in R's own window, same size (a tainted one counts: it makes R ambiguous rather than
-        go unnoticed)."""
+        neither resized nor doubted, in R's own window, same size (a tainted one counts: it
+        makes R ambiguous rather than go unnoticed)."""
         assert c.request is not None
         return (
             not d.info.serial
             and d.claimed_by is None
             and not d.released
             and not d.resized
+            and d.doubt is None
             and d.seen_at >= c.own_start
             and d.info.size == c.request.size
         )
@@ -794,19 +800,21 @@ class CorrelationEngine:
                 out.append(self._release_answer(r.request, True, f"device {name} is gone", now))
         return out
 
-    def _resize(self, d: _Device, info: DeviceInfo, *, listed: bool) -> None:
-        """The same disk with a new size (same name, serial and controller): it keeps its
-        appearance (owner, claim, when it was seen, what it may be), so a pending release
-        still waits for it, and it can never prove another attach. ``listed``: seen only in
-        an inventory, after a gap nobody watched; without serial that cannot tell it from
-        another disk that took the name, so it is doubted (see "Resized disks")."""
-        if listed and not info.serial and d.doubt is None:
+    def _relist(self, d: _Device, info: DeviceInfo) -> None:
+        """An inventory lists the appearance again (same name, serial and controller, or
+        same serial and size), maybe resized: it keeps its owner, claim, first-seen time and
+        release targets. Without serial, after the gap, it may be another disk under its
+        name, so it is doubted (see "Inventories")."""
+        if not info.serial and d.doubt is None:
+            same = info.size == d.info.size
+            listed = "again" if same else f"at {_size(info.size)} instead of {_size(d.info.size)}"
             d.doubt = (
-                f"{info.name} has no serial and was listed at {_size(info.size)} instead of "
-                f"{_size(d.info.size)}: the same disk resized, or another one under its name"
+                f"{info.name} has no serial and was listed {listed} after the watcher was "
+                f"away: the same disk{'' if same else ' resized'}, or another one under its name"
             )
+        if info.size != d.info.size:
+            d.resized = True
         d.info = _merge(d.info, info)
-        d.resized = True
 
     def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], str]:
         """The volume's present device: the appearance we mapped, one with its serial, or
@@ -872,7 +880,8 @@ class CorrelationEngine:
 
 
 def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
-    """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at)."""
+    """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at);
+    without serial, after a gap, that is no proof (see "Inventories")."""
     return a.serial == b.serial and a.size == b.size
 
 
