@@ -86,11 +86,30 @@ time).
 the kernel may give that name to another disk (a reboot names disks again, in any order). A
 mapped volume is proven again by the one present device with its serial, or by the device
 without serial that this engine itself proved for that same attach, as long as that
-appearance is present and unchanged; otherwise it names no device, with the reason. A
-restarted engine has proven nothing, so devices without serial name nothing after a restart.
-A ``changed`` device (resized: same name, serial and controller) keeps its appearance: its
-owner, its claim and when it was seen; it is never a candidate for an attach by exclusion
-(a disk that came with another size is not the one an attach of its new size made).
+appearance is present and not doubted (below); otherwise it names no device, with the
+reason. A restarted engine has proven nothing, so devices without serial name nothing after
+a restart.
+
+**Resized disks.** A resized disk is the same disk. The watcher reports a resize as
+``changed`` (same name, serial and controller, a new size), and the device keeps its
+appearance: its owner, its claim, when it was first seen; a pending release still waits for
+it. It is never a candidate for an attach by exclusion (a disk that came with another size
+is not the one an attach of its new size made).
+
+**Inventories** (the watcher's start scan, the saved device state) follow a gap nobody
+watched. An entry under the name of a present appearance, with its serial and its size, or
+its serial and controller and another size (a resize seen only there, a resize as above), is
+that appearance, never a removal plus a new device, which would answer its volume's release
+``gone`` while its disk is still there. With a serial this is proof enough: the serial is
+the volume's. Without serial nothing is proven either way: in the gap the disk may have been
+detached and another one, of any size, attached under its name on the same controller (the
+kernel hands out the lowest free name and virtio index again); a ``changed`` is different,
+the watcher reports it only for a disk it kept observing. So the engine takes the side where
+neither error is possible: the device keeps its appearance (its volume's release waits for
+it) and is *doubted* until it goes: it is never a candidate by exclusion, ``prove`` names it
+for no volume, and a release that times out on it says it only *may* be the volume's. A
+watcher restart thus costs mappings without serial their proof, as a correlator restart
+does.
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -157,6 +176,9 @@ class _Device:
     # Its size changed since it appeared (``changed``): a disk that came with another size
     # is not one an attach of its new size made, so it never proves one by exclusion.
     resized: bool = False
+    # Why it may be another disk than the one it was (listed again without serial after a
+    # gap): still waited for as its volume's, but never proven to be it, or anyone's, again.
+    doubt: str | None = None
 
 
 @dataclass
@@ -181,7 +203,7 @@ class _Release:
     request: ReleaseRequest
     targets: dict[int, str]  # device key → name: every device that may be the volume's
     deadline: float
-    certain: bool  # the volume's own device, not only devices that may be its one
+    doubt: str  # why the targets may only be the volume's device; "": they are its own
 
 
 class CorrelationEngine:
@@ -250,8 +272,10 @@ class CorrelationEngine:
                     out += self._remove(name, now)
             for info in event.devices:
                 known = self._devices.get(info.name)
-                if known is not None and _same_device(known.info, info):
-                    known.info = _merge(known.info, info)
+                if known is not None and (
+                    _same_device(known.info, info) or _resized(known.info, info)
+                ):
+                    self._relist(known, info)
                     continue
                 if known is not None:
                     out += self._remove(info.name, now)
@@ -324,7 +348,7 @@ class CorrelationEngine:
             return [answered[1]]
         if op in self._releases:
             return []
-        devices, certain = self._devices_of(request)
+        devices, doubt = self._devices_of(request)
         if not devices:
             return [self._release_answer(request, True, "no device of the volume is present", now)]
         for d in devices:
@@ -333,7 +357,7 @@ class CorrelationEngine:
             request=request,
             targets={d.key: d.info.name for d in devices},
             deadline=now + self.release_timeout,
-            certain=certain,
+            doubt=doubt,
         )
         return []
 
@@ -416,12 +440,16 @@ class CorrelationEngine:
                 del self._releases[op]
                 names = ", ".join(sorted(r.targets.values()))
                 volume, waited = r.request.volume_id, f"{self.release_timeout:g} s"
-                if r.certain:
+                doubt = r.doubt or next(
+                    (d.doubt for d in self._devices.values() if d.key in r.targets and d.doubt),
+                    "",
+                )
+                if not doubt:
                     msg = f"device {names} of volume {volume} is still present {waited} after "
                 else:
                     msg = (
-                        f"{names}, which may be volume {volume}'s device (its attach failed "
-                        f"without proof of which device it got), still present {waited} after "
+                        f"{names}, which may be volume {volume}'s device ({doubt}), still "
+                        f"present {waited} after "
                     )
                 msg += "the detach"
                 out.append(self._release_answer(r.request, False, msg, now))
@@ -470,7 +498,12 @@ class CorrelationEngine:
             and mine.claimed_by == m.operation_id
             and not mine.released
         ):
-            return on(mine, "exclusive")
+            if mine.doubt is None:
+                return on(mine, "exclusive")
+            return none(
+                f"no device with serial {serial} is present, and the device proven to be "
+                f"this volume's may be another disk now: {mine.doubt}{was}"
+            )
         missing = f"no device with serial {serial} is present"
         if key is not None and mine is None:
             return none(f"{missing}, and the device proven to be this volume's is gone{was}")
@@ -711,14 +744,15 @@ class CorrelationEngine:
 
     def _candidate(self, c: _Claimant, d: _Device) -> bool:
         """A device R could be proven to own: no serial, unclaimed, not a detached volume's,
-        in R's own window, same size (a tainted one counts: it makes R ambiguous rather than
-        go unnoticed)."""
+        neither resized nor doubted, in R's own window, same size (a tainted one counts: it
+        makes R ambiguous rather than go unnoticed)."""
         assert c.request is not None
         return (
             not d.info.serial
             and d.claimed_by is None
             and not d.released
             and not d.resized
+            and d.doubt is None
             and d.seen_at >= c.own_start
             and d.info.size == c.request.size
         )
@@ -765,24 +799,41 @@ class CorrelationEngine:
                 out.append(self._release_answer(r.request, True, f"device {name} is gone", now))
         return out
 
-    def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], bool]:
+    def _relist(self, d: _Device, info: DeviceInfo) -> None:
+        """An inventory lists the appearance again (same name, serial and controller, or
+        same serial and size), maybe resized: it keeps its owner, claim, first-seen time and
+        release targets. Without serial, after the gap, it may be another disk under its
+        name, so it is doubted (see "Inventories")."""
+        if not info.serial and d.doubt is None:
+            same = info.size == d.info.size
+            listed = "again" if same else f"at {_size(info.size)} instead of {_size(d.info.size)}"
+            d.doubt = (
+                f"{info.name} has no serial and was listed {listed} after the watcher was "
+                f"away: the same disk{'' if same else ' resized'}, or another one under its name"
+            )
+        if info.size != d.info.size:
+            d.resized = True
+        d.info = _merge(d.info, info)
+
+    def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], str]:
         """The volume's present device: the appearance we mapped, one with its serial, or
         (only for a volume this engine never mapped, e.g. after a restart) the given path
         when that device has no serial and no other owner. For a volume whose attach failed
-        without serial (a roll-back): every device that could have been its one."""
+        without serial (a roll-back): every device that could have been its one. With them,
+        why they may only be its device ("" when they are its own)."""
         key = self._mapped.get(request.volume_id)
         mapped = next((d for d in self._devices.values() if d.key == key), None)
         if mapped is not None:
-            return [mapped], True
+            return [mapped], mapped.doubt or ""
         serial = serial_of(request.volume_id)
         for d in self._devices.values():
             if d.info.serial == serial and not d.released:
-                return [d], True
+                return [d], ""
         if key is not None:
-            return [], True  # the appearance we mapped is gone; its letter may be reused
+            return [], ""  # the appearance we mapped is gone; its letter may be reused
         suspects = [d for d in self._devices.values() if request.volume_id in d.suspects]
         if suspects:
-            return suspects, False
+            return suspects, "its attach failed without proof of which device it got"
         if request.device_path:
             for d in self._devices.values():
                 if (
@@ -790,8 +841,8 @@ class CorrelationEngine:
                     and d.volume_id in (None, request.volume_id)
                     and not d.info.serial
                 ):
-                    return [d], True
-        return [], True
+                    return [d], ""
+        return [], ""
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -828,7 +879,8 @@ class CorrelationEngine:
 
 
 def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
-    """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at)."""
+    """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at);
+    without serial, after a gap, that is no proof (see "Inventories")."""
     return a.serial == b.serial and a.size == b.size
 
 
