@@ -10,9 +10,12 @@ message runs in its own task, up to ``concurrency`` at once, and its outcome dec
 - any other exception        → nak after ``spec.nak_delays``; on the last allowed delivery,
                                  ``on_give_up`` (the handler's own ending of the work), then
                                  dead-letter and term; if ``on_give_up`` fails, nothing: the
-                                 server gives the message up and announces it (an advisory)
+                                 message comes back later and is given up then
+- delivered more than ``spec.give_up_after`` times (its handlers' processes died): given up
+  as above, without running the handler
 While a handler runs, the message is kept alive with in_progress() heartbeats, well inside the
-ack wait the server really applies to that delivery (``spec.ack_wait_of``).
+ack wait the server really applies to that delivery (``spec.ack_wait_of``). A handler that
+only waits (``Delivery.parked``) does not count against ``concurrency``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -36,13 +39,17 @@ log = logging.getLogger("volumed.bus.consumer")
 
 _PULL_EXPIRES = 20.0  # seconds a pull request stays open on the server
 _IDLE_HEARTBEAT = 5.0  # the server proves the pull is alive this often
+PARKED_SHARE = 4
 
 
 class Delivery:
     """One delivery of a stream message to a handler."""
 
-    def __init__(self, msg: Msg, spec: ConsumerSpec) -> None:
+    def __init__(
+        self, msg: Msg, spec: ConsumerSpec, park: Callable[[int], None] | None = None
+    ) -> None:
         self._msg = msg
+        self._park = park
         meta = msg.metadata
         self.subject: str = msg.subject
         self.data: bytes = msg.data
@@ -50,8 +57,24 @@ class Delivery:
         self.stream_seq: int = meta.sequence.stream
         self.num_delivered: int = meta.num_delivered
         self.published_at: float = meta.timestamp.timestamp() if meta.timestamp else time.time()
-        # The server will not deliver it again: a failure now dead-letters it.
-        self.last: bool = 0 < spec.max_deliver <= self.num_delivered
+        # No delivery follows this one: a failure now gives it up (dead letter).
+        limit = spec.give_up_after if spec.give_up_after > 0 else spec.max_deliver
+        self.last: bool = 0 < limit <= self.num_delivered
+        # Delivered more often than the consumer allows: given up without running.
+        self.spent: bool = 0 < spec.give_up_after < self.num_delivered
+
+    @contextlib.contextmanager
+    def parked(self) -> Iterator[None]:
+        """While the handler only waits (for another message's work to end), it does not
+        count against the consumer's concurrency: else waiters could fill every slot and
+        the message they wait for, redelivered, would find none."""
+        if self._park is not None:
+            self._park(1)
+        try:
+            yield
+        finally:
+            if self._park is not None:
+                self._park(-1)
 
     async def in_progress(self) -> None:
         """Tell the server this message is still being worked on (resets ack_wait)."""
@@ -82,6 +105,7 @@ class Consumer:
         self.concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
         self._credit = 0  # messages requested and not yet received
+        self._parked = 0  # handlers that only wait (Delivery.parked)
         self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
         self._last_seen = time.monotonic()
         self._stopping = asyncio.Event()
@@ -123,7 +147,8 @@ class Consumer:
                 if self._stopping.is_set():
                     await self._give_back(msg)
                     break
-                task = asyncio.create_task(self._handle(Delivery(msg, self.spec), msg))
+                delivery = Delivery(msg, self.spec, self._park)
+                task = asyncio.create_task(self._handle(delivery, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._on_done)
         finally:
@@ -140,6 +165,11 @@ class Consumer:
     def _wake(self) -> None:
         self._queue.put_nowait(None)
 
+    def _park(self, change: int) -> None:
+        self._parked += change
+        if change > 0:
+            self._wake()  # room for another message now
+
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         # A freed slot may allow a new pull: wake the loop instead of waiting for its timer.
@@ -155,7 +185,11 @@ class Consumer:
         await finish(set(self._tasks), grace, then=2.0)
 
     async def _top_up(self, pull_subject: str, inbox: str) -> None:
-        room = self.concurrency - len(self._tasks) - self._queue.qsize() - self._credit
+        # Waiting handlers get slots of their own, up to PARKED_SHARE times as many as the
+        # working ones: a bound (each holds a task and a heartbeat) far beyond any chain
+        # of waiters behind one command.
+        working = len(self._tasks) - min(self._parked, PARKED_SHARE * self.concurrency)
+        room = self.concurrency - working - self._queue.qsize() - self._credit
         # Ask in chunks, not for every freed slot, to keep pull requests few.
         if room >= max(1, min(self.concurrency // 4, 64)) or (self._credit == 0 and room > 0):
             request = {
@@ -188,6 +222,14 @@ class Consumer:
     async def _handle(self, delivery: Delivery, msg: Msg) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
         try:
+            if delivery.spent:
+                await self._give_up(
+                    delivery,
+                    msg,
+                    f"delivered {delivery.num_delivered} times (the process handling it "
+                    "died or gave it back each time)",
+                )
+                return
             await self.handler(delivery)
         except Retry as e:
             await _quietly(msg.nak(delay=e.delay))
@@ -201,15 +243,7 @@ class Consumer:
                 "handler failed on %s (delivery %d)", delivery.subject, delivery.num_delivered
             )
             if delivery.last:
-                reason = f"{type(e).__name__}: {e}"
-                if self.on_give_up is not None:
-                    try:
-                        await self.on_give_up(delivery, reason)
-                    except Exception as unfinished:
-                        log.error("not given up yet, left to the server: %s", unfinished)
-                        return
-                await self._dead_letter(delivery, reason)
-                await _quietly(msg.term())
+                await self._give_up(delivery, msg, f"{type(e).__name__}: {e}")
             else:
                 await _quietly(msg.nak(delay=self.spec.nak_delay(delivery.num_delivered)))
         else:
@@ -217,6 +251,18 @@ class Consumer:
         finally:
             heartbeat.cancel()
             self.handled += 1
+
+    async def _give_up(self, delivery: Delivery, msg: Msg, reason: str) -> None:
+        """End the message's work (``on_give_up``), then dead-letter and terminate it. If
+        its work cannot be ended now, the message is left to come back later."""
+        if self.on_give_up is not None:
+            try:
+                await self.on_give_up(delivery, reason)
+            except Exception as unfinished:
+                log.error("not given up yet, left for a later delivery: %s", unfinished)
+                return
+        await self._dead_letter(delivery, reason)
+        await _quietly(msg.term())
 
     async def _heartbeat(self, delivery: Delivery) -> None:
         # Five beats per ack wait: a busy event loop may delay one or two, never all.

@@ -7,10 +7,11 @@ that lost it learns so at its next renewal; a dead holder's key expires on the s
 only then can another process create it: takeover happens after expiry, never before.
 
 No two clocks are compared. The holder counts its lease valid for ``VALID_SHARE`` of the
-ttl after it *sent* its last successful write, on its own monotonic clock; the server
-stored that write later, so the key outlives the holder's belief by at least the rest of
-the ttl. Work that must not run twice (a CloudStack mutation) calls ``Lease.check()`` just
-before it starts.
+ttl after it *sent* its last successful write, on its own clock (CLOCK_BOOTTIME, which also
+runs while the host is suspended); the server stored that write later, so the key outlives
+the holder's belief by at least the rest of the ttl (the server's clock must not step by
+that much: with replicated buckets, keep the cluster's clocks in sync). Work that must not
+run twice (a CloudStack mutation) calls ``Lease.check()`` just before it starts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ RENEWALS_PER_TTL = 5
 _MAX_POLL = 0.25  # seconds between two tries of a held lease
 
 
+def _now() -> float:
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # not Linux
+        return time.monotonic()
+
+
 class LeaseLost(Exception):
     """The lease expired or another process holds it now: stop, do nothing more."""
 
@@ -56,7 +64,7 @@ class Lease:
 
     @property
     def valid(self) -> bool:
-        return not self.lost and time.monotonic() < self._valid_until
+        return not self.lost and _now() < self._valid_until
 
     def check(self) -> None:
         if not self.valid:
@@ -78,7 +86,7 @@ class Leases:
     async def try_acquire(self, key: str) -> Lease | None:
         """The lease if nobody holds it now, else None."""
         token = uuid.uuid4().hex
-        sent = time.monotonic()
+        sent = _now()
         try:
             revision = await self._bucket.create(key, self._value(token))
         except Conflict:
@@ -89,10 +97,10 @@ class Leases:
     async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
         """Wait until the lease is free (released, or expired on the server), then take it;
         TimeoutError after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else _now() + timeout
         backoff = Backoff(0.01, _MAX_POLL)
         while (lease := await self.try_acquire(key)) is None:
-            if deadline is not None and time.monotonic() + backoff.delay > deadline:
+            if deadline is not None and _now() + backoff.delay > deadline:
                 raise TimeoutError(f"the lease {key} is held elsewhere")
             await backoff.pause()
         return lease
@@ -113,6 +121,12 @@ class Leases:
             return  # perhaps another's by now: never delete that
         try:
             await self._bucket.delete(lease.key, revision=lease.revision)
+        except Conflict:
+            # A renewal landed meanwhile: still ours if the token is, one revision on.
+            got = await _quietly_get(self._bucket, lease.key)
+            if got is not None and got[0].token == lease.token:
+                with contextlib.suppress(Exception):
+                    await self._bucket.delete(lease.key, revision=got[1])
         except Exception as e:
             log.debug("lease %s not released (%s); it expires by itself", lease.key, e)
 
@@ -120,12 +134,21 @@ class Leases:
         """Renew every held lease, ``RENEWALS_PER_TTL`` times per ttl."""
         while True:
             await asyncio.sleep(self.ttl / RENEWALS_PER_TTL)
-            await asyncio.gather(*(self._renew(lease) for lease in list(self._held.values())))
+            await asyncio.gather(
+                *(self._renew_within(lease) for lease in list(self._held.values()))
+            )
+
+    async def _renew_within(self, lease: Lease) -> None:
+        """One renewal, given up before the next is due: a slow one never delays the
+        others past their validity."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.ttl / RENEWALS_PER_TTL):
+                await self._renew(lease)
 
     async def _renew(self, lease: Lease) -> None:
         if lease.lost:
             return
-        sent = time.monotonic()
+        sent = _now()
         try:
             revision = await self._bucket.update(
                 lease.key, self._value(lease.token), lease.revision

@@ -84,6 +84,12 @@ class ConsumerSpec:
     filter_subject: str | None = None
     ack_wait: float = 30.0
     max_deliver: int = -1
+    # Client side: after this many deliveries the consumer gives a message up itself (it
+    # ends the handler's work first, then dead-letters and terminates it); -1: never. Used
+    # instead of the server's max_deliver where the ack floor must pass a message only once
+    # its work has ended: the server drops a message that ran out of deliveries from its
+    # pending set at once, and the floor then moves past it.
+    give_up_after: int = -1
     # Server side: BackOff[n] replaces ack_wait as the ack wait of delivery n+1 (nats-notes),
     # which also bounds how often a running handler must heartbeat. Usually left empty.
     backoff: tuple[float, ...] = ()
@@ -175,8 +181,11 @@ EXECUTOR = ConsumerSpec(
     # after a kill -9. No server-side backoff: it would replace this ack wait (1 s made
     # every running command redeliver at 1, 3 and 8 s, spending max_deliver).
     ack_wait=10.0,
-    # Bounded: a command that keeps failing is dead-lettered, never redelivered forever.
-    max_deliver=8,
+    # Bounded, by the consumer itself: a command that keeps failing (or whose process keeps
+    # dying) ends failed and is dead-lettered, never redelivered forever; the server never
+    # drops it first (the per-volume order reads the ack floor).
+    max_deliver=-1,
+    give_up_after=8,
     nak_delays=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
     description="executors share the command stream",
 )

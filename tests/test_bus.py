@@ -33,7 +33,9 @@ async def test_provision_is_idempotent(bus: Bus) -> None:
     assert set(info.config.subjects or []) == {
         command_subject(t) for t in ("create", "attach", "detach", "delete", "cancel")
     }
-    assert (await bus.js.consumer_info(COMMANDS.name, EXECUTOR.durable)).config.max_deliver == 8
+    assert (
+        await bus.js.consumer_info(COMMANDS.name, EXECUTOR.durable)
+    ).config.max_deliver == EXECUTOR.max_deliver
 
 
 async def test_consumer_ack_retry_reject(bus: Bus) -> None:

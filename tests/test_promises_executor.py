@@ -290,7 +290,7 @@ async def test_provisioning_updates_a_consumer_an_older_volumed_made(
         await bus.provision(TOPOLOGY)
         config = (await bus.js.consumer_info(COMMANDS.name, EXECUTOR.durable)).config
         assert not config.backoff
-        assert config.ack_wait == EXECUTOR.ack_wait and config.max_deliver == 8
+        assert config.ack_wait == EXECUTOR.ack_wait and config.max_deliver == EXECUTOR.max_deliver
     finally:
         await bus.close()
 

@@ -115,9 +115,10 @@ class ExecutorActor:
         self._owners: VolumeOwners | None = None
         self._order: VolumeOrder | None = None
         self._leases: Leases | None = None
-        # Operations running at once (past their turn and lease); the consumer takes more
-        # commands than that, so that commands waiting for their turn or a lease never keep
-        # the one they wait for from being delivered.
+        # Operations running at once (past their turn and lease). Commands waiting for their
+        # turn, a lease or their operation's end are parked (Delivery.parked): the consumer
+        # takes as many again, so that waiters never keep what they wait for from being
+        # delivered; a parked command that goes on may briefly make more, hence this bound.
         self._working = asyncio.Semaphore(settings.executor_concurrency)
         self._creates: CreatesInFlight | None = None
         self._cloudstack_unavailable_since: float | None = None
@@ -168,7 +169,7 @@ class ExecutorActor:
             self.bus,
             EXECUTOR,
             self.handle,
-            concurrency=4 * self.settings.executor_concurrency,
+            concurrency=self.settings.executor_concurrency,
             on_give_up=self.give_up,
         )
         self._given_up = Consumer(self.bus, EXECUTOR_GIVEN_UP, self.given_up, concurrency=4)
@@ -280,7 +281,8 @@ class ExecutorActor:
                 # and this command is not acknowledged before its operation has ended.
                 if d.num_delivered == 1:
                     await self.records.publish_latest(op_id, again=True)
-                await self.order.ended(op_id)
+                with d.parked():
+                    await self.order.ended(op_id)  # (ended: its terminal event is out)
                 return
             log.info(
                 "resuming operation %s (%s, status %s, phase %r)",
@@ -297,8 +299,11 @@ class ExecutorActor:
             return  # rejected: its one event is out
         volume = volume_of(command)
         if volume is not None:
-            await self.order.turn(volume, d.stream_seq)
-        async with self.leases.holding(f"op.{op_id}") as lease:
+            with d.parked():
+                await self.order.turn(volume, d.stream_seq, op_id)
+        with d.parked():
+            lease = await self.leases.acquire(f"op.{op_id}")
+        try:
             # Read again: another process may have run it meanwhile (and lost its lease).
             if not await run.load(lease):
                 return  # it ended meanwhile: its latest event is out
@@ -306,7 +311,7 @@ class ExecutorActor:
             # comes: a changed ossea_configs row applies to the next operation, never to half
             # of one.
             run.use(await self.identity.credentials())
-            async with self._gate_for(command, run), self._working:
+            async with self._gate_for(command, run, d), self._working:
                 if run.record.status == "pending":
                     if isinstance(command, AttachCommand):
                         await run.announce_attach(command)
@@ -316,9 +321,13 @@ class ExecutorActor:
                         await run.settle()  # cancelled while it waited
                         return
                 await run.execute(command)
+        finally:
+            await self.leases.release(lease)
 
     @contextlib.asynccontextmanager
-    async def _gate_for(self, command: Command, run: OperationRun) -> AsyncIterator[None]:
+    async def _gate_for(
+        self, command: Command, run: OperationRun, d: Delivery
+    ) -> AsyncIterator[None]:
         """Until a host has shown that its devices carry serials, attaches to it start one
         at a time, whichever executor process runs them (the host's gate lease): its
         correlator can then prove a serial-less device is the volume of the only attach in
@@ -334,8 +343,12 @@ class ExecutorActor:
         ):
             yield
             return
-        async with self.leases.holding(f"gate.{command.vm_id}"):
+        with d.parked():
+            gate = await self.leases.acquire(f"gate.{command.vm_id}")
+        try:
             yield
+        finally:
+            await self.leases.release(gate)
 
     async def given_up(self, d: Delivery) -> None:
         """The server gave up on a command (its deliveries ran out, typically because the
@@ -351,7 +364,7 @@ class ExecutorActor:
         if stored is None:
             return  # the command has aged out of the stream: nothing left to name
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
-        if op_id in self._inflight:
+        if self._inflight.get(op_id) == stored.stream_seq:
             return  # still being worked on here: it ends by itself
         if await self.records.ops.get(op_id) is None:
             return  # never accepted: nothing to end, nothing to report
@@ -381,6 +394,9 @@ class ExecutorActor:
         while (got := await self.records.ops.get(op_id)) is not None:
             run.record, run.revision = got
             if run.record.stream_seq != stream_seq:
+                # A copy: it ends with its operation, never before (never failed by it).
+                if run.record.status not in TERMINAL:
+                    raise RuntimeError(f"{op_id} is still running: its copy waits")
                 await self.records.publish_latest(op_id)
                 return
             if run.record.status in TERMINAL:

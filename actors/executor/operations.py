@@ -150,8 +150,12 @@ class CreatesInFlight:
         try:
             yield entry
         finally:
-            if not entry.claimed:
-                with contextlib.suppress(Exception):  # else it expires with the bucket's ttl
+            # Gone from the bucket only where no volume of it can exist unclaimed: nothing
+            # was sent, or the job failed (then both are cleared). Else (stopped, lease
+            # lost, failed with createVolume in doubt) it stays: resumed elsewhere, or
+            # expired with the bucket's ttl, a look-up meanwhile waits and then refuses.
+            if not entry.claimed and record.mutation_sent is None and record.job_id is None:
+                with contextlib.suppress(Exception):
                     await self._bucket.delete(record.operation_id)
 
     async def claimed(self, entry: _Create) -> None:
@@ -292,6 +296,7 @@ async def mutate(
         ctx.hold()  # never sent by a process that may no longer be the only one running it
         rec.mutation_sent = time.time()
         await ctx.save()
+        ctx.hold()  # (the save may have been slow exactly when renewals were)
         if not is_async:
             answer = await ctx.cloud.call(command, **params)
             return await finished(answer if isinstance(answer, dict) else {"result": answer})

@@ -5,11 +5,13 @@ command stream, whichever executor processes run them. An operation waits for it
 until every earlier command on its volume is done. "Earlier commands on its volume" are
 read from the stream itself, between the executor consumer's ack floor (every command up to
 it is acknowledged, which volumed does only once its operation is terminal) and its own
-sequence; each process reads each command once (cached). "Done" is read from the operations
-bucket: terminal, or a copy of an operation claimed by another command (a re-sent id, which
-changes nothing). No lease, no queue to keep consistent, nothing that a dead process can
-leave behind: a dead process's operation is simply not terminal until another executor has
-resumed and finished it.
+sequence; each process reads each command once (cached). An operation's place is its
+command's first occurrence in that window (a re-sent id claimed first by a later copy still
+runs at the original's place). "Done" is: the operation's record is terminal and so is the
+last event on its subject (a successor's `executing` never precedes it in the stream), or
+the command is a later copy of an operation placed earlier. No lease, no queue to keep
+consistent, nothing that a dead process can leave behind: a dead process's operation is
+simply not done until another executor has resumed and finished it.
 
 Why not a per-volume lease: whoever holds a lease first runs first, and deliveries race
 across processes (the server hands commands 10 and 11 to two processes at once, or command
@@ -22,12 +24,29 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from bus import Bucket, Bus
 from bus.connection import StoredMessage
 from bus.tasks import Backoff
-from bus.topology import ConsumerSpec
+from bus.topology import EVENTS, ConsumerSpec, event_subject
 from schemas.common import TERMINAL
 from schemas.internal import OpRecord
+
+
+class _Status(msgspec.Struct):
+    status: str = ""
+
+
+_status_decoder = msgspec.json.Decoder(_Status)
+
+
+def _status_of(data: bytes) -> str:
+    try:
+        return _status_decoder.decode(data).status
+    except msgspec.MsgspecError:
+        return ""
+
 
 # A command's volume (None: it names none, or is invalid) and its operation id.
 Identity = tuple[str | None, str]
@@ -68,10 +87,13 @@ class VolumeOrder:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def turn(self, volume_id: str, stream_seq: int) -> None:
-        """Wait until every earlier command on ``volume_id`` is done."""
-        for seq, op_id in sorted((await self._earlier(volume_id, stream_seq)).items()):
-            await self._command_done(seq, op_id)
+    async def turn(self, volume_id: str, stream_seq: int, operation_id: str) -> None:
+        """Wait until every command on ``volume_id`` before this operation's place is done."""
+        earlier = await self._earlier(volume_id, stream_seq)
+        place = min([s for s, op in earlier.items() if op == operation_id], default=stream_seq)
+        for seq, op_id in sorted(earlier.items()):
+            if seq < place and op_id != operation_id:
+                await self._command_done(seq, op_id)
 
     async def ended(self, operation_id: str) -> None:
         """Wait until the operation is terminal, wherever it runs. Waiters of one operation
@@ -94,23 +116,32 @@ class VolumeOrder:
                 self._wake.clear()
                 await self._wake.wait()
             ids = list(self._watched)
-            results = await asyncio.gather(*(self._ops.get(i) for i in ids), return_exceptions=True)
-            for op_id, got in zip(ids, results, strict=True):
-                if isinstance(got, tuple) and got[0].status in TERMINAL:
+            results = await asyncio.gather(*(self._ended(i) for i in ids), return_exceptions=True)
+            for op_id, ended in zip(ids, results, strict=True):
+                if ended is True:
                     self.ended_here(op_id)
             await asyncio.sleep(_POLL)
 
+    async def _ended(self, operation_id: str) -> bool:
+        """Terminal, and its terminal event is out (the last on its subject)."""
+        got = await self._ops.get(operation_id)
+        if got is None or got[0].status not in TERMINAL:
+            return False
+        last = await self._bus.last_stored(EVENTS.name, event_subject(operation_id))
+        return last is not None and _status_of(last.data) in TERMINAL
+
     async def _command_done(self, stream_seq: int, operation_id: str) -> None:
         """Wait until the command at ``stream_seq`` is done: acknowledged (below the ack
-        floor), or claimed as a copy of another command's operation, or its operation ended."""
+        floor), or a later copy of an operation claimed at an earlier place, or its operation
+        ended."""
         backoff = Backoff(0.01, 4 * _POLL)
         while True:
             if stream_seq <= await self._ack_floor():
                 return
             got = await self._ops.get(operation_id)
             if got is not None:  # else not even claimed yet: its delivery is late
-                if got[0].stream_seq != stream_seq or got[0].status in TERMINAL:
-                    return
+                if got[0].stream_seq < stream_seq:
+                    return  # a copy: its operation runs at its earlier place
                 await self.ended(operation_id)
                 return
             await backoff.pause()
