@@ -402,8 +402,19 @@ class Bus:
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Return once the server has processed everything sent so far: a subscription
-        made before is then in effect for messages that others publish."""
-        await self.nc.flush(math.ceil(timeout))  # nats-py takes whole seconds
+        made before is then in effect for messages that others publish.
+
+        Twice, because one nats-py flush does not promise that: it writes its PING straight
+        to the socket (nats-py 2.16, Client._send_ping) while a SUB or PUB made just before
+        still waits in its pending buffer for the flusher task. So the PING can go out first,
+        and its PONG can come back before the server has read the SUB (nats-server reads
+        each connection on its own, so another connection's publish can overtake the SUB).
+        The flusher was woken before the first PING was written, and it runs before the
+        PONG is handled. So once the first PONG is back, everything from before the first
+        flush is on the socket, ahead of the second PING."""
+        whole = math.ceil(timeout)  # nats-py takes whole seconds
+        await self.nc.flush(whole)
+        await self.nc.flush(whole)
 
     async def respond(self, reply: str, message: Any) -> None:
         await self.nc.publish(reply, encode(message))

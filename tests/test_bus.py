@@ -163,3 +163,44 @@ async def test_a_given_up_command_is_announced_in_a_stream(bus: Bus) -> None:
     finally:
         consumer.stop()
         await task
+
+
+async def test_flush_puts_a_ping_behind_what_was_sent_before(nats_server: NatsServer) -> None:
+    """Bus.flush returns only when the server has read a SUB (or PUB) made just before: a
+    PING follows it on the wire (the server answers a PING after reading all before it).
+    One nats-py flush writes its PING ahead of the SUB still in nats-py's pending buffer,
+    so another connection's publish could overtake the subscription."""
+    wire = bytearray()  # what the server received from the client, in order
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rec: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if rec:
+                    wire.extend(data)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", nats_server.port)
+        await asyncio.gather(
+            pipe(reader, up_writer, True), pipe(up_reader, writer, False), return_exceptions=True
+        )
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    b = await Bus.connect(f"nats://127.0.0.1:{port}", "test-flush")
+    try:
+
+        async def nothing(subject: str, data: bytes, reply: str | None) -> None:
+            pass
+
+        await b.subscribe("flush.probe", nothing)
+        await b.flush()
+        sent = bytes(wire)
+        assert b"SUB flush.probe" in sent
+        assert sent.rfind(b"PING\r\n") > sent.find(b"SUB flush.probe"), sent
+    finally:
+        await b.close()
+        proxy.close()

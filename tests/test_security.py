@@ -566,13 +566,15 @@ async def test_a_role_reads_only_its_own_inbox(accounts_server: SecureNats) -> N
         assert client.nc.new_inbox().startswith("_INBOX.client.")
         for subject in ("_INBOX.client.>", "_INBOX.executor.>", "_INBOX.>"):
             await client.subscribe(subject, collect)
-        await client.flush()
+        await client.flush()  # the server has the SUBs (Bus.flush: a PING behind them)
         for subject in ("_INBOX.client.probe", "_INBOX.executor.probe", "_INBOX.probe"):
             await admin.publish_core(subject, b"secret reply")
+        # One publisher's messages reach a subscriber in order: once this last one is in,
+        # the two forbidden ones would have come before it if they were delivered at all.
+        await admin.publish_core("_INBOX.client.last", b"last")
         await admin.flush()
-        await wait_for(lambda: got)
-        await asyncio.sleep(0.2)  # anything else would have come by now
-        assert got == ["_INBOX.client.probe"]
+        await wait_for(lambda: "_INBOX.client.last" in got)
+        assert got == ["_INBOX.client.probe", "_INBOX.client.last"]
     finally:
         await client.close()
         await admin.close()
