@@ -13,6 +13,7 @@ from bus.topology import (
     EXECUTOR,
     OPERATIONS_BUCKET,
     TOPOLOGY,
+    Topology,
     command_subject,
 )
 from schemas.internal import OpRecord
@@ -204,3 +205,83 @@ async def test_flush_puts_a_ping_behind_what_was_sent_before(nats_server: NatsSe
     finally:
         await b.close()
         proxy.close()
+
+
+async def test_waiting_handlers_never_keep_out_what_they_wait_for(bus: Bus) -> None:
+    """One slot. The first command is handed back (as if its process died); three more wait
+    for it. Parked, the waiters leave the slot to its redelivery, and all four end; holding
+    the slot (not parked), they would wait for ever."""
+    from dataclasses import replace
+
+    from bus import Abandon
+
+    await bus.js.delete_consumer(EXECUTOR.stream, EXECUTOR.durable)
+    spec = replace(EXECUTOR, ack_wait=0.5)
+    await bus.provision(Topology(consumers=(spec,)))
+    first_done = asyncio.Event()
+    first = await bus.publish(command_subject("delete"), b'{"volume_id": "v"}')
+    for _ in range(3):
+        await bus.publish(command_subject("delete"), b'{"volume_id": "v"}')
+    ended: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        if d.stream_seq == first:
+            if d.num_delivered == 1:
+                raise Abandon("as if its process died")
+            first_done.set()
+        else:
+            with d.parked():
+                await first_done.wait()
+        ended.append(d.stream_seq)
+
+    consumer = Consumer(bus, spec, handler, concurrency=1)
+    task = asyncio.create_task(consumer.run(grace=0.5))
+    try:
+        await wait_for(lambda: len(ended) == 4, 10)
+    finally:
+        consumer.stop()
+        await task
+
+
+async def test_the_consumer_gives_a_command_up_only_after_ending_its_work(bus: Bus) -> None:
+    """Delivered more often than give_up_after (its processes died each time): the handler
+    does not run again; its work is ended (on_give_up), then the message is dead-lettered
+    and terminated. While ending it fails, the message stays."""
+    from dataclasses import replace
+
+    from bus import Abandon
+
+    await bus.js.delete_consumer(EXECUTOR.stream, EXECUTOR.durable)
+    spec = replace(EXECUTOR, ack_wait=0.3, max_deliver=-1, give_up_after=2, backoff=())
+    await bus.provision(Topology(consumers=(spec,)))
+    handled: list[int] = []
+    given_up: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        handled.append(d.num_delivered)
+        raise Abandon("as if the process died")
+
+    async def give_up(d: Delivery, reason: str) -> None:
+        given_up.append(d.num_delivered)
+        if len(given_up) == 1:
+            raise RuntimeError("cannot end it yet")
+        assert "delivered" in reason
+
+    seq = await bus.publish(command_subject("delete"), b'{"volume_id": "v"}')
+    consumer = Consumer(bus, spec, handler, concurrency=2, on_give_up=give_up)
+    task = asyncio.create_task(consumer.run(grace=0.5))
+    try:
+        await wait_for(lambda: len(given_up) == 2, 10)
+        assert handled == [1, 2] and given_up == [3, 4]
+
+        async def floor() -> bool:
+            return (await bus.consumer_progress(spec)).ack_floor >= seq
+
+        await wait_for(floor, 5)
+        dead = await bus.last_stored(
+            DEAD_LETTERS.name, f"volumed.dead.{spec.stream}.{spec.durable}"
+        )
+        assert dead is not None and dead.headers["Volumed-Stream-Seq"] == str(seq)
+    finally:
+        consumer.stop()
+        await task
