@@ -218,9 +218,12 @@ async def test_remote_attach_has_no_device(
                 assert event["status"] == "completed" and event["device_path"] is None
 
             async def two_rows() -> bool:
-                rows = await database.query(
-                    "SELECT device_path FROM device_mappings WHERE vm_id=%s", remote
-                )
+                try:
+                    rows = await database.query(
+                        "SELECT device_path FROM device_mappings WHERE vm_id=%s", remote
+                    )
+                except Exception:
+                    return False  # the persistence actor has not made its tables yet
                 return len(rows) == 2 and all(r["device_path"] is None for r in rows)
 
             await wait_for(two_rows, 10)
