@@ -74,11 +74,11 @@ async def test_sigterm_ends_a_volumed_still_waiting(tmp_path: Path) -> None:
     from tests.conftest import free_port
 
     env = {"VOLUMED_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
-    process = VolumedProcess(env, (), log_path=tmp_path / "log")
+    log = tmp_path / "log"
+    process = VolumedProcess(env, (), log_path=log)
     await process.start()
-    import asyncio
-
-    await asyncio.sleep(1.5)
+    # Its start-up takes seconds on a busy host: signalled once it is waiting for NATS.
+    await wait_for(lambda: "nats error" in log.read_text(), 30, interval=0.05)
     assert await process.stop(signal.SIGTERM, timeout=10) == 0
 
 
@@ -86,13 +86,11 @@ async def test_sigterm_ends_a_watcher_waiting_for_its_vm_id(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     env = {"VOLUMED_NATS_URL": nats_server.url}
-    process = VolumedProcess(env, ("watcher", "correlator"), log_path=tmp_path / "log")
+    log = tmp_path / "log"
+    process = VolumedProcess(env, ("watcher", "correlator"), log_path=log)
     await process.start()
-    import asyncio
-
-    await asyncio.sleep(2)
+    await wait_for(lambda: "local VM id unknown" in log.read_text(), 30, interval=0.05)
     assert await process.stop(signal.SIGTERM, timeout=10) == 0
-    assert "local VM id unknown" in (tmp_path / "log").read_text()
 
 
 def maps(pid: int, library: str) -> bool:
