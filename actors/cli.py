@@ -2,18 +2,13 @@
 `volumed simulator ...`, `volumed demo`, and the user commands of the client
 (`volumed create|attach|...|watch|health`, see client/cli.py)."""
 
+# Only the standard library and actors.signals up here: for `volumed run` the signal
+# handlers come first, and everything else is imported after them (see main).
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import sys
 
-from actors.logs import SECRETS, setup_logging
-from actors.metrics.exporter import CannotListen
-from actors.supervisor import ACTORS, provision, run_until_signalled
-from client import cli as user_cli
-from schemas.config import ConfigError, load_settings
+from actors.signals import StopSignals
 
 # `volumed provision` waits for NATS like `run` does, but not for ever: it is a one-shot.
 PROVISION_TIMEOUT = 120.0
@@ -21,6 +16,18 @@ PROVISION_TIMEOUT = 120.0
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # Before the imports below, which take seconds on a busy host (aiohttp, nats, the
+        # actors): a SIGTERM during them would otherwise kill the process (exit -15).
+        stop = StopSignals.catch()
+        try:
+            return _main(argv, stop)
+        finally:
+            stop.ignore()
+    return _main(argv, None)
+
+
+def _main(argv: list[str], stop: StopSignals | None) -> int:
     if argv[:1] == ["simulator"]:
         from simulator.cli import main as simulator_main
 
@@ -30,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         from actors.demo import main as demo_main
 
         return demo_main(argv[1:])
+
+    import argparse
+    import asyncio
+    import logging
+
+    from actors.logs import SECRETS, setup_logging
+    from actors.metrics.exporter import CannotListen
+    from actors.supervisor import ACTORS, provision, run_until_signalled
+    from client import cli as user_cli
+    from schemas.config import ConfigError, load_settings
 
     parser = argparse.ArgumentParser(prog="volumed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, log_format=settings.log_format)
     SECRETS.add(*settings.secrets())
-    logging.getLogger("volumed").info("settings: %s", settings)
+    log = logging.getLogger("volumed")
+    log.info("settings: %s", settings)
     try:
         import uvloop
 
@@ -81,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             print(f"volumed: NATS not usable within {PROVISION_TIMEOUT:.0f} s", file=sys.stderr)
             return 1
-        logging.getLogger("volumed").info("provisioned")
+        log.info("provisioned")
+        return 0
+    assert stop is not None  # `run` caught the signals first thing
+    if stop.received is not None:
+        log.info("%s during start-up: stopped before connecting", stop.received.name)
         return 0
     try:
-        asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS)))
+        asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS), stop))
     except CannotListen as e:
         print(f"volumed: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +25,7 @@ from schemas.internal import CloudStackCredentials
 
 if TYPE_CHECKING:
     from actors.metrics.exporter import MetricsServer
+    from actors.signals import StopSignals
 
 log = logging.getLogger("volumed.supervisor")
 
@@ -115,6 +115,8 @@ class Supervisor:
         self._stop.set()
 
     async def run(self) -> None:
+        if self._stop.is_set():  # stopped before it started: not even a connection
+            return
         stop = asyncio.create_task(self._stop.wait())
         connect = asyncio.create_task(connect_bus(self.settings, f"volumed-{self.instance}"))
         # NATS may be down at start (connect waits for it): a signal must still end us.
@@ -186,10 +188,11 @@ class Supervisor:
         await finish(tasks.values(), GRACE, then=5.0)
 
 
-async def run_until_signalled(settings: Settings, actors: Sequence[str]) -> None:
+async def run_until_signalled(
+    settings: Settings, actors: Sequence[str], signals: StopSignals
+) -> None:
+    """Run ``actors`` until SIGTERM or SIGINT, caught by ``signals`` (from the entry point's
+    first line: one that came during start-up stops at once)."""
     supervisor = Supervisor(settings, actors)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, supervisor.stop)
+    signals.notify(asyncio.get_running_loop(), supervisor.stop)
     await supervisor.run()

@@ -216,9 +216,7 @@ class Bus:
             except BaseException:
                 # Cancelled, refused or too late: a half-made connection must not go on
                 # retrying in the background.
-                connecting.cancel()
-                with contextlib.suppress(BaseException):
-                    await connecting
+                await _cancel_connect(connecting)
                 with contextlib.suppress(Exception):
                     await nc.close()
                 raise
@@ -478,6 +476,20 @@ class Bus:
         start = time.perf_counter()
         await self.js.account_info()
         return time.perf_counter() - start
+
+
+async def _cancel_connect(connecting: asyncio.Future[Any]) -> None:
+    """Cancel nats-py's first connect and wait until it has ended.
+
+    One cancel is not always enough: on Python 3.11, a ``wait_for`` cancelled just as its
+    connection is refused raises the refusal instead (python/cpython#86296), and nats-py's
+    retry loop takes that for one more failed attempt and goes on for ever. Seen as a
+    `volumed run` that a SIGTERM did not end while NATS was down."""
+    while not connecting.done():
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=0.1)
+    if not connecting.cancelled():
+        connecting.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 def _is_refusal(e: Exception) -> bool:

@@ -273,8 +273,14 @@ class VolumedProcess:
     log_path: Path | None = None
     proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, signals_blocked: bool = False) -> None:
+        """``signals_blocked``: start it with SIGTERM and SIGINT blocked, as a parent may, so
+        that one sent at once is still pending when volumed's first line runs (unblocked, a
+        signal before the interpreter has run any of volumed's code kills any process)."""
         import sys
+
+        def block() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = await asyncio.create_subprocess_exec(
@@ -287,6 +293,7 @@ class VolumedProcess:
             stdout=log,
             stderr=log,
             cwd=str(Path(__file__).resolve().parent.parent),
+            preexec_fn=block if signals_blocked else None,
         )
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

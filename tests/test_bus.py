@@ -285,3 +285,24 @@ async def test_the_consumer_gives_a_command_up_only_after_ending_its_work(bus: B
     finally:
         consumer.stop()
         await task
+
+
+def test_a_connect_to_a_down_server_ends_when_cancelled_at_any_moment() -> None:
+    """What a SIGTERM does to `volumed run` while NATS is down. Under uvloop (as `volumed
+    run` runs) the refusal often comes in the same loop step as the cancel, which Python
+    3.11's wait_for then hides, and nats-py used to go on retrying for ever."""
+    import uvloop
+
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        url = f"nats://127.0.0.1:{free_port()}"
+        for i in range(60):
+            delay = 0.0005 * (i % 20)
+            task = asyncio.create_task(Bus.connect(url, "cancelled"))
+            await asyncio.sleep(delay)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, f"still connecting 5 s after a cancel {delay} s into it"
+
+    uvloop.run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from pathlib import Path
@@ -73,11 +74,11 @@ async def test_sigterm_ends_a_volumed_still_waiting(tmp_path: Path) -> None:
     from tests.conftest import free_port
 
     env = {"VOLUMED_NATS_URL": f"nats://127.0.0.1:{free_port()}"}
-    process = VolumedProcess(env, (), log_path=tmp_path / "log")
+    log = tmp_path / "log"
+    process = VolumedProcess(env, (), log_path=log)
     await process.start()
-    import asyncio
-
-    await asyncio.sleep(1.5)
+    # Its start-up takes seconds on a busy host: signalled once it is waiting for NATS.
+    await wait_for(lambda: "nats error" in log.read_text(), 30, interval=0.05)
     assert await process.stop(signal.SIGTERM, timeout=10) == 0
 
 
@@ -85,10 +86,57 @@ async def test_sigterm_ends_a_watcher_waiting_for_its_vm_id(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     env = {"VOLUMED_NATS_URL": nats_server.url}
-    process = VolumedProcess(env, ("watcher", "correlator"), log_path=tmp_path / "log")
+    log = tmp_path / "log"
+    process = VolumedProcess(env, ("watcher", "correlator"), log_path=log)
     await process.start()
-    import asyncio
-
-    await asyncio.sleep(2)
+    await wait_for(lambda: "local VM id unknown" in log.read_text(), 30, interval=0.05)
     assert await process.stop(signal.SIGTERM, timeout=10) == 0
-    assert "local VM id unknown" in (tmp_path / "log").read_text()
+
+
+def maps(pid: int, library: str) -> bool:
+    """Whether process ``pid`` has loaded ``library`` (Linux: /proc/PID/maps)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_sent_at_spawn_ends_volumed_with_0(
+    nats_server: NatsServer, tmp_path: Path, sig: int
+) -> None:
+    """Sent the moment the process exists, before the interpreter has run any of volumed's
+    code. Unblocked, such a signal kills any process by the default action before it can
+    install a handler; blocked by the parent, it is still pending at volumed's first line."""
+    env = {"VOLUMED_NATS_URL": nats_server.url, "VOLUMED_DB_DSN": f"sqlite:///{tmp_path}/v.db"}
+    process = VolumedProcess(env, ("executor", "persistence"), log_path=tmp_path / "log")
+    await process.start(signals_blocked=True)
+    assert await process.stop(sig, timeout=30) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert "during start-up: stopped before connecting" in (tmp_path / "log").read_text()
+
+
+# (what the process has reached, then seconds more): from its imports to serving.
+MOMENTS = [("msgspec", 0.0), ("msgspec", 0.1), ("msgspec", 0.3), ("msgspec", 1.0)]
+MOMENTS += [("connecting", 0.0), ("volumed running", 0.0), ("volumed running", 0.5)]
+
+
+@pytest.mark.parametrize(("reached", "then"), MOMENTS)
+async def test_sigterm_at_any_moment_of_start_up_ends_volumed_with_0(
+    nats_server: NatsServer, tmp_path: Path, reached: str, then: float
+) -> None:
+    """`msgspec`: loading its dependencies (seconds on a busy host, before volumed used to
+    catch SIGTERM); `connecting`: its settings logged; `volumed running`: all actors up."""
+    env = {"VOLUMED_NATS_URL": nats_server.url, "VOLUMED_DB_DSN": f"sqlite:///{tmp_path}/v.db"}
+    log = tmp_path / "log"
+    process = VolumedProcess(env, ("executor", "persistence"), log_path=log)
+    await process.start()
+    assert process.proc is not None
+    pid = process.proc.pid
+    if reached == "msgspec":
+        await wait_for(lambda: maps(pid, "msgspec"), 30, interval=0.001)
+    elif reached == "connecting":
+        await wait_for(lambda: log.exists() and "settings: " in log.read_text(), 30, 0.001)
+    else:
+        await wait_for(lambda: log.exists() and reached in log.read_text(), 30, 0.001)
+    await asyncio.sleep(then)
+    assert await process.stop(signal.SIGTERM, timeout=30) == 0, log.read_text()[-3000:]
