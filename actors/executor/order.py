@@ -67,6 +67,7 @@ class VolumeOrder:
         self._identify = identify
         self._known: dict[int, Identity] = {}  # stream sequence → its command's identity
         self._floor = 0
+        self._pruned_at = 0  # the floor below which _known was last emptied
         self._floor_read = -1.0
         # Operation id → resolved when it is done (see ``ended``); one look-up loop for all.
         self._watched: dict[str, asyncio.Future[None]] = {}
@@ -148,8 +149,10 @@ class VolumeOrder:
 
     async def _earlier(self, volume_id: str, stream_seq: int) -> dict[int, str]:
         floor = await self._ack_floor()
-        for seq in [s for s in self._known if s <= floor]:
-            del self._known[seq]
+        if floor > self._pruned_at:  # (only when the floor moved: this runs per operation)
+            self._pruned_at = floor
+            for seq in [s for s in self._known if s <= floor]:
+                del self._known[seq]
         missing = [s for s in range(floor + 1, stream_seq) if s not in self._known]
         sem = asyncio.Semaphore(_READ_CONCURRENCY)
 
