@@ -200,11 +200,9 @@ def _operations_select(go: GoTable, now: str) -> dict[str, str]:
     unfinished = "g.status IN ('pending', 'executing')"
     terminal = ", ".join(_text(s) for s in sorted(TERMINAL))
     status = f"CASE WHEN g.status IN ({terminal}) THEN g.status ELSE 'failed' END"
-    rank = (
-        "CASE "
-        + " ".join(f"WHEN {status} = {_text(s)} THEN {r}" for s, r in STATUS_RANK.items())
-        + f" ELSE {STATUS_RANK['failed']} END"
-    )
+    # Every status written is terminal (the unfinished ones become failed), and the terminal
+    # statuses share one rank.
+    (rank,) = {STATUS_RANK[s] for s in TERMINAL}
     stopped = STOPPED_MID_OPERATION.split("{status}")
     error = (
         f"CASE WHEN {unfinished} OR g.status IS NULL OR g.status = '' THEN JSON_OBJECT("
@@ -219,7 +217,7 @@ def _operations_select(go: GoTable, now: str) -> dict[str, str]:
         "id": "g.id",
         "type": "g.type",
         "status": status,
-        "status_rank": rank,
+        "status_rank": str(rank),
         "volume_id": f"NULLIF(g.{go.volume_column}, '')",
         "vm_id": "NULLIF(g.vm_id, '')" if go.has("vm_id") else "NULL",
         "device_path": (
