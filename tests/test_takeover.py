@@ -13,7 +13,9 @@ from pathlib import Path
 import aiomysql
 import pytest
 
+from actors.persistence.backends import missing_columns
 from actors.persistence.records import decode_event
+from actors.persistence.schema import MYSQL
 from actors.persistence.store import open_store
 from actors.persistence.takeover import GoTablesFound, migrate
 from schemas.common import GIB
@@ -113,9 +115,12 @@ class GoSite:
     """A database the Go daemon used, with an attached volume (``attached``), one whose disk
     is gone (``gone``), and operations completed, failed, executing and pending."""
 
-    def __init__(self, database: Database, generation: str, vm_id: str = OMA_VM) -> None:
+    def __init__(
+        self, database: Database, generation: str, vm_id: str = OMA_VM, touched: bool = False
+    ) -> None:
         self.db = database
         self.generation = generation
+        self.touched = touched
         self.vm_id = vm_id
         self.attached = str(uuid.uuid4())
         self.gone = str(uuid.uuid4())
@@ -190,8 +195,28 @@ class GoSite:
                         "INSERT INTO nbd_exports (volume_uuid, export_name) VALUES (%s, 'e1')",
                         (self.attached,),
                     )
+                if self.touched:
+                    await self._touch(cur)
         finally:
             conn.close()
+
+    async def _touch(self, cur: aiomysql.Cursor) -> None:
+        """What a volumed that did not recognise the Go tables did to them: its columns
+        added, and the one operation whose events fitted the Go columns written."""
+        await cur.execute(
+            "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = %s",
+            (self.db.name,),
+        )
+        for statement in missing_columns(MYSQL, set(await cur.fetchall())):
+            await cur.execute(statement)
+        await cur.execute(
+            "INSERT INTO volume_operations (id, type, status, status_rank, volume_id, vm_id, "
+            "request, event_at, created_at, updated_at) VALUES ('volumed-attach', 'attach', "
+            "'executing', 1, %s, %s, '{}', '2026-12-01 10:00:01', '2026-12-01 10:00:00', "
+            "'2026-12-01 10:00:01')",
+            (self.gone, self.vm_id),
+        )
 
     async def snapshot(self) -> dict[str, object]:
         """Every table's columns and rows: what must not change."""
@@ -218,9 +243,34 @@ class GoSite:
         return await self.db.query(f"SELECT * FROM `{table}` ORDER BY id")
 
 
-@pytest.fixture(params=["first", "later"])
+async def dry_run(dsn: str, *, by_cli: bool) -> list[str]:
+    """What `volumed migrate --dry-run` prints."""
+    if not by_cli:
+        said: list[str] = []
+        assert await migrate(dsn, dry_run=True, out=said.append) == 0
+        return said
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "actors.cli",
+        "migrate",
+        "--dry-run",
+        env={**os.environ, "VOLUMED_DB_DSN": dsn},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode().splitlines()
+
+
+@pytest.fixture(params=["first", "later", "touched"])
 async def site(request: pytest.FixtureRequest, database: Database) -> GoSite:
-    s = GoSite(database, request.param)
+    """Each generation of the Go tables, and the first one after a volumed that did not
+    recognise them had started on them (issue 14: it added its columns)."""
+    touched = request.param == "touched"
+    s = GoSite(database, "first" if touched else request.param, touched=touched)
     await s.build()
     return s
 
@@ -241,21 +291,9 @@ async def test_start_refuses_the_go_tables_and_changes_nothing(site: GoSite) -> 
 
 async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSite) -> None:
     before = await site.snapshot()
-    # --dry-run, as an operator runs it: the statements, and nothing changed.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "actors.cli",
-        "migrate",
-        "--dry-run",
-        env={**os.environ, "VOLUMED_DB_DSN": site.db.dsn},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=str(Path(__file__).resolve().parent.parent),
-    )
-    stdout, stderr = await proc.communicate()
-    assert proc.returncode == 0, stderr.decode()
-    printed = stdout.decode()
+    # --dry-run, as an operator runs it (once: a process costs seconds): the statements, and
+    # nothing changed.
+    printed = "\n".join(await dry_run(site.db.dsn, by_cli=site.generation == "later"))
     for statement in (
         "CREATE TABLE IF NOT EXISTS volume_operations_volumed_new",
         "INSERT INTO device_mappings_volumed_new",
@@ -267,7 +305,8 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
 
     said: list[str] = []
     assert await migrate(site.db.dsn, dry_run=False, out=said.append) == 0
-    assert "-- volume_operations: 5 of 5 rows converted" in said
+    total = 6 if site.touched else 5
+    assert f"-- volume_operations: {total} of {total} rows converted" in said
     after = await site.snapshot()
     # The Go tables are kept whole, under their backup names.
     backups = {t: n for t in after for n in before if str(t).startswith(f"{n}_go_backup_")}
@@ -307,6 +346,11 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
             assert "the Go daemon was stopped while this operation was" in row.error["message"]
         pending = await store.operation("op-create-4")
         assert pending is not None and pending.volume_id is None
+        if site.touched:
+            # volumed's own row keeps its status: its later events are still to come.
+            own = await store.operation("volumed-attach")
+            assert own is not None and (own.status, own.error) == ("executing", None)
+            assert own.at == "2026-12-01T10:00:01.000000Z"
 
         # Imported mappings name no device until a correlator proves one.
         mapping = await store.mapping_by_volume(site.attached)

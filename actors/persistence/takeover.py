@@ -195,6 +195,10 @@ def _text(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+# Go columns whose values volumed keeps as they are (a '' aside).
+_COPIED = frozenset({"id", "type", "volume_id", "vm_id", "request", "response", "created_at"})
+
+
 def _operations_select(go: GoTable, now: str) -> dict[str, str]:
     """volume_operations column -> expression over the Go row ``g``."""
     unfinished = "g.status IN ('pending', 'executing')"
@@ -213,7 +217,7 @@ def _operations_select(go: GoTable, now: str) -> dict[str, str]:
         "WHEN g.status = 'failed' THEN JSON_OBJECT('code', 'internal', 'message', "
         "'failed in the Go daemon, which recorded no error') END"
     )
-    return {
+    select = {
         "id": "g.id",
         "type": "g.type",
         "status": status,
@@ -236,6 +240,16 @@ def _operations_select(go: GoTable, now: str) -> dict[str, str]:
         "completed_at": f"CASE WHEN {unfinished} THEN {now} "
         f"ELSE COALESCE(g.completed_at, g.updated_at, g.created_at) END",
     }
+    if go.has("status_rank"):
+        # A volumed started on the Go tables before it recognised them added its columns,
+        # and the rows it managed to write there have status_rank: they are volumed's own
+        # and keep its values (their later events wait in the stream, or were
+        # dead-lettered: see docs/migrating.md).
+        ours = [c.name for c in VOLUME_OPERATIONS.columns if go.has(c.name)]
+        for name in (n for n in ours if n not in _COPIED):
+            theirs = select.get(name, "NULL")
+            select[name] = f"CASE WHEN g.status_rank IS NOT NULL THEN g.{name} ELSE {theirs} END"
+    return select
 
 
 def _mappings_select(go: GoTable, ops: GoTable | None, now: str) -> dict[str, str]:
