@@ -306,7 +306,7 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
     said: list[str] = []
     assert await migrate(site.db.dsn, dry_run=False, out=said.append) == 0
     total = 6 if site.touched else 5
-    assert f"-- volume_operations: {total} of {total} rows converted" in said
+    assert f"-- volume_operations: {total} of {total} rows converted" in "\n".join(said)
     after = await site.snapshot()
     # The Go tables are kept whole, under their backup names.
     backups = {t: n for t in after for n in before if str(t).startswith(f"{n}_go_backup_")}

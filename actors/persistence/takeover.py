@@ -163,16 +163,21 @@ def generation(found: Sequence[GoTable]) -> str:
     return "later" if any(t.has("volume_uuid") for t in found) else "first"
 
 
-def refusal(found: Sequence[GoTable], where: str) -> str:
+def found_text(found: Sequence[GoTable], where: str) -> str:
     described = "; ".join(t.described() for t in found)
     names = " and ".join(t.name for t in found)
     verb = "have" if len(found) > 1 else "has"
     return (
         f"{where}: {names} {verb} the Go daemon's shape ({generation(found)} generation): "
-        f"{described}. "
-        f"volumed does not write to them. Stop the Go daemon, then run `{COMMAND} --dry-run` "
-        f"to see the statements and `{COMMAND}` to convert them, keeping every row and the "
-        "Go tables as backups (docs/migrating.md)"
+        f"{described}"
+    )
+
+
+def refusal(found: Sequence[GoTable], where: str) -> str:
+    return (
+        f"{found_text(found, where)}. volumed does not write to them. Stop the Go daemon, then "
+        f"run `{COMMAND} --dry-run` to see the statements and `{COMMAND}` to convert them, "
+        "keeping every row and the Go tables as backups (docs/migrating.md)"
     )
 
 
@@ -378,7 +383,7 @@ async def migrate(dsn: str, *, dry_run: bool, out: Callable[[str], None] = print
                 for t in found
             }
             steps = plan(found, taken, dt.datetime.now(dt.UTC).replace(tzinfo=None))
-            out(f"-- {refusal(found, backend.where)}")
+            out(f"-- {found_text(found, backend.where)}")
             for t in found:
                 out(f"-- {t.name}: {counts[t.name]} rows; kept as {steps.backups[t.name]}")
             for statement in steps.statements:
@@ -390,7 +395,11 @@ async def migrate(dsn: str, *, dry_run: bool, out: Callable[[str], None] = print
                 await conn.execute(statement)
             for t in found:
                 n = int((await conn.fetch(f"SELECT COUNT(*) AS n FROM {t.name}"))[0]["n"])
-                out(f"-- {t.name}: {n} of {counts[t.name]} rows converted")
+                # Fewer mappings: the Go rows of detached volumes, kept in the backup only.
+                out(
+                    f"-- {t.name}: {n} of {counts[t.name]} rows converted; all "
+                    f"{counts[t.name]} kept in {steps.backups[t.name]}"
+                )
             log.info("took over %s", ", ".join(t.name for t in found))
             return 0
     finally:
