@@ -1,4 +1,4 @@
-"""`volumed` command line: `volumed run [ACTOR...]`, `volumed provision`,
+"""`volumed` command line: `volumed run [ACTOR...]`, `volumed provision`, `volumed migrate`,
 `volumed simulator ...`, `volumed demo`, and the user commands of the client
 (`volumed create|attach|...|watch|health`, see client/cli.py)."""
 
@@ -69,6 +69,15 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
         "(for least-privilege actor users: see docs/operations.md)",
     )
     setup.add_argument("--config", metavar="FILE", help="as for run")
+    migrate = sub.add_parser(
+        "migrate",
+        help="convert the Go daemon's tables in VOLUMED_DB_DSN to volumed's, keeping every "
+        "row and the Go tables as <table>_go_backup_<date> (see docs/migrating.md)",
+    )
+    migrate.add_argument("--config", metavar="FILE", help="as for run")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the statements; change nothing"
+    )
     sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
     sub.add_parser(
         "demo", help="everything private on this machine, walked through (volumed demo -h)"
@@ -101,6 +110,15 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
             return 1
         log.info("provisioned")
         return 0
+    if args.command == "migrate":
+        from actors.persistence.errors import StoreError
+        from actors.persistence.takeover import migrate as migrate_tables
+
+        try:
+            return asyncio.run(migrate_tables(settings.db_dsn, dry_run=args.dry_run))
+        except StoreError as e:
+            print(f"volumed: {e}", file=sys.stderr)
+            return 1
     assert stop is not None  # `run` caught the signals first thing
     if stop.received is not None:
         log.info("%s during start-up: stopped before connecting", stop.received.name)

@@ -31,6 +31,7 @@ from actors.persistence.errors import (
     StoreUnavailable,
 )
 from actors.persistence.schema import MYSQL, SQLITE, TABLES, Dialect
+from actors.persistence.takeover import refuse_go_tables
 from schemas.config import mask_secrets, mask_url_password, split_url, url_password, url_secrets
 
 log = logging.getLogger("volumed.persistence.db")
@@ -94,7 +95,11 @@ class MySQLBackend:
         self._closed = False
 
     @classmethod
-    async def open(cls, dsn: str, *, connect_timeout: float = 5.0) -> MySQLBackend:
+    async def open(
+        cls, dsn: str, *, connect_timeout: float = 5.0, prepare: bool = True
+    ) -> MySQLBackend:
+        """``prepare``: check the tables and create or extend volumed's (``volumed migrate``
+        opens without, to convert the Go daemon's tables first)."""
         where = mask_url_password(dsn)
         secrets = url_secrets(dsn)
         # The one URL parser: a password may hold '#', '/', '?' or '@' unescaped.
@@ -122,8 +127,12 @@ class MySQLBackend:
         except Exception as e:
             raise wrap(e) from None
         backend = cls(pool, where, secrets)
+        if not prepare:
+            return backend
         try:
             async with backend.connection() as conn:
+                # Before anything is created or altered: the Go daemon's tables are refused.
+                await refuse_go_tables(conn, where)
                 # Only the missing ones: "IF NOT EXISTS" on an existing table is a warning,
                 # and every warning costs a SHOW WARNINGS round trip and a Python warning.
                 present = {
