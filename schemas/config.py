@@ -85,6 +85,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     text when stderr is a terminal, json otherwise."""
     metrics_addr: MetricsAddress | None = None
     """host:port of the Prometheus endpoint (/metrics); unset: none is served."""
+    http_addr: MetricsAddress | None = None
+    """host:port of the REST gateway (the Go daemon's API, contract §7): set, `volumed run`
+    also serves it; `volumed run gateway` serves it alone (on 127.0.0.1:8090 if unset)."""
 
     host_id: str = ""
     """Names this host's clock (see ``clock``). Unset: the kernel's boot id. Set it only to
