@@ -15,6 +15,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
@@ -24,6 +25,8 @@ import pytest_asyncio
 from msgspec import Meta, Struct
 
 from actors.gateway.openapi import document, text
+from actors.metrics.exporter import CannotListen
+from actors.supervisor import Supervisor
 from schemas.common import GIB
 from simulator import SimConfig, Simulator
 from tests.conftest import (
@@ -41,6 +44,7 @@ from tests.conftest import (
 )
 from tests.test_devices_e2e import fake_tree, hotplugging
 from tests.test_lifecycle import remote_vm, settings_for
+from tests.test_security import SecureNats, as_user, run_supervisor, stop_supervisor
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -175,6 +179,12 @@ class Rest:
         return await self.wait(accepted.id)
 
 
+async def listening(supervisor: Any) -> None:
+    """Until the supervisor's gateway listens (``ready`` means its actors were started)."""
+    await wait_for(lambda: "gateway" in supervisor.actors)
+    await asyncio.wait_for(supervisor.actors["gateway"].ready.wait(), 10)
+
+
 # -- one volumed for the module ------------------------------------------------------------
 
 
@@ -213,6 +223,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
             )
             harness, task = await start_volumed(settings, ACTORS, sim)
             try:
+                await listening(harness.supervisor)
                 yield World(nats, sim, harness, f"http://127.0.0.1:{port}")
             finally:
                 await stop_volumed(harness, task)
@@ -485,12 +496,21 @@ async def test_openapi_is_served(world: World, rest: Rest) -> None:
     assert status == 200 and json.loads(data) == json.loads(OPENAPI.read_text())
 
 
+async def test_a_port_in_use_stops_the_gateway_naming_the_setting(world: World) -> None:
+    """`volumed run gateway` where the port is taken (here: by the module's gateway) ends
+    with CannotListen, which the command line reports with exit code 2."""
+    settings = world.harness.settings
+    supervisor = Supervisor(settings, ["gateway"])  # type: ignore[arg-type]
+    with pytest.raises(CannotListen, match=f"VOLUMED_HTTP_ADDR={settings.http_addr}"):  # type: ignore[attr-defined]
+        await asyncio.wait_for(supervisor.run(), 30)
+
+
 # -- from outside: `volumed run` as a new user runs it -------------------------------------
 
 
 async def test_volumed_run_serves_the_api_with_volumed_http_addr(tmp_path: Path) -> None:
     """VOLUMED_HTTP_ADDR adds the gateway to `volumed run`: a Go caller creates a volume
-    through it. `volumed run gateway` on a port in use stops at start, naming the setting."""
+    through it."""
     nats = NatsServer(store_dir=tmp_path / "jetstream")
     nats.start()
     sysfs, _ = fake_tree(tmp_path)
@@ -519,19 +539,42 @@ async def test_volumed_run_serves_the_api_with_volumed_http_addr(tmp_path: Path)
 
                 await wait_for(up, timeout=20, interval=0.1)
                 assert (await rest.create(sim, "from-outside")).status == "completed"
-
-                taken = VolumedProcess(
-                    {**env, "VOLUMED_INSTANCE": "second"},
-                    ("gateway",),
-                    log_path=tmp_path / "log2",
-                )
-                await taken.start()
-                assert await taken.wait(30) == 2
-                assert f"VOLUMED_HTTP_ADDR=127.0.0.1:{port}" in (tmp_path / "log2").read_text()
             finally:
                 assert await process.stop() == 0
     finally:
         nats.stop()
+
+
+async def test_the_gateway_user_is_granted_what_the_gateway_does(tmp_path: Path) -> None:
+    """The gateway logged in as the `gateway` user of deploy/nats-accounts/ (volumed's
+    actors as admin): a create, a query, health and force-sync, and no permission
+    violation on the server."""
+    server = SecureNats(tmp_path / "nats")
+    server.start()
+    port = free_port()
+    try:
+        async with Simulator(SimConfig(seed=4)) as sim, aiohttp.ClientSession() as session:
+            sqlite = SimpleNamespace(dsn=f"sqlite:///{tmp_path / 'volumed.db'}")
+            base = settings_for(server, sqlite, sim, http_addr=f"127.0.0.1:{port}")  # type: ignore[arg-type]
+            actors = await run_supervisor(
+                as_user(base, server, "admin"), ["persistence", "executor", "correlator"]
+            )
+            gateway = await run_supervisor(as_user(base, server, "gateway"), ["gateway"])
+            try:
+                await listening(gateway[0])
+                rest = Rest(session, f"http://127.0.0.1:{port}")
+                key = f"secure-{uuid.uuid4().hex[:8]}"
+                done = await rest.create(sim, "secure", headers={"Idempotency-Key": key})
+                assert done.status == "completed" and done.id == key
+                assert (await rest.ok("GET", f"/api/v1/operations/{key}", GoOperation)).id == key
+                await rest.ok("GET", "/health", GoHealth)
+                await rest.ok("POST", "/api/v1/admin/force-sync", GoForceSync)
+            finally:
+                await stop_supervisor(*gateway)
+                await stop_supervisor(*actors)
+    finally:
+        server.stop()
+    assert server.violations() == []
 
 
 # -- last: NATS away -----------------------------------------------------------------------

@@ -44,7 +44,16 @@ from tests.test_lifecycle import create_body, op, remote_vm, settings_for
 
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNTS = REPO / "deploy" / "nats-accounts" / "accounts.conf"
-ROLES = ("client", "executor", "persistence", "watcher", "correlator", "operator", "admin")
+ROLES = (
+    "client",
+    "executor",
+    "persistence",
+    "watcher",
+    "correlator",
+    "gateway",
+    "operator",
+    "admin",
+)
 MAKE_CERTS = REPO / "deploy" / "tls" / "make-certs.sh"
 OPENSSL = shutil.which("openssl")
 
