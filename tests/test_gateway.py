@@ -27,7 +27,9 @@ from msgspec import Meta, Struct
 from actors.gateway.openapi import document, text
 from actors.metrics.exporter import CannotListen
 from actors.supervisor import Supervisor
+from schemas.commands import CreateCommand
 from schemas.common import GIB
+from schemas.rest import CreateVolumeRequest
 from simulator import SimConfig, Simulator
 from tests.conftest import (
     MARIADB_HOST,
@@ -429,7 +431,7 @@ async def test_bad_json_and_wrong_types_are_400_naming_the_field(world: World, r
         ("POST", "/api/v1/volumes", b"", "empty"),
         ("POST", "/api/v1/volumes", [1, 2], "JSON object"),
         ("POST", "/api/v1/volumes", {**good, "size": "ten"}, "size"),
-        ("POST", "/api/v1/volumes", {**good, "size": GIB + 1}, "size"),
+        ("POST", "/api/v1/volumes", {**good, "size": GIB + 1}, "size: must be a positive whole"),
         ("POST", "/api/v1/volumes", {k: v for k, v in good.items() if k != "zone_id"}, "zone_id"),
         ("POST", "/api/v1/volumes/v-1/attach", {"vm_id": 5}, "vm_id"),
         ("POST", "/api/v1/volumes/v-1/attach-root", {}, "vm_id"),
@@ -489,6 +491,17 @@ async def test_openapi_document_is_checked_in() -> None:
     for path in ("/api/v1/volumes", "/api/v1/operations/{id}", "/api/v1/devices/{path}/volume"):
         assert path in doc["paths"], path
     assert "RestOperation" in doc["components"]["schemas"]
+
+
+async def test_the_documented_create_body_is_the_create_command() -> None:
+    """The gateway decodes a create as the command it is (its refusals then read the same
+    as the command's); the type the document shows must not drift from it."""
+    _, found = msgspec.json.schema_components([CreateCommand, CreateVolumeRequest])
+    command, request = found["CreateCommand"], found["CreateVolumeRequest"]
+    del command["properties"]["operation_id"]
+    for key in ("title", "description"):
+        command.pop(key, None), request.pop(key, None)
+    assert request == command
 
 
 async def test_openapi_is_served(world: World, rest: Rest) -> None:
