@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 from msgspec import Meta, Struct
 
+from actors.gateway import GatewayActor
 from actors.gateway.openapi import document, text
 from actors.metrics.exporter import CannotListen
 from actors.supervisor import Supervisor
@@ -346,6 +347,27 @@ async def test_local_attach_device_routes_and_force_sync(world: World, rest: Res
     assert (await rest.wait(detach.id)).status == "completed"
     await rest.error("GET", f"/api/v1/volumes/{volume}/device", 404)
     assert await rest.ok("GET", f"/api/v1/vms/{local}/volumes", list[GoVmVolume]) == []
+
+
+async def test_a_command_not_taken_yet_is_201_pending(world: World, rest: Rest) -> None:
+    """JetStream has the command but no event came in time (no executor running): the
+    answer is the operation as pending, and it becomes the real one."""
+    bus = world.harness.supervisor.bus  # type: ignore[attr-defined]
+    impatient = GatewayActor(bus, world.harness.settings, "127.0.0.1:0", accept_wait=0)  # type: ignore[arg-type]
+    await impatient.start()
+    try:
+        other = Rest(rest.session, f"http://127.0.0.1:{impatient.port}")
+        vm = remote_vm(world.sim)
+        accepted = await other.ok(
+            "POST", "/api/v1/volumes/v-never/attach", GoOperation, {"vm_id": vm}
+        )
+        assert accepted.status == "pending" and accepted.completed_at is None
+        assert (accepted.volume_id, accepted.vm_id) == ("v-never", vm)
+        assert accepted.request["as_root"] is False
+        ended = await other.wait(accepted.id)
+        assert ended.status == "failed" and ended.error, ended
+    finally:
+        await impatient.close()
 
 
 # -- queries -------------------------------------------------------------------------------

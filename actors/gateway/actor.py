@@ -315,6 +315,9 @@ class GatewayActor:
         return shapes.operation(record, now)
 
     async def _first_event(self, progress: Any) -> OperationEvent | None:
+        """The operation's first event within ``accept_wait`` (0: do not wait), or None."""
+        if self.accept_wait <= 0:
+            return None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.accept_wait):
                 async for event in progress:
@@ -446,7 +449,8 @@ class GatewayActor:
             raise HttpError(
                 503, "unavailable", "no correlator is running: nothing proves the mappings"
             ) from None
-        vm_id = msgspec.json.decode(data).get("vm_id", "")
+        answer = msgspec.json.decode(data)
+        vm_id = str(answer.get("vm_id") or "") if isinstance(answer, dict) else ""
         return ForceSyncResult(
             message=f"the correlators prove their mappings again (first answer: VM {vm_id})",
             timestamp=now_rfc3339(),

@@ -79,8 +79,8 @@ def _operation(route: Route) -> dict[str, Any]:
     else:
         answer["content"] = {"application/json": {"schema": {"type": "object"}}}
     op["responses"] = {str(route.status): answer}
-    for status, why in _ERRORS.items():
-        op["responses"][status] = {"description": why, "content": _content(ErrorBody)}
+    for status in _ERRORS:
+        op["responses"][status] = {"$ref": f"#/components/responses/{status}"}
     return op
 
 
@@ -107,7 +107,13 @@ def document() -> dict[str, Any]:
             "commands and queries (contract §7; docs/rest-api.md).",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "responses": {
+                status: {"description": why, "content": _content(ErrorBody)}
+                for status, why in _ERRORS.items()
+            },
+        },
     }
 
 
