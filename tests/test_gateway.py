@@ -33,9 +33,6 @@ from schemas.common import GIB
 from schemas.rest import CreateVolumeRequest
 from simulator import SimConfig, Simulator
 from tests.conftest import (
-    MARIADB_HOST,
-    MARIADB_PORT,
-    Database,
     Harness,
     NatsServer,
     VolumedProcess,
@@ -201,19 +198,18 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    import aiomysql
-
     tmp = tmp_path_factory.mktemp("gateway")
     nats = NatsServer(store_dir=tmp / "jetstream")
     nats.start()
-    database = Database(name=f"volumed_test_{uuid.uuid4().hex[:12]}")
+    # The gateway never opens the database: the lighter backend serves as well here.
+    sqlite = SimpleNamespace(dsn=f"sqlite:///{tmp / 'volumed.db'}")
     sysfs, dev = fake_tree(tmp)
     port = free_port()
     try:
         async with Simulator(hotplugging(sysfs, dev, seed=7, serials=True)) as sim:
             settings = settings_for(
                 nats,
-                database,
+                sqlite,  # type: ignore[arg-type]
                 sim,
                 sysfs=str(sysfs),
                 dev=str(dev),
@@ -232,14 +228,6 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
                 await stop_volumed(harness, task)
     finally:
         nats.stop()
-        conn = await aiomysql.connect(
-            host=MARIADB_HOST, port=MARIADB_PORT, user="root", password="", autocommit=True
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP DATABASE IF EXISTS `{database.name}`")
-        finally:
-            conn.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -26,7 +26,7 @@ from aiohttp import web
 from actors.gateway import shapes
 from actors.gateway.openapi import document
 from actors.gateway.routes import NOT_OFFERED, ROUTES, Route
-from actors.metrics.exporter import CannotListen, parse_address
+from actors.metrics.exporter import bound_port, listen, parse_address
 from bus import Bus, call
 from bus import Unavailable as BusUnavailable
 from bus.topology import REPROVE_SUBJECT
@@ -164,10 +164,7 @@ class GatewayActor:
     @property
     def port(self) -> int:
         """The port listened on (the system's choice when 0 was asked for)."""
-        if self._runner is not None:
-            for address in self._runner.addresses:
-                return int(address[1])
-        return self._port
+        return bound_port(self._runner, self._port)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
@@ -203,19 +200,12 @@ class GatewayActor:
 
     async def start(self) -> None:
         """Listen: a port in use fails here, at start, naming the setting."""
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self._port).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise CannotListen(
-                f"cannot serve the REST API on VOLUMED_HTTP_ADDR={self.address}: {e.strerror or e}"
-            ) from None
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await listen(
+            self.app(),
+            self.address,
+            "the REST API on VOLUMED_HTTP_ADDR",
+            shutdown_timeout=SHUTDOWN_GRACE,
+        )
         self.ready.set()
         log.info("REST API on http://%s:%d/api/v1", self.host or "*", self.port)
 
