@@ -321,13 +321,16 @@ async def test_local_attach_device_routes_and_force_sync(world: World, rest: Res
 
     # force-sync: the correlator proves the mapping again (proven_at moves), at once
     # rather than at its next reconciliation (30 s).
-    before = (await rest.ok("GET", f"/api/v1/volumes/{volume}/device", GoMapping)).proven_at
+    async def proven_at() -> dt.datetime | None:
+        return (await rest.ok("GET", f"/api/v1/volumes/{volume}/device", GoMapping)).proven_at
+
+    before = await wait_for(proven_at, timeout=10)  # the proof that follows every attach
     synced = await rest.ok("POST", "/api/v1/admin/force-sync", GoForceSync)
     assert synced.vm_ids == [local]
 
     async def proven_again() -> bool:
-        m = await rest.ok("GET", f"/api/v1/volumes/{volume}/device", GoMapping)
-        return m.proven_at is not None and (before is None or m.proven_at > before)
+        after = await proven_at()
+        return after is not None and after > before
 
     await wait_for(proven_again, timeout=10)
 
