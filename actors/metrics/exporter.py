@@ -42,7 +42,7 @@ _CHECKS_PER_SCRAPE = 50  # stuck candidates looked up in the event stream per sc
 
 def parse_address(address: str) -> tuple[str | None, int]:
     """``host:port`` → (host, port); an empty host listens on every address."""
-    host, _, port = address.rpartition(":")  # validated by Settings (MetricsAddress)
+    host, _, port = address.rpartition(":")  # validated by Settings (ListenAddress)
     return (host.strip("[]") or None), int(port)
 
 
