@@ -27,9 +27,11 @@ from msgspec import Meta, Struct
 from actors.gateway import GatewayActor
 from actors.gateway.openapi import document, text
 from actors.metrics.exporter import CannotListen
-from actors.supervisor import Supervisor
+from actors.supervisor import ACTORS as SUPERVISED
+from actors.supervisor import Supervisor, default_actors
 from schemas.commands import CreateCommand
 from schemas.common import GIB
+from schemas.config import ConfigError, load_settings
 from schemas.rest import CreateVolumeRequest
 from simulator import SimConfig, Simulator
 from tests.conftest import (
@@ -529,6 +531,15 @@ async def test_a_port_in_use_stops_the_gateway_naming_the_setting(world: World) 
     supervisor = Supervisor(settings, ["gateway"])  # type: ignore[arg-type]
     with pytest.raises(CannotListen, match=f"VOLUMED_HTTP_ADDR={settings.http_addr}"):  # type: ignore[attr-defined]
         await asyncio.wait_for(supervisor.run(), 30)
+
+
+async def test_volumed_http_addr_adds_the_gateway_to_volumed_run() -> None:
+    assert default_actors(load_settings(environ={})) == list(SUPERVISED)
+    settings = load_settings(environ={"VOLUMED_HTTP_ADDR": "127.0.0.1:8090"})
+    assert settings.http_addr == "127.0.0.1:8090"
+    assert default_actors(settings) == [*SUPERVISED, "gateway"]
+    with pytest.raises(ConfigError, match="VOLUMED_HTTP_ADDR"):
+        load_settings(environ={"VOLUMED_HTTP_ADDR": "8090"})
 
 
 # -- from outside: `volumed run` as a new user runs it -------------------------------------
