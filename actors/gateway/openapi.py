@@ -47,8 +47,8 @@ def _content(t: Any) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(t)}}
 
 
-def _operation(route: Route) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": route.summary, "operationId": route.handler}
+def _operation(route: Route, operation_id: str) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": route.summary, "operationId": operation_id}
     params: list[dict[str, Any]] = []
     for name in ("id", "path"):
         if f"{{{name}" in route.path:
@@ -87,8 +87,16 @@ def _operation(route: Route) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(_types(), ref_template=_REF)
     paths: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
     for route in ROUTES:
-        paths.setdefault(route.openapi_path, {})[route.method.lower()] = _operation(route)
+        # Unique, as OpenAPI asks: a second path to one handler (/health) is numbered.
+        operation_id = route.handler
+        while operation_id in seen:
+            operation_id += "_2"
+        seen.add(operation_id)
+        paths.setdefault(route.openapi_path, {})[route.method.lower()] = _operation(
+            route, operation_id
+        )
     for method, path, what in NOT_OFFERED:
         not_offered = {
             "summary": f"Not offered by volumed: {what}",
