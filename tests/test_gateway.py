@@ -398,6 +398,29 @@ async def test_health_on_both_paths(world: World, rest: Rest) -> None:
         assert health.details and "nats" in health.details
 
 
+async def test_health_is_503_while_the_database_is_away(tmp_path: Path) -> None:
+    """A Go caller's health check fails (not 200) while volumed cannot write."""
+    nats = NatsServer(store_dir=tmp_path / "jetstream")
+    nats.start()
+    port = free_port()
+    try:
+        async with Simulator(SimConfig(seed=5)) as sim, aiohttp.ClientSession() as session:
+            nowhere = SimpleNamespace(dsn=f"mysql://root@127.0.0.1:{free_port()}/volumed")
+            settings = settings_for(nats, nowhere, sim, http_addr=f"127.0.0.1:{port}")  # type: ignore[arg-type]
+            supervisor, task = await run_supervisor(settings, ["persistence", "gateway"])
+            try:
+                await listening(supervisor)
+                rest = Rest(session, f"http://127.0.0.1:{port}")
+                got, data = await rest.call("GET", "/health")
+                assert got == 503, data
+                health = msgspec.json.decode(data, type=GoHealth)
+                assert health.status == "unhealthy" and health.database_health.startswith("down")
+            finally:
+                await stop_supervisor(supervisor, task)
+    finally:
+        nats.stop()
+
+
 async def test_idempotency_key_makes_one_operation(world: World, rest: Rest) -> None:
     key = f"idem-{uuid.uuid4().hex[:12]}"
     first = await rest.create(world.sim, "rest-idem", headers={"Idempotency-Key": key})
