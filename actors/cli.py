@@ -44,7 +44,7 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
 
     from actors.logs import SECRETS, setup_logging
     from actors.metrics.exporter import CannotListen
-    from actors.supervisor import ACTORS, provision, run_until_signalled
+    from actors.supervisor import RUNNABLE, default_actors, provision, run_until_signalled
     from client import cli as user_cli
     from schemas.config import ConfigError, load_settings
 
@@ -54,9 +54,10 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
     run.add_argument(
         "actors",
         nargs="*",
-        choices=[[], *ACTORS],
+        choices=[[], *RUNNABLE],
         metavar="ACTOR",
-        help=f"any of: {', '.join(ACTORS)}",
+        help=f"any of: {', '.join(RUNNABLE)} (default: all but the gateway, which "
+        "VOLUMED_HTTP_ADDR adds)",
     )
     run.add_argument(
         "--config",
@@ -124,7 +125,8 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
         log.info("%s during start-up: stopped before connecting", stop.received.name)
         return 0
     try:
-        asyncio.run(run_until_signalled(settings, args.actors or list(ACTORS), stop))
+        actors = args.actors or default_actors(settings)
+        asyncio.run(run_until_signalled(settings, actors, stop))
     except CannotListen as e:
         print(f"volumed: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ LogFormat = Literal["auto", "json", "text"]
 # names them, down to the bus and CloudStack layers that do not know them.
 CONTEXT_FIELDS = ("actor", "operation_id", "volume_id")
 # The actors' loggers are named volumed.<actor>[...] (actors.supervisor.ACTORS).
-_ACTORS = frozenset({"persistence", "executor", "correlator", "watcher"})
+_ACTORS = frozenset({"persistence", "executor", "correlator", "watcher", "gateway"})
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "volumed_log_context", default=None
 )

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("volumed.supervisor")
 
 ACTORS = ("persistence", "executor", "correlator", "watcher")
+# Not one of the default actors: it serves callers of the Go daemon's REST API, for which
+# VOLUMED_HTTP_ADDR asks (default_actors), or `volumed run gateway`.
+GATEWAY = "gateway"
+RUNNABLE = (*ACTORS, GATEWAY)
 GRACE = 10.0
 
 
@@ -71,8 +75,18 @@ async def provision(settings: Settings) -> None:
         await bus.close()
 
 
+def default_actors(settings: Settings) -> list[str]:
+    """What `volumed run` without names runs: every actor, and the REST gateway when
+    VOLUMED_HTTP_ADDR is set."""
+    return [*ACTORS, GATEWAY] if settings.http_addr else list(ACTORS)
+
+
 def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | None) -> Actor:
     # Imported here so that `volumed run executor` does not load the watcher's netlink code.
+    if name == GATEWAY:
+        from actors.gateway import GatewayActor
+
+        return GatewayActor(bus, settings)
     if name == "executor":
         from actors.executor import ExecutorActor
 
@@ -92,15 +106,15 @@ def build(name: str, bus: Bus, settings: Settings, instance: str, vm_id: str | N
         from actors.correlator import CorrelatorActor
 
         return CorrelatorActor(bus, settings, vm_id, instance)
-    raise ValueError(f"unknown actor {name!r}; choose from {', '.join(ACTORS)}")
+    raise ValueError(f"unknown actor {name!r}; choose from {', '.join(RUNNABLE)}")
 
 
 class Supervisor:
     def __init__(self, settings: Settings, actors: Sequence[str] = ACTORS) -> None:
-        unknown = [a for a in actors if a not in ACTORS]
+        unknown = [a for a in actors if a not in RUNNABLE]
         if unknown:
             raise ValueError(
-                f"unknown actor(s) {', '.join(unknown)}; choose from {', '.join(ACTORS)}"
+                f"unknown actor(s) {', '.join(unknown)}; choose from {', '.join(RUNNABLE)}"
             )
         self.settings = settings
         self.names = list(dict.fromkeys(actors))
@@ -139,7 +153,7 @@ class Supervisor:
 
                 self.metrics = MetricsServer(bus, self.settings, self.settings.metrics_addr)
                 await self.metrics.start()
-            for name in sorted(self.names, key=ACTORS.index):
+            for name in sorted(self.names, key=RUNNABLE.index):
                 tasks[name] = asyncio.create_task(self._run_actor(name, bus), name=name)
             log.info("volumed running: %s (instance %s)", ", ".join(self.names), self.instance)
             self.ready.set()
@@ -177,7 +191,8 @@ class Supervisor:
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         """Two phases: ask actors that can to stop taking work and wait, then cancel."""
-        for name in ("executor", "correlator", "watcher", "persistence"):
+        # The gateway first: no new request starts a command while the others stop.
+        for name in (GATEWAY, "executor", "correlator", "watcher", "persistence"):
             actor: Any = self.actors.get(name)
             if name not in tasks:
                 continue

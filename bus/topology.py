@@ -30,6 +30,9 @@ CORRELATED_PREFIX = "volumed.correlated"
 # VM proven again against the devices present now.
 PROOF_PREFIX = "volumed.proof"
 CONFIG_SUBJECT = "volumed.internal.cloudstack_config"
+# anyone → every correlator (core request, no stream): prove your VM's mappings again now;
+# each answers {"vm_id", "correlator"}. The REST gateway's POST /api/v1/admin/force-sync.
+REPROVE_SUBJECT = "volumed.internal.reprove"
 DEAD_LETTER_PREFIX = "volumed.dead"  # .<stream>.<consumer>
 
 

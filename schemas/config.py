@@ -18,7 +18,7 @@ Seconds = Annotated[float, Meta(gt=0)]
 DevicePattern = Annotated[str, Meta(min_length=1, pattern=r"\S")]
 # host:port, host optional (":9464" listens on every address), IPv6 in brackets, port 0-65535.
 _PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-MetricsAddress = Annotated[
+ListenAddress = Annotated[
     str,
     Meta(pattern=rf"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):{_PORT}$", description="host:port"),
 ]
@@ -83,8 +83,11 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     log_format: Literal["auto", "json", "text"] = "auto"
     """json: one JSON object per line (for journald, Loki, ...); text: for people; auto:
     text when stderr is a terminal, json otherwise."""
-    metrics_addr: MetricsAddress | None = None
+    metrics_addr: ListenAddress | None = None
     """host:port of the Prometheus endpoint (/metrics); unset: none is served."""
+    http_addr: ListenAddress | None = None
+    """host:port of the REST gateway (the Go daemon's API, contract §7): set, `volumed run`
+    also serves it; `volumed run gateway` serves it alone (on 127.0.0.1:8090 if unset)."""
 
     host_id: str = ""
     """Names this host's clock (see ``clock``). Unset: the kernel's boot id. Set it only to

@@ -44,7 +44,16 @@ from tests.test_lifecycle import create_body, op, remote_vm, settings_for
 
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNTS = REPO / "deploy" / "nats-accounts" / "accounts.conf"
-ROLES = ("client", "executor", "persistence", "watcher", "correlator", "operator", "admin")
+ROLES = (
+    "client",
+    "executor",
+    "persistence",
+    "watcher",
+    "correlator",
+    "gateway",
+    "operator",
+    "admin",
+)
 MAKE_CERTS = REPO / "deploy" / "tls" / "make-certs.sh"
 OPENSSL = shutil.which("openssl")
 
@@ -764,7 +773,7 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 def test_units_fit_each_actor() -> None:
     """The hardening follows what each actor touches: only the watcher (and the all-in-one
     unit) sees devices and opens netlink; only the admin user provisions."""
-    for actor in ("executor", "persistence", "watcher", "correlator"):
+    for actor in ("executor", "persistence", "watcher", "correlator", "gateway"):
         unit = unit_settings(UNITS / f"volumed-{actor}.service")
         assert unit["ExecStart"] == [f"/opt/volumed/bin/volumed run {actor}"]
         assert unit["EnvironmentFile"][-1] == f"/etc/volumed/{actor}.env"
@@ -792,7 +801,7 @@ def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
         copy = tmp_path / unit.name
         copy.write_text(unit.read_text().replace("/opt/volumed/bin/volumed", str(volumed)))
         units.append(str(copy))
-    assert len(units) == 6
+    assert len(units) == 7
     verify = subprocess.run([ANALYZE, "verify", "--man=no", *units], capture_output=True, text=True)
     # Unknown or misspelt keys are only warned about: any output fails the test.
     assert verify.returncode == 0 and not verify.stdout + verify.stderr, verify.stderr
@@ -802,4 +811,4 @@ def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
     levels = re.findall(r"Overall exposure level for (\S+): ([0-9.]+)", security.stdout)
     if not levels:
         return  # an older systemd without offline security analysis
-    assert len(levels) == 6 and all(float(level) <= 2.0 for _, level in levels), levels
+    assert len(levels) == 7 and all(float(level) <= 2.0 for _, level in levels), levels

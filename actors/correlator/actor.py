@@ -43,6 +43,7 @@ from bus.topology import (
     ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
+    REPROVE_SUBJECT,
     Topology,
     correlate_result_subject,
     correlator_consumer,
@@ -131,6 +132,7 @@ class CorrelatorActor:
         unsubscribe = [
             await self.bus.subscribe(device_subject(self.vm_id), self._on_device),
             await self.bus.subscribe(f"{EVENTS_PREFIX}.>", self._on_operation_event),
+            await self.bus.subscribe(REPROVE_SUBJECT, self._on_reprove),
         ]
         self._consumer = Consumer(self.bus, spec, self._handle, concurrency=256)
         try:
@@ -190,6 +192,13 @@ class CorrelatorActor:
             if event.status == "completed" and event.vm_id == self.vm_id:
                 # A new mapping: proven again (with the proof recorded) once it is stored.
                 self._reprove.set()
+
+    async def _on_reprove(self, subject: str, data: bytes, reply: str | None) -> None:
+        """Asked to prove the mappings again now (the REST gateway's force-sync)."""
+        self._reprove.set()
+        if reply:
+            with contextlib.suppress(Exception):  # the asker may be gone: nothing to tell
+                await self.bus.respond(reply, {"vm_id": self.vm_id, "correlator": self.instance})
 
     async def _handle(self, delivery: Delivery) -> None:
         kind = delivery.subject.rsplit(".", 1)[-1]

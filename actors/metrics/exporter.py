@@ -42,7 +42,7 @@ _CHECKS_PER_SCRAPE = 50  # stuck candidates looked up in the event stream per sc
 
 def parse_address(address: str) -> tuple[str | None, int]:
     """``host:port`` → (host, port); an empty host listens on every address."""
-    host, _, port = address.rpartition(":")  # validated by Settings (MetricsAddress)
+    host, _, port = address.rpartition(":")  # validated by Settings (ListenAddress)
     return (host.strip("[]") or None), int(port)
 
 
@@ -118,7 +118,35 @@ class _Scraped(Collector):
 
 
 class CannotListen(OSError):
-    """The metrics address is taken or not this host's: a configuration error."""
+    """An address to serve on (metrics, the REST API) is taken or not this host's: a
+    configuration error."""
+
+
+def bound_port(runner: web.AppRunner | None, asked: int) -> int:
+    """The port ``runner`` listens on (the system's choice when 0 was asked), else ``asked``."""
+    if runner is not None:
+        for address in runner.addresses:
+            return int(address[1])
+    return asked
+
+
+async def listen(
+    app: web.Application, address: str, what: str, *, shutdown_timeout: float = 60.0
+) -> web.AppRunner:
+    """Serve ``app`` on ``address`` (host:port); CannotListen names ``what`` (the setting)
+    when the address cannot be used, at start rather than later."""
+    host, port = parse_address(address)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise CannotListen(f"cannot serve {what}={address}: {e.strerror or e}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 class MetricsServer:
@@ -140,29 +168,14 @@ class MetricsServer:
     @property
     def port(self) -> int:
         """The port listened on (the one chosen by the system when 0 was asked for)."""
-        if self._runner is not None:
-            for address in self._runner.addresses:
-                return int(address[1])
-        return self._port
+        return bound_port(self._runner, self._port)
 
     async def start(self) -> None:
         """Listen (a port in use fails here, at start) and follow the event stream."""
         self._unsubscribe = await self.bus.subscribe(f"{EVENTS_PREFIX}.>", self._on_event)
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self._port).start()
-        except OSError as e:
-            await runner.cleanup()
-            raise CannotListen(
-                f"cannot serve metrics on VOLUMED_METRICS_ADDR={self.address}: {e.strerror or e}"
-            ) from None
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await listen(app, self.address, "metrics on VOLUMED_METRICS_ADDR")
         log.info("metrics on http://%s:%d/metrics", self.host or "*", self.port)
 
     async def close(self) -> None:
