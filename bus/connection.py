@@ -26,7 +26,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from bus.errors import Refused, Unavailable
 from bus.kv import Bucket, Conflict, is_wrong_last_sequence
@@ -69,6 +69,24 @@ class ConsumerProgress:
 
 
 @dataclass(frozen=True)
+class StoreRefusal:
+    """JetStream answered a publish with a refusal to store it (a stream or account at its
+    limits, a full disk): the publisher tries again later, health names the cause."""
+
+    cause: str
+    since: float  # time.monotonic() of the first refused publish
+
+    def age(self) -> float:
+        return time.monotonic() - self.since
+
+
+# JetStream's error codes for "no room": insufficient resources, account resources exceeded,
+# insufficient storage or memory, and the store failing a message (maximum bytes or
+# messages exceeded with discard new, a write error).
+_NO_ROOM = {10002, 10023, 10028, 10047, 10077}
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     subject: str
     data: bytes
@@ -88,6 +106,8 @@ class Bus:
         self.last_error: str = ""
         # Called (synchronously) after every reconnect, e.g. to wake a pull loop.
         self.on_reconnect: list[Callable[[], None]] = []
+        # Set while publishes are refused for want of room; cleared by the next stored one.
+        self.store_refusal: StoreRefusal | None = None
 
     @classmethod
     async def connect_with(
@@ -373,8 +393,25 @@ class Bus:
         except BadRequestError as e:
             if if_last is not None and is_wrong_last_sequence(e):
                 raise Conflict(subject) from e
+            self._refused(subject, e)
             raise
+        except APIError as e:
+            self._refused(subject, e)
+            raise
+        if self.store_refusal is not None:
+            log.info("JetStream stores messages again (%s)", self.store_refusal.cause)
+            self.store_refusal = None
         return ack.seq
+
+    def _refused(self, subject: str, e: APIError) -> None:
+        if e.code != 503 and e.err_code not in _NO_ROOM:
+            return
+        cause = f"{e.description or type(e).__name__} (error {e.err_code}) storing {subject}"
+        if self.store_refusal is None:
+            log.warning("JetStream refuses to store messages: %s", cause)
+            self.store_refusal = StoreRefusal(cause, time.monotonic())
+        else:
+            self.store_refusal = StoreRefusal(cause, self.store_refusal.since)
 
     async def publish_core(self, subject: str, message: Any) -> None:
         """Fire-and-forget publish (no stream)."""

@@ -1,0 +1,231 @@
+"""A database that refuses writes: events wait (never dead-lettered), health names the cause
+within seconds, and the rows catch up once it is fixed. Real MariaDB users and tables, a real
+SQLite file, a real nats-server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomysql
+import pytest
+from nats.js.errors import APIError
+
+from actors.persistence import open_store
+from actors.persistence.schema import SQLITE
+from bus import Bus
+from bus.topology import DEAD_LETTERS, EVENTS, PERSISTENCE, TOPOLOGY
+from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, wait_for
+from tests.test_persistence import Rows, ev, publish_all, request, running
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    b = await Bus.connect(nats_server.url, "test")
+    await b.provision(TOPOLOGY)
+    yield b
+    await b.close()
+
+
+async def root(sql: str) -> None:
+    conn = await aiomysql.connect(
+        host=MARIADB_HOST, port=MARIADB_PORT, user="root", password="", autocommit=True
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def reader(database: Database) -> AsyncIterator[tuple[str, str]]:
+    """A MariaDB user that may only SELECT in ``database`` (tables made first): its name
+    and password, random; dropped afterwards."""
+    store = await open_store(database.dsn)  # the tables, as volumed creates them
+    await store.close()
+    name, password = f"ro_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    await root(f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'")
+    try:
+        await root(f"GRANT SELECT ON `{database.name}`.* TO '{name}'@'%'")
+        yield name, password
+    finally:
+        await root(f"DROP USER IF EXISTS '{name}'@'%'")
+
+
+def five_operations() -> list[Any]:
+    """Five operations: creates, and an attach whose mapping row must appear too."""
+    events = []
+    for i in range(4):
+        events += [
+            ev(f"op-{i}", "create", "pending", i),
+            ev(f"op-{i}", "create", "completed", i + 0.5, volume_id=f"vol-{i}"),
+        ]
+    events.append(
+        ev(
+            "op-4",
+            "attach",
+            "completed",
+            9,
+            volume_id="vol-4",
+            vm_id="vm-1",
+            device_path="/dev/vdb",
+            attached=True,
+        )
+    )
+    return events
+
+
+async def dead_letters(bus: Bus) -> int:
+    return int((await bus.js.stream_info(DEAD_LETTERS.name)).state.messages)
+
+
+async def database_check(bus: Bus) -> dict[str, str]:
+    health = await request(bus, "health", {})
+    check: dict[str, str] = health["checks"]["database"]
+    return check
+
+
+async def refused_then_fixed(
+    bus: Bus,
+    dsn: str,
+    rows: Rows,
+    cause: str,
+    fix: Any,
+    secret: str = "",
+    *,
+    then: Any = None,
+    every_event: bool = True,
+) -> None:
+    """Events published while the database refuses (after ``then()``, once volumed runs):
+    health names ``cause`` within seconds, nothing is dead-lettered, the consumer takes one
+    message at a time; after ``fix()`` every row appears and health is ok again."""
+    async with running(bus, dsn) as actor:
+        if then is not None:
+            await then()
+        await publish_all(bus, five_operations())
+
+        async def refused() -> dict[str, str] | None:
+            check = await database_check(bus)
+            return check if check["status"] != "ok" else None
+
+        check = await wait_for(refused, timeout=10)
+        assert check["status"] == "degraded", check
+        assert cause in check["detail"], check
+        if secret:
+            assert secret not in check["detail"]
+        assert actor.consumer is not None and actor.consumer.concurrency == 1
+        info = await bus.js.consumer_info(EVENTS.name, PERSISTENCE.durable)
+        if every_event:  # the refusal meets every event, not only those of one table
+            assert info.num_ack_pending + info.num_pending == 9
+            assert await rows("SELECT id FROM volume_operations") == []
+        else:
+            assert info.num_ack_pending + info.num_pending > 0
+        assert await dead_letters(bus) == 0
+
+        await fix()
+        await wait_for(
+            lambda: _count(rows, "SELECT id FROM volume_operations WHERE status = 'completed'", 5),
+            timeout=20,
+        )
+        mapping = await wait_for(lambda: rows.mapping("vol-4"))
+        assert mapping["device_path"] == "/dev/vdb"
+        assert (await database_check(bus))["status"] == "ok"
+        assert await dead_letters(bus) == 0
+        assert actor.consumer.concurrency > 1
+        # A handful of probes, not a pass over the backlog every pause.
+        assert actor.gate.refusals < 60, actor.gate.refusals
+
+
+async def _count(rows: Rows, sql: str, n: int) -> bool:
+    return len(await rows(sql)) == n
+
+
+async def test_a_user_that_may_only_select_waits_for_its_grant(
+    bus: Bus, database: Database, reader: tuple[str, str]
+) -> None:
+    name, password = reader
+    dsn = f"mysql://{name}:{password}@{MARIADB_HOST}:{MARIADB_PORT}/{database.name}"
+
+    async def grant() -> None:
+        await root(f"GRANT INSERT, UPDATE, DELETE ON `{database.name}`.* TO '{name}'@'%'")
+
+    await refused_then_fixed(
+        bus, dsn, Rows(database.dsn, database), "command denied to user", grant, secret=password
+    )
+
+
+async def test_a_not_null_column_volumed_does_not_fill_waits_for_a_default(
+    bus: Bus, database: Database
+) -> None:
+    store = await open_store(database.dsn)
+    await store.close()
+    await database.query("ALTER TABLE volume_operations ADD COLUMN tenant VARCHAR(32) NOT NULL")
+
+    async def fix() -> None:
+        await database.query(
+            "ALTER TABLE volume_operations MODIFY COLUMN tenant VARCHAR(32) NOT NULL DEFAULT ''"
+        )
+
+    await refused_then_fixed(
+        bus, database.dsn, Rows(database.dsn, database), "doesn't have a default value", fix
+    )
+
+
+async def test_a_dropped_sqlite_table_waits_until_it_is_back(bus: Bus, tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v.db"
+    dsn = f"sqlite://{path}"
+    db = sqlite3.connect(path)
+
+    async def drop() -> None:  # volumed would make it again at its start
+        db.execute("DROP TABLE device_mappings")
+        db.commit()
+
+    async def fix() -> None:
+        for statement in SQLITE.ddl():  # what deploy/ would run by hand
+            db.execute(statement)
+        db.commit()
+
+    try:
+        await refused_then_fixed(
+            bus,
+            dsn,
+            Rows(dsn, None),
+            "no such table: device_mappings",
+            fix,
+            then=drop,
+            every_event=False,
+        )
+    finally:
+        db.close()
+
+
+async def test_jetstream_refusing_to_store_is_named_in_health(bus: Bus, tmp_path: Path) -> None:
+    dsn = f"sqlite://{tmp_path}/v.db"
+    async with running(bus, dsn):
+        await publish_all(bus, [ev("first", "create", "pending", 0)])
+        config = (await bus.js.stream_info(EVENTS.name)).config
+        full = (await bus.js.stream_info(EVENTS.name)).state.messages
+        # The events stream at its limit, refusing new messages (as an account over its
+        # storage or a full disk would).
+        from nats.js.api import DiscardPolicy
+
+        config.max_msgs, config.discard = full, DiscardPolicy.NEW
+        await bus.js.update_stream(config)
+        with pytest.raises(APIError):
+            await publish_all(bus, [ev("second", "create", "pending", 1)])
+        health = await request(bus, "health", {})
+        nats = health["checks"]["nats"]
+        assert nats["status"] == "degraded", nats
+        assert "maximum messages exceeded" in nats["detail"], nats
+        assert health["status"] != "ok"
+
+        config.max_msgs, config.discard = -1, DiscardPolicy.OLD
+        await bus.js.update_stream(config)
+        await publish_all(bus, [ev("second", "create", "pending", 1)])
+        health = await request(bus, "health", {})
+        assert health["checks"]["nats"]["status"] == "ok", health
