@@ -9,7 +9,7 @@ import math
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -466,6 +466,33 @@ class Bus:
             headers=dict(msg.headers or {}),
             stream_seq=seq,
         )
+
+    async def messages(
+        self, stream: str, *, subject: str = ">", start: int = 1
+    ) -> AsyncIterator[StoredMessage]:
+        """Every message stored in ``stream`` from sequence ``start`` on whose subject
+        matches ``subject`` (wildcards allowed), in stream order, one request each: for
+        operators' commands (a rebuild, the dead letters), not for the daemon's hot paths."""
+        seq = max(1, start)
+        while True:
+            try:
+                msg = await self.js.get_msg(stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                return
+            if not msg.seq:
+                return
+            yield StoredMessage(
+                subject=msg.subject or "",
+                data=msg.data or b"",
+                headers=dict(msg.headers or {}),
+                stream_seq=msg.seq,
+            )
+            seq = msg.seq + 1
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        """Remove the message at ``seq`` from ``stream`` (gone already: no error)."""
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_msg(stream, seq)
 
     async def last_stored(self, stream: str, subject: str) -> StoredMessage | None:
         """The newest message stored on ``subject`` in ``stream``, if any."""
