@@ -4,6 +4,7 @@ SQLite file, a real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,10 +14,12 @@ import aiomysql
 import pytest
 from nats.js.errors import APIError
 
+from actors.heartbeat import beat
 from actors.persistence import open_store
 from actors.persistence.schema import SQLITE
 from bus import Bus
 from bus.topology import DEAD_LETTERS, EVENTS, PERSISTENCE, TOPOLOGY
+from schemas.internal import CheckResult
 from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, wait_for
 from tests.test_persistence import Rows, ev, publish_all, request, running
 
@@ -223,6 +226,18 @@ async def test_jetstream_refusing_to_store_is_named_in_health(bus: Bus, tmp_path
         assert nats["status"] == "degraded", nats
         assert "maximum messages exceeded" in nats["detail"], nats
         assert health["status"] != "ok"
+        # Another process's publishes: its heartbeat carries the refusal.
+        stop, now = asyncio.Event(), asyncio.Event()
+
+        async def one_beat() -> dict[str, CheckResult]:
+            stop.set()
+            now.set()
+            return {}
+
+        await beat(bus, "executor", "other-host", 1.0, one_beat, now=now, stop=stop)
+        jetstream = (await request(bus, "health", {}))["checks"]["jetstream"]
+        assert jetstream["status"] == "degraded" and "other-host" in jetstream["detail"]
+        assert "maximum messages exceeded" in jetstream["detail"]
 
         config.max_msgs, config.discard = -1, DiscardPolicy.OLD
         await bus.js.update_stream(config)
