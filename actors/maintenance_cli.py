@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from actors.persistence.errors import StoreError
-from actors.persistence.maintenance import NotEmpty, dead_letters, rebuild, replay
+from actors.persistence.maintenance import REPLAYABLE, NotEmpty, dead_letters, rebuild, replay
 from actors.persistence.store import open_store
 from bus import Bus
 from bus.errors import BusError
@@ -58,9 +58,16 @@ async def _dead_letters(bus: Bus, args: argparse.Namespace, dsn: str) -> int:
             )
         print(f"{len(letters)} dead letters", file=sys.stderr)
         return 0
+    # Only what persistence dead-lettered is re-applied; a command is sent again instead.
+    mine = [d for d in letters if d.stream in REPLAYABLE]
+    if len(mine) < len(letters):
+        print(
+            f"{len(letters) - len(mine)} dead letters of other consumers (commands) left alone",
+            file=sys.stderr,
+        )
     store = await open_store(dsn)
     try:
-        outcomes = await replay(bus, store, letters, keep=args.keep)
+        outcomes = await replay(bus, store, mine, keep=args.keep)
     finally:
         await store.close()
     failed = 0

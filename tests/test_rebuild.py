@@ -18,7 +18,7 @@ import pytest
 from actors.persistence.maintenance import NotEmpty, dead_letters, rebuild
 from bus import Bus
 from bus.consumer import dead_letter
-from bus.topology import DEAD_LETTERS, PERSISTENCE, TOPOLOGY, event_subject
+from bus.topology import DEAD_LETTERS, EXECUTOR, PERSISTENCE, TOPOLOGY, event_subject
 from simulator import Fault, SimConfig, Simulator
 from tests.conftest import Database, NatsServer, start_volumed, stop_volumed, wait_for
 from tests.test_lifecycle import create_body, remote_vm, settings_for
@@ -129,20 +129,22 @@ async def test_dead_letters_are_listed_and_replayed_by_the_command(
                 bus, PERSISTENCE, event_subject("lost-1"), data, i, 1, "INSERT command denied"
             )
         await dead_letter(bus, PERSISTENCE, event_subject("bad"), b"{", 3, 1, "not JSON")
+        await dead_letter(bus, EXECUTOR, "volume.cmd.create", b"{}", 1, 8, "gave up")
         assert len(await dead_letters(bus, subject="volume.events.lost-1")) == 2
 
         dsn = f"sqlite://{tmp_path}/v.db"
         env = {**os.environ, "VOLUMED_NATS_URL": nats_server.url, "VOLUMED_DB_DSN": dsn}
-        assert [d.reason for d in await dead_letters(bus)][-1] == "not JSON"
-        code, out = await _volumed(env, "dead-letters", "replay", "--subject", "volume.events.>")
+        assert [d.reason for d in await dead_letters(bus)][-2:] == ["not JSON", "gave up"]
+        code, out = await _volumed(env, "dead-letters", "replay")
         assert code == 1, out  # one is still not writable
         assert out.count("\tapplied") == 2 and "still not writable" in out
+        assert "1 dead letters of other consumers (commands) left alone" in out
         row = (await Rows(dsn, None)("SELECT status, created_at FROM volume_operations"))[0]
         assert row["status"] == "completed"
         assert row["created_at"].startswith(str(dt.date(2030, 1, 1)))
         left = await dead_letters(bus)
-        assert [d.subject for d in left] == [event_subject("bad")]
-        assert (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages == 1
+        assert [d.subject for d in left] == [event_subject("bad"), "volume.cmd.create"]
+        assert (await bus.js.stream_info(DEAD_LETTERS.name)).state.messages == 2
     finally:
         await bus.close()
 

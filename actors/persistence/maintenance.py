@@ -27,6 +27,8 @@ log = logging.getLogger("volumed.persistence.maintenance")
 
 _proof_decoder = msgspec.json.Decoder(MappingProof)
 BATCH = 500  # events per transaction in a rebuild, as the persistence batcher's largest
+# The streams whose dead letters persistence made, and ``replay`` applies.
+REPLAYABLE = (EVENTS.name, MAPPING_PROOFS.name)
 
 
 class NotEmpty(Exception):
