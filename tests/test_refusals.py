@@ -5,17 +5,22 @@ SQLite file, a real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiomysql
+import pymysql
 import pytest
 from nats.js.errors import APIError
 
 from actors.heartbeat import beat
 from actors.persistence import open_store
+from actors.persistence.backends import SQLiteBackend, _MySQLErrors
+from actors.persistence.errors import StoreUnavailable
 from actors.persistence.schema import SQLITE
 from bus import Bus
 from bus.topology import DEAD_LETTERS, EVENTS, PERSISTENCE, TOPOLOGY
@@ -178,8 +183,6 @@ async def test_a_not_null_column_volumed_does_not_fill_waits_for_a_default(
 
 
 async def test_a_dropped_sqlite_table_waits_until_it_is_back(bus: Bus, tmp_path: Path) -> None:
-    import sqlite3
-
     path = tmp_path / "v.db"
     dsn = f"sqlite://{path}"
     db = sqlite3.connect(path)
@@ -244,3 +247,55 @@ async def test_jetstream_refusing_to_store_is_named_in_health(bus: Bus, tmp_path
         await publish_all(bus, [ev("second", "create", "pending", 1)])
         health = await request(bus, "health", {})
         assert health["checks"]["nats"]["status"] == "ok", health
+
+
+# Every refusal the brief names, as the drivers raise it: each one makes events wait (a
+# StoreUnavailable), none is taken for the event's own fault. The real ones above go through
+# the same classification.
+MYSQL_REFUSALS = {
+    1142: "INSERT command denied to user 'ro'@'localhost' for table volume_operations",
+    1044: "Access denied for user 'ro'@'%' to database 'volumed'",
+    1045: "Access denied for user 'ro'@'localhost' (using password: YES)",
+    1227: "Access denied; you need (at least one of) the SUPER privilege(s)",
+    1290: "The MariaDB server is running with the --read-only option",
+    1836: "Running in read-only mode",
+    1364: "Field 'tenant' doesn't have a default value",
+    1048: "Column 'tenant' cannot be null",
+    1054: "Unknown column 'by_id_path' in 'field list'",
+    1146: "Table 'volumed.device_mappings' doesn't exist",
+    1205: "Lock wait timeout exceeded; try restarting transaction",
+    1213: "Deadlock found when trying to get lock; try restarting transaction",
+    1021: "Disk full (/var/lib/mysql); waiting for someone to free some space...",
+    1114: "The table 'volume_operations' is full",
+    1406: "Data too long for column 'volume_id' at row 1",
+    4025: "CONSTRAINT `volume_operations.request` failed",
+    2006: "MySQL server has gone away",
+}
+SQLITE_REFUSALS = (
+    sqlite3.OperationalError("attempt to write a readonly database"),
+    sqlite3.OperationalError("database or disk is full"),
+    sqlite3.OperationalError("no such table: device_mappings"),
+    sqlite3.OperationalError("table volume_operations has no column named by_id_path"),
+    sqlite3.IntegrityError("NOT NULL constraint failed: volume_operations.tenant"),
+    sqlite3.OperationalError("database is locked"),
+)
+
+
+async def test_every_database_refusal_makes_events_wait(tmp_path: Path) -> None:
+    classify = _MySQLErrors("mysql://ro:***@db/volumed", ["secret"])
+    for code, text in MYSQL_REFUSALS.items():
+        kind = pymysql.err.OperationalError if code >= 2000 else pymysql.err.MySQLError
+        error = classify(kind(code, text))
+        assert isinstance(error, StoreUnavailable), (code, error)
+        assert text in str(error) and f"error {code}" in str(error)
+    sqlite = await SQLiteBackend.open(f"sqlite://{tmp_path}/c.db")
+    try:
+        for raised in SQLITE_REFUSALS:
+
+            def fail(e: sqlite3.Error = raised) -> None:
+                raise e
+
+            with pytest.raises(StoreUnavailable, match=re.escape(str(raised))):
+                await sqlite._run(fail)
+    finally:
+        await sqlite.close()
