@@ -30,6 +30,7 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 
 from bus.errors import Refused, Unavailable
 from bus.kv import Bucket, Conflict, is_wrong_last_sequence
+from bus.refusals import StoreRefusal, StoreRefusals
 from bus.tasks import Backoff
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 from schemas.config import (
@@ -69,24 +70,6 @@ class ConsumerProgress:
 
 
 @dataclass(frozen=True)
-class StoreRefusal:
-    """JetStream answered a publish with a refusal to store it (a stream or account at its
-    limits, a full disk): the publisher tries again later, health names the cause."""
-
-    cause: str
-    since: float  # time.monotonic() of the first refused publish
-
-    def age(self) -> float:
-        return time.monotonic() - self.since
-
-
-# JetStream's error codes for "no room": insufficient resources, account resources exceeded,
-# insufficient storage or memory, and the store failing a message (maximum bytes or
-# messages exceeded with discard new, a write error).
-_NO_ROOM = {10002, 10023, 10028, 10047, 10077}
-
-
-@dataclass(frozen=True)
 class StoredMessage:
     subject: str
     data: bytes
@@ -106,8 +89,8 @@ class Bus:
         self.last_error: str = ""
         # Called (synchronously) after every reconnect, e.g. to wake a pull loop.
         self.on_reconnect: list[Callable[[], None]] = []
-        # Set while publishes are refused for want of room; cleared by the next stored one.
-        self.store_refusal: StoreRefusal | None = None
+        # Publishes and KV writes refused for want of room, until they succeed again.
+        self.refusals = StoreRefusals()
 
     @classmethod
     async def connect_with(
@@ -393,25 +376,18 @@ class Bus:
         except BadRequestError as e:
             if if_last is not None and is_wrong_last_sequence(e):
                 raise Conflict(subject) from e
-            self._refused(subject, e)
+            self.refusals.refused(_place(subject), subject, e)
             raise
         except APIError as e:
-            self._refused(subject, e)
+            self.refusals.refused(_place(subject), subject, e)
             raise
-        if self.store_refusal is not None:
-            log.info("JetStream stores messages again (%s)", self.store_refusal.cause)
-            self.store_refusal = None
+        self.refusals.stored(_place(subject))
         return ack.seq
 
-    def _refused(self, subject: str, e: APIError) -> None:
-        if e.code != 503 and e.err_code not in _NO_ROOM:
-            return
-        cause = f"{e.description or type(e).__name__} (error {e.err_code}) storing {subject}"
-        if self.store_refusal is None:
-            log.warning("JetStream refuses to store messages: %s", cause)
-            self.store_refusal = StoreRefusal(cause, time.monotonic())
-        else:
-            self.store_refusal = StoreRefusal(cause, self.store_refusal.since)
+    @property
+    def store_refusal(self) -> StoreRefusal | None:
+        """Why JetStream refuses this process's writes now, if it does."""
+        return self.refusals.current()
 
     async def publish_core(self, subject: str, message: Any) -> None:
         """Fire-and-forget publish (no stream)."""
@@ -533,7 +509,8 @@ class Bus:
         return info.state.last_seq
 
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
-        return Bucket(self.js, spec.name, await self.js.key_value(spec.name), value_type)
+        kv = await self.js.key_value(spec.name)
+        return Bucket(self.js, spec.name, kv, value_type, refusals=self.refusals)
 
     async def ping(self) -> float:
         """Round trip to the JetStream API in seconds (raises when JetStream is unusable)."""
@@ -584,6 +561,12 @@ def _refusal_text(
     else:
         who, check = "this client", "whether the server wants a user (VOLUMED_NATS_USER)"
     return f"NATS at {_hosts(urls)} refused {who} ({reason}): check {check}"
+
+
+def _place(subject: str) -> str:
+    """Where a publish on ``subject`` is stored, for the refusals: its subject without the
+    last token (volume.events.<id> -> volume.events), one stream's worth of subjects."""
+    return subject.rsplit(".", 1)[0]
 
 
 def _hosts(urls: list[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import aiomysql
 import pymysql
 import pytest
+from nats.js.api import DiscardPolicy
 from nats.js.errors import APIError
 
 from actors.heartbeat import beat
@@ -23,7 +24,7 @@ from actors.persistence.backends import SQLiteBackend, _MySQLErrors
 from actors.persistence.errors import StoreUnavailable
 from actors.persistence.schema import SQLITE
 from bus import Bus
-from bus.topology import DEAD_LETTERS, EVENTS, PERSISTENCE, TOPOLOGY
+from bus.topology import DEAD_LETTERS, EVENTS, OPERATIONS_BUCKET, PERSISTENCE, TOPOLOGY
 from schemas.internal import CheckResult
 from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, wait_for
 from tests.test_persistence import Rows, ev, publish_all, request, running
@@ -218,8 +219,6 @@ async def test_jetstream_refusing_to_store_is_named_in_health(bus: Bus, tmp_path
         full = (await bus.js.stream_info(EVENTS.name)).state.messages
         # The events stream at its limit, refusing new messages (as an account over its
         # storage or a full disk would).
-        from nats.js.api import DiscardPolicy
-
         config.max_msgs, config.discard = full, DiscardPolicy.NEW
         await bus.js.update_stream(config)
         with pytest.raises(APIError):
@@ -247,6 +246,21 @@ async def test_jetstream_refusing_to_store_is_named_in_health(bus: Bus, tmp_path
         await publish_all(bus, [ev("second", "create", "pending", 1)])
         health = await request(bus, "health", {})
         assert health["checks"]["nats"]["status"] == "ok", health
+
+        # A bucket's writes (the executor's records) refused in the same way.
+        records = await bus.bucket(OPERATIONS_BUCKET, CheckResult)
+        await records.put("op-0", CheckResult(status="ok"))
+        kv = (await bus.js.stream_info(f"KV_{OPERATIONS_BUCKET.name}")).config
+        kv.max_msgs, kv.discard = 1, DiscardPolicy.NEW
+        await bus.js.update_stream(kv)
+        with pytest.raises(APIError):
+            await records.put("op-1", CheckResult(status="ok"))
+        nats = (await request(bus, "health", {}))["checks"]["nats"]
+        assert nats["status"] == "degraded" and "$KV.volumed_operations.op-1" in nats["detail"]
+        kv.max_msgs = -1
+        await bus.js.update_stream(kv)
+        await records.put("op-1", CheckResult(status="ok"))
+        assert (await request(bus, "health", {}))["checks"]["nats"]["status"] == "ok"
 
 
 # Every refusal the brief names, as the drivers raise it: each one makes events wait (a
