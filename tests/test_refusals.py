@@ -5,10 +5,12 @@ SQLite file, a real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
+import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +315,34 @@ async def test_every_database_refusal_makes_events_wait(tmp_path: Path) -> None:
                 await sqlite._run(fail)
     finally:
         await sqlite.close()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of its own, that a test can make read-only or fill up (root only)."""
+    path.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+async def test_a_full_sqlite_disk_waits_for_room(bus: Bus, tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "fs", "1m") as fs:
+        dsn = f"sqlite://{fs}/v.db"
+        filler = fs / "filler"
+
+        async def fill() -> None:
+            with contextlib.suppress(OSError), filler.open("wb") as f:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+
+        async def free() -> None:
+            filler.unlink()
+
+        await refused_then_fixed(bus, dsn, Rows(dsn, None), "full", free, then=fill)
