@@ -17,9 +17,11 @@ from urllib.parse import unquote
 import msgspec
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -46,6 +48,9 @@ log = logging.getLogger("volumed.bus")
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+# Bus.messages: how long the next message may take before the stream counts as read (only
+# a filter that matches nothing more waits this long; the last message ends it at once).
+_MESSAGES_IDLE = 2.0
 
 
 def encode(message: Any) -> bytes:
@@ -447,23 +452,39 @@ class Bus:
         self, stream: str, *, subject: str = ">", start: int = 1
     ) -> AsyncIterator[StoredMessage]:
         """Every message stored in ``stream`` from sequence ``start`` on whose subject
-        matches ``subject`` (wildcards allowed), in stream order, one request each: for
-        operators' commands (a rebuild, the dead letters), not for the daemon's hot paths."""
-        seq = max(1, start)
-        while True:
-            try:
-                msg = await self.js.get_msg(stream, seq, subject=subject, next=True)
-            except NotFoundError:
-                return
-            if not msg.seq:
-                return
-            yield StoredMessage(
-                subject=msg.subject or "",
-                data=msg.data or b"",
-                headers=dict(msg.headers or {}),
-                stream_seq=msg.seq,
-            )
-            seq = msg.seq + 1
+        matches ``subject`` (wildcards allowed), in stream order, up to the last one stored
+        when called: through an ordered consumer of its own (no acks, gone afterwards), for
+        operators' commands (a rebuild, the dead letters)."""
+        state = (await self.js.stream_info(stream)).state
+        last = state.last_seq
+        if not state.messages or last < start:
+            return
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start),
+            inactive_threshold=60.0,
+        )
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=config, idle_heartbeat=1.0
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=_MESSAGES_IDLE)
+                except NatsTimeoutError:
+                    return  # nothing more matches ``subject``
+                meta = msg.metadata
+                yield StoredMessage(
+                    subject=msg.subject,
+                    data=msg.data,
+                    headers=dict(msg.headers or {}),
+                    stream_seq=meta.sequence.stream,
+                )
+                if meta.num_pending == 0 or meta.sequence.stream >= last:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def delete_stored(self, stream: str, seq: int) -> None:
         """Remove the message at ``seq`` from ``stream`` (gone already: no error)."""
