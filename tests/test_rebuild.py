@@ -18,7 +18,16 @@ import pytest
 from actors.persistence.maintenance import NotEmpty, dead_letters, rebuild
 from bus import Bus
 from bus.consumer import dead_letter
-from bus.topology import DEAD_LETTERS, EXECUTOR, PERSISTENCE, TOPOLOGY, event_subject
+from bus.topology import (
+    DEAD_LETTERS,
+    EXECUTOR,
+    PERSISTENCE,
+    PERSISTENCE_PROOFS,
+    TOPOLOGY,
+    event_subject,
+    proof_subject,
+)
+from schemas.devices import MappingProof, ProvenMapping
 from simulator import Fault, SimConfig, Simulator
 from tests.conftest import Database, NatsServer, start_volumed, stop_volumed, wait_for
 from tests.test_lifecycle import create_body, remote_vm, settings_for
@@ -89,15 +98,32 @@ async def test_a_rebuild_from_the_streams_gives_the_same_rows(
         assert await status("detach", {"volume_id": volumes[2]}) == "failed"
         for op_id in ops:
             await v.row(database, op_id)
-        progress = await wait_for(lambda: _idle(v.bus))  # every event in the database
-        assert progress
+        # A correlator's proof of the VM's mappings (here: none can be proven).
+        mapped = await database.query("SELECT volume_id, operation_id FROM device_mappings")
+        proof = MappingProof(
+            vm_id=vm,
+            at=1.9e9,
+            mappings=tuple(
+                ProvenMapping(
+                    volume_id=str(m["volume_id"]),
+                    operation_id=str(m["operation_id"]),
+                    proof="none",
+                    reason="no device of this VM is seen here",
+                )
+                for m in mapped
+            ),
+        )
+        await v.bus.publish(proof_subject(vm), proof)
+        await wait_for(lambda: database.query("SELECT 1 FROM device_mappings WHERE proof='none'"))
+        for spec in (PERSISTENCE, PERSISTENCE_PROOFS):  # every message in the database
+            await wait_for(lambda spec=spec: _idle(v.bus, spec))
     finally:
         await stop_volumed(v, task)
 
     bus = await Bus.connect(nats_server.url, "rebuild")
     try:
         done = await rebuild(bus, second.dsn)
-        assert done.events >= 3 * len(ops) and done.skipped == 0
+        assert done.events >= 3 * len(ops) and done.proofs == 1 and done.skipped == 0
         for name in ("volume_operations", "device_mappings"):
             live, rebuilt = await table(database, name), await table(second, name)
             assert rebuilt == live, name
@@ -109,8 +135,8 @@ async def test_a_rebuild_from_the_streams_gives_the_same_rows(
         await bus.close()
 
 
-async def _idle(bus: Any) -> bool:
-    return bool((await bus.consumer_progress(PERSISTENCE)).idle)
+async def _idle(bus: Any, spec: Any) -> bool:
+    return bool((await bus.consumer_progress(spec)).idle)
 
 
 async def test_dead_letters_are_listed_and_replayed_by_the_command(
