@@ -1,4 +1,5 @@
 """`volumed` command line: `volumed run [ACTOR...]`, `volumed provision`, `volumed migrate`,
+`volumed dead-letters list|replay`, `volumed rebuild --dsn DSN`,
 `volumed simulator ...`, `volumed demo`, and the user commands of the client
 (`volumed create|attach|...|watch|health`, see client/cli.py)."""
 
@@ -79,6 +80,25 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
     migrate.add_argument(
         "--dry-run", action="store_true", help="print the statements; change nothing"
     )
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list the dead letters, or re-apply dead-lettered events and proofs to the "
+        "database after a fix (docs/operations.md)",
+    )
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument(
+        "--subject", default="", help="only those first published on this subject (wildcards)"
+    )
+    dead.add_argument("--dsn", help="the database to apply them to (default: VOLUMED_DB_DSN)")
+    dead.add_argument("--keep", action="store_true", help="keep the letters applied")
+    dead.add_argument("--config", metavar="FILE", help="as for run")
+    rebuild = sub.add_parser(
+        "rebuild",
+        help="rebuild volume_operations and device_mappings from the streams into an empty "
+        "database (docs/operations.md)",
+    )
+    rebuild.add_argument("--dsn", required=True, help="the empty database to fill")
+    rebuild.add_argument("--config", metavar="FILE", help="as for run")
     sub.add_parser("simulator", help="run the CloudStack simulator (see volumed simulator -h)")
     sub.add_parser(
         "demo", help="everything private on this machine, walked through (volumed demo -h)"
@@ -103,6 +123,10 @@ def _main(argv: list[str], stop: StopSignals | None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
         pass
+    if args.command in ("dead-letters", "rebuild"):
+        from actors.maintenance_cli import run_maintenance
+
+        return asyncio.run(run_maintenance(args, settings))
     if args.command == "provision":
         try:
             asyncio.run(asyncio.wait_for(provision(settings), PROVISION_TIMEOUT))

@@ -44,6 +44,18 @@ async def beat(
             if bucket is None:
                 bucket = await bus.bucket(HEALTH_BUCKET, Heartbeat)
             found = await checks()
+            refusal = bus.store_refusal
+            if refusal is not None:
+                # This process's publishes wait for room in JetStream: the health answer
+                # (served by another process, maybe) names the cause.
+                found = {
+                    **found,
+                    "jetstream": CheckResult(
+                        status="degraded",
+                        detail=f"refuses to store messages for {refusal.age():.0f} s: "
+                        f"{refusal.cause}",
+                    ),
+                }
             await bucket.put(
                 key, Heartbeat(actor=actor, instance=instance, at=time.time(), checks=found)
             )

@@ -9,7 +9,7 @@ import math
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -17,19 +17,22 @@ from urllib.parse import unquote
 import msgspec
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from bus.errors import Refused, Unavailable
 from bus.kv import Bucket, Conflict, is_wrong_last_sequence
+from bus.refusals import StoreRefusal, StoreRefusals
 from bus.tasks import Backoff
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 from schemas.config import (
@@ -45,6 +48,9 @@ log = logging.getLogger("volumed.bus")
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+# Bus.messages: how long the next message may take before the stream counts as read (only
+# a filter that matches nothing more waits this long; the last message ends it at once).
+_MESSAGES_IDLE = 2.0
 
 
 def encode(message: Any) -> bytes:
@@ -88,6 +94,8 @@ class Bus:
         self.last_error: str = ""
         # Called (synchronously) after every reconnect, e.g. to wake a pull loop.
         self.on_reconnect: list[Callable[[], None]] = []
+        # Publishes and KV writes refused for want of room, until they succeed again.
+        self.refusals = StoreRefusals()
 
     @classmethod
     async def connect_with(
@@ -373,8 +381,18 @@ class Bus:
         except BadRequestError as e:
             if if_last is not None and is_wrong_last_sequence(e):
                 raise Conflict(subject) from e
+            self.refusals.refused(_place(subject), subject, e)
             raise
+        except APIError as e:
+            self.refusals.refused(_place(subject), subject, e)
+            raise
+        self.refusals.stored(_place(subject))
         return ack.seq
+
+    @property
+    def store_refusal(self) -> StoreRefusal | None:
+        """Why JetStream refuses this process's writes now, if it does."""
+        return self.refusals.current()
 
     async def publish_core(self, subject: str, message: Any) -> None:
         """Fire-and-forget publish (no stream)."""
@@ -430,6 +448,49 @@ class Bus:
             stream_seq=seq,
         )
 
+    async def messages(
+        self, stream: str, *, subject: str = ">", start: int = 1
+    ) -> AsyncIterator[StoredMessage]:
+        """Every message stored in ``stream`` from sequence ``start`` on whose subject
+        matches ``subject`` (wildcards allowed), in stream order, up to the last one stored
+        when called: through an ordered consumer of its own (no acks, gone afterwards), for
+        operators' commands (a rebuild, the dead letters)."""
+        state = (await self.js.stream_info(stream)).state
+        last = state.last_seq
+        if not state.messages or last < start:
+            return
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start),
+            inactive_threshold=60.0,
+        )
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=config, idle_heartbeat=1.0
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=_MESSAGES_IDLE)
+                except NatsTimeoutError:
+                    return  # nothing more matches ``subject``
+                meta = msg.metadata
+                yield StoredMessage(
+                    subject=msg.subject,
+                    data=msg.data,
+                    headers=dict(msg.headers or {}),
+                    stream_seq=meta.sequence.stream,
+                )
+                if meta.num_pending == 0 or meta.sequence.stream >= last:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        """Remove the message at ``seq`` from ``stream`` (gone already: no error)."""
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_msg(stream, seq)
+
     async def last_stored(self, stream: str, subject: str) -> StoredMessage | None:
         """The newest message stored on ``subject`` in ``stream``, if any."""
         try:
@@ -469,7 +530,8 @@ class Bus:
         return info.state.last_seq
 
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
-        return Bucket(self.js, spec.name, await self.js.key_value(spec.name), value_type)
+        kv = await self.js.key_value(spec.name)
+        return Bucket(self.js, spec.name, kv, value_type, refusals=self.refusals)
 
     async def ping(self) -> float:
         """Round trip to the JetStream API in seconds (raises when JetStream is unusable)."""
@@ -520,6 +582,12 @@ def _refusal_text(
     else:
         who, check = "this client", "whether the server wants a user (VOLUMED_NATS_USER)"
     return f"NATS at {_hosts(urls)} refused {who} ({reason}): check {check}"
+
+
+def _place(subject: str) -> str:
+    """Where a publish on ``subject`` is stored, for the refusals: its subject without the
+    last token (volume.events.<id> -> volume.events), one stream's worth of subjects."""
+    return subject.rsplit(".", 1)[0]
 
 
 def _hosts(urls: list[str]) -> str:

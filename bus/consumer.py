@@ -87,7 +87,9 @@ GiveUp = Callable[[Delivery, str], Awaitable[None]]
 
 
 class Consumer:
-    """Runs ``handler`` for every message of a durable pull consumer."""
+    """Runs ``handler`` for every message of a durable pull consumer. ``concurrency`` may
+    be changed while it runs: it is read before each pull (persistence takes one message at
+    a time while the database refuses writes)."""
 
     def __init__(
         self,

@@ -10,6 +10,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from bus.refusals import StoreRefusals
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -43,10 +45,19 @@ class Conflict(Exception):
 class Bucket(Generic[T]):
     """get/create/update with revisions, so that writers can compare-and-set."""
 
-    def __init__(self, js: JetStreamContext, name: str, kv: KeyValue, value_type: type[T]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        name: str,
+        kv: KeyValue,
+        value_type: type[T],
+        *,
+        refusals: StoreRefusals | None = None,
+    ) -> None:
         self._js = js
         self._name = name
         self._kv = kv
+        self._refusals = refusals
         self._encoder = msgspec.json.Encoder()
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(value_type)
 
@@ -61,20 +72,37 @@ class Bucket(Generic[T]):
 
     async def create(self, key: str, value: T) -> int:
         """Store ``value`` only if ``key`` does not exist; raise Conflict otherwise."""
-        return await _compare_and_set(key, self._kv.create(key, self._encoder.encode(value)))
+        encoded = self._encoder.encode(value)
+        return await self._write(key, _compare_and_set(key, self._kv.create(key, encoded)))
 
     async def update(self, key: str, value: T, revision: int) -> int:
         """Store ``value`` only if ``key`` is still at ``revision``; raise Conflict otherwise."""
         encoded = self._encoder.encode(value)
-        return await _compare_and_set(key, self._kv.update(key, encoded, last=revision))
+        write = _compare_and_set(key, self._kv.update(key, encoded, last=revision))
+        return await self._write(key, write)
 
     async def put(self, key: str, value: T) -> int:
-        return await self._kv.put(key, self._encoder.encode(value))
+        return await self._write(key, self._kv.put(key, self._encoder.encode(value)))
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         """Remove ``key`` (idempotent: deleting a missing key is no error); with
         ``revision``, only if it is still at that revision (else Conflict)."""
-        await _compare_and_set(key, self._kv.delete(key, last=revision))
+        await self._write(key, _compare_and_set(key, self._kv.delete(key, last=revision)))
+
+    async def _write(self, key: str, write: Awaitable[R]) -> R:
+        """A write, with the refusals for want of room noted (for health)."""
+        place = f"$KV.{self._name}"
+        try:
+            result = await write
+        except Conflict:
+            raise  # the bucket took the request: not a refusal for want of room
+        except Exception as e:
+            if self._refusals is not None:
+                self._refusals.refused(place, f"{place}.{key}", e)
+            raise
+        if self._refusals is not None:
+            self._refusals.stored(place)
+        return result
 
     async def keys(self) -> list[str]:
         """Keys that have a value (deleted or expired ones may still be listed: get() says).

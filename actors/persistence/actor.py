@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
+from actors.persistence.gate import WriteGate
 from actors.persistence.health import HealthChecker
 from actors.persistence.proofs import ProofHandler
 from actors.persistence.read_after import ReadAfter
@@ -25,6 +26,7 @@ log = logging.getLogger("volumed.persistence")
 
 # Handlers in flight at once; they wait for their batch, so this bounds the batch size.
 CONCURRENCY = 2048
+PROOF_CONCURRENCY = 4  # proofs of one VM supersede each other: a few at a time is plenty
 
 
 class PersistenceActor:
@@ -49,12 +51,15 @@ class PersistenceActor:
         self.batcher: Batcher | None = None
         self.consumer: Consumer | None = None
         self.proof_consumer: Consumer | None = None
-        self.proofs = ProofHandler(lambda: self.store)
+        self.gate = WriteGate()
+        self.gate.listeners.append(self._on_gate)
+        self.proofs = ProofHandler(lambda: self.store, self.gate)
         self.health = HealthChecker(
             bus,
             lambda: self.store,
             lambda: self.store_error,
             stale_after=3 * settings.heartbeat_interval,
+            gate=self.gate,
         )
         self.read_after = ReadAfter(bus, timeout=settings.query_wait)
         self.store_open = asyncio.Event()
@@ -90,10 +95,10 @@ class PersistenceActor:
             self.batcher = Batcher(self.store)
             batcher_task = asyncio.create_task(self.batcher.run(), name="persistence-batcher")
             self.consumer = Consumer(self.bus, PERSISTENCE, self._on_event, concurrency=CONCURRENCY)
-            # Proofs of one VM supersede each other: a few at a time is plenty.
             self.proof_consumer = Consumer(
-                self.bus, PERSISTENCE_PROOFS, self.proofs.handle, concurrency=4
+                self.bus, PERSISTENCE_PROOFS, self.proofs.handle, concurrency=PROOF_CONCURRENCY
             )
+            self._on_gate(self.gate.open)
             if self._stopping.is_set():
                 self.stop()
             log.info("persistence %s consuming events into %s", self.instance, self.store.where)
@@ -155,9 +160,21 @@ class PersistenceActor:
             event = decode_event(delivery.subject, delivery.data)
         except InvalidEvent as e:
             raise Reject(str(e)) from None
-        if self.batcher is None:
+        batcher = self.batcher
+        if batcher is None:
             raise Abandon("not consuming yet")
-        await self.batcher.submit(event)
+        await self.gate.write(lambda: batcher.submit(event))
+
+    def _on_gate(self, opened: bool) -> None:
+        """While the database refuses writes, each consumer takes one message at a time (the
+        gate's probe), instead of pulling and giving back the whole backlog every pause; a
+        consumer reads its concurrency before each pull."""
+        for consumer, concurrency in (
+            (self.consumer, CONCURRENCY),
+            (self.proof_consumer, PROOF_CONCURRENCY),
+        ):
+            if consumer is not None:
+                consumer.concurrency = concurrency if opened else 1
 
     async def _on_config_request(self, subject: str, data: bytes, reply: str | None) -> None:
         if not reply:

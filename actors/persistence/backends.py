@@ -2,7 +2,9 @@
 
 Each backend offers the same three statements (fetch, execute, executemany) inside
 ``transaction()`` or ``connection()`` (autocommit), and turns driver errors into the
-store's errors: StoreUnavailable when waiting may help, StoreRefused when it cannot.
+store's errors: StoreUnavailable when the server is away or busy, StoreRefused when it
+answered with a refusal. Both make events wait (errors.py says why no database error can
+be an event's own); the text names the cause for the health answer.
 The SQL itself lives in the store and the schema, written once for both.
 """
 
@@ -188,11 +190,12 @@ class MySQLBackend:
             raise wrap(e) from None
         try:
             yield _MySQLConnection(raw, wrap)
-        except BaseException as e:
+        except BaseException:
             # A connection in an unknown state (cancelled mid-statement, server gone) is
-            # dropped rather than handed to the next user.
-            if not isinstance(e, StoreRefused):
-                raw.close()
+            # dropped rather than handed to the next user; so is one whose statement was
+            # refused: privileges granted on a database reach a session only when it
+            # starts, so the next try must come from a new one.
+            raw.close()
             raise
         finally:
             self._pool.release(raw)

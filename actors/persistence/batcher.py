@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from actors.metrics import DATABASE_ERRORS, EVENTS_STORED
-from actors.persistence.errors import StoreRefused, StoreUnavailable
+from actors.persistence.errors import StoreUnavailable
 from actors.persistence.records import Event
 from actors.persistence.store import Store
-from bus import Abandon, Reject, Retry
+from bus import Abandon
 
 log = logging.getLogger("volumed.persistence.batcher")
 
-_MAX_DELAY = 15.0
 _Item = tuple[Event, "asyncio.Future[None]"]
 
 
@@ -34,13 +32,12 @@ class Batcher:
         # None ends ``run`` once everything before it is applied.
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._closing = False
-        self._failures = 0  # consecutive batches that found the database unavailable
-        self._down_since: float | None = None
         self.batches = 0
         self.applied = 0
 
     async def submit(self, event: Event) -> None:
-        """Return once ``event`` is committed; raise Retry/Reject/Abandon for the bus."""
+        """Return once ``event`` is committed; raise StoreUnavailable when the database
+        refused its batch, Abandon when stopping."""
         if self._closing:
             raise Abandon("the persistence actor is stopping")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -91,40 +88,25 @@ class Batcher:
         try:
             await self.store.apply([e for e, _ in batch])
         except StoreUnavailable as e:
+            # The database's refusal, whatever the statement was (errors.py): each handler
+            # hands it to the write gate, which keeps its event waiting in the stream.
             DATABASE_ERRORS.inc()
-            self._failures += 1
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-            # The longer the outage, the longer events wait before the next try: a short
-            # blip costs half a second, a long outage does not spin.
-            outage = time.monotonic() - self._down_since
-            delay = min(max(0.5, outage / 2), _MAX_DELAY)
-            if self._failures == 1 or self._failures % 50 == 0:
-                log.warning("database unavailable (%s); events wait %.1f s in the stream", e, delay)
-            reason = f"database unavailable: {e}"
-            _settle(batch, lambda: Retry(reason, delay))
-        except StoreRefused as e:
-            if len(batch) == 1:
-                op_id = batch[0][0].raw.operation_id
-                log.error(
-                    "the database refused event %s: %s", op_id, e, extra={"operation_id": op_id}
-                )
-                reason = f"the database refused the event: {e}"
-                _settle(batch, lambda: Reject(reason))
-            else:
-                # One bad event must not hold back the others: find it alone.
-                for item in batch:
-                    await self._apply([item])
+            error_type, text = type(e), str(e)
+            _settle(batch, lambda: error_type(text))
         except Exception as e:
             DATABASE_ERRORS.inc()
-            log.exception("applying %d events failed", len(batch))
+            if len(batch) > 1:
+                # Not the database's answer (a bug in volumed): one event must not hold
+                # back the others, so each is tried alone.
+                for item in batch:
+                    await self._apply([item])
+                return
+            op_id = batch[0][0].raw.operation_id
+            log.exception("applying event %s failed", op_id, extra={"operation_id": op_id})
+            # Redelivered with the consumer's backoff; never dead-lettered (max_deliver -1).
             reason = f"{type(e).__name__}: {e}"
             _settle(batch, lambda: RuntimeError(reason))
         else:
-            if self._failures:
-                log.info("database available again")
-            self._failures = 0
-            self._down_since = None
             self.batches += 1
             self.applied += len(batch)
             EVENTS_STORED.inc(len(batch))

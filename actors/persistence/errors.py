@@ -1,4 +1,11 @@
-"""The store's errors: whether to wait for the database or give the message up."""
+"""The store's errors. Every one of them is the database's: an event waits for it.
+
+Whether an event *alone* can never be written is decided before it reaches the database
+(records.decode_event, proofs.check_writable): what passes them fits every column. So a
+statement that fails anyway fails for a reason every event would meet (the connection,
+privileges, a read-only or full database, a table of another shape, lock waits), and the
+event is kept for later, never dead-lettered.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError, ConnectionError):
-    """The database cannot be reached now (down, restarting, locked): try again later."""
+    """The database does not take the statement now: wait and try again."""
 
 
 class StoreClosed(StoreUnavailable):
@@ -19,8 +26,10 @@ class StoreConflict(StoreUnavailable):
     """A deadlock or lock wait timeout with another writer: retry the transaction at once."""
 
 
-class StoreRefused(StoreError):
-    """The database refused the statement itself: retrying the same data cannot help."""
+class StoreRefused(StoreUnavailable):
+    """The database answered and refused the statement (privileges, read-only, a full disk,
+    a missing table or column, a NOT NULL column volumed does not fill): it waits for an
+    operator, who can read the cause in the health answer."""
 
     def __init__(self, message: str, *, missing_table: bool = False, schema: bool = False) -> None:
         super().__init__(message)

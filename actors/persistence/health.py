@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from actors.logs import SECRETS
+from actors.persistence.gate import WriteGate
 from actors.persistence.store import Store
 from bus import Bucket, Bus
 from bus.topology import HEALTH_BUCKET
@@ -51,10 +52,12 @@ class HealthChecker:
         store_error: Callable[[], str],
         *,
         stale_after: float = STALE_AFTER,
+        gate: WriteGate | None = None,
     ) -> None:
         self.bus = bus
         self._store = store
         self._store_error = store_error
+        self._gate = gate
         self.stale_after = stale_after
         self._bucket: Bucket[Heartbeat] | None = None
 
@@ -86,6 +89,15 @@ class HealthChecker:
             return Check(
                 status="down", detail=f"JetStream does not answer: {e or type(e).__name__}"
             )
+        refusal = self.bus.store_refusal
+        if refusal is not None:
+            # Publishes wait and are tried again (nothing is lost), but nothing new is
+            # stored until the stream or account has room again.
+            return Check(
+                status="degraded",
+                detail=f"JetStream refuses to store messages for {refusal.age():.0f} s: "
+                f"{refusal.cause}",
+            )
         return Check(status="ok", detail=f"JetStream round trip {_ms(rtt)}")
 
     async def _database(self) -> Check:
@@ -98,6 +110,15 @@ class HealthChecker:
             return Check(status="down", detail=f"{store.where}: no answer within {CHECK_TIMEOUT} s")
         except Exception as e:
             return Check(status="down", detail=str(e) or type(e).__name__)
+        gate = self._gate
+        if gate is not None and gate.cause is not None:
+            # Reads work, writes do not (privileges, read-only, a table of another shape):
+            # queries answer from rows that stopped following the events.
+            return Check(
+                status="degraded",
+                detail=f"writes refused for {time.monotonic() - (gate.since or 0):.0f} s, "
+                f"events wait in the stream: {gate.cause}",
+            )
         return Check(status="ok", detail=f"query in {_ms(latency)} ({store.where})")
 
     async def _heartbeats(self) -> dict[str, Check]:

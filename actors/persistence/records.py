@@ -58,7 +58,26 @@ def decode_event(subject: str, data: bytes) -> Event:
             raise InvalidEvent(f"{name}: must be 1 to {limit} characters")
     if event.size is not None and not 0 <= event.size < 2**63:
         raise InvalidEvent("size: must be a number of bytes >= 0")
+    for name in ("request", "response"):
+        if _json_depth(getattr(event, name)) > MAX_JSON_DEPTH:
+            raise InvalidEvent(f"{name}: nested deeper than {MAX_JSON_DEPTH} levels")
     return Event(raw=event, at=parse_time(event.at))
+
+
+# What passes decode_event fits every column on both databases, so that any error the
+# database returns is its own state and the event waits for it (errors.py). Beyond the
+# lengths above: MariaDB's JSON columns check JSON_VALID, which fails past 31 levels of
+# nesting, and its DATETIME holds the years 1000 to 9999 only.
+MAX_JSON_DEPTH = 31
+_YEARS = range(1000, 10000)
+
+
+def _json_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_json_depth, value), default=0)
+    return 0
 
 
 def parse_time(value: str) -> dt.datetime:
@@ -67,8 +86,13 @@ def parse_time(value: str) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise InvalidEvent(f"at: {value!r} is not an RFC 3339 timestamp") from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    try:
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    except OverflowError:
+        parsed = dt.datetime.min
+    if parsed.year not in _YEARS:
+        raise InvalidEvent(f"at: {value!r} is outside the years 1000 to 9999")
     return parsed
 
 

@@ -66,8 +66,8 @@ class Store(Protocol):
 async def open_store(dsn: str) -> Store:
     """Connect, create the database (where allowed) and the missing tables.
 
-    Raises StoreUnavailable when the server cannot be reached, StoreRefused when the DSN or
-    the server's answer rules it out; neither text contains the password.
+    Raises StoreUnavailable when the server cannot be reached, StoreRefused (a kind of it)
+    when the DSN or the server's answer rules it out; neither text contains the password.
     """
     return SqlStore(await open_backend(dsn))
 
@@ -196,7 +196,9 @@ class SqlStore:
             await self._transaction(lambda tx: self._apply(tx, events))
 
     async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction, again when another writer held its rows."""
+        """Run ``work`` in one transaction, again when another writer held its rows. Any
+        other error is the database's (errors.py) and goes to the caller, whose write
+        gate keeps the events waiting."""
         for attempt in range(4):
             try:
                 async with self._db.transaction() as tx:
@@ -206,12 +208,6 @@ class SqlStore:
                 if attempt == 3:
                     raise
                 await asyncio.sleep(0.005 * 2**attempt)
-            except StoreRefused as e:
-                if e.schema:
-                    # A table or column dropped or altered by hand: every event would fail.
-                    # They wait in the stream for an operator instead of dead-lettering.
-                    raise StoreUnavailable(f"the schema does not match: {e}") from None
-                raise
         raise AssertionError("unreachable")
 
     async def _apply(self, tx: Connection, events: Sequence[Event]) -> None:
