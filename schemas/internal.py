@@ -177,6 +177,9 @@ class CloudStackCredentials(Struct, kw_only=True):
     secret: str | None = None
     vm_id: str | None = None
     error: str | None = None
+    # The row could not be read just now (the database away, persistence starting): the
+    # executor asks again instead of failing the operation `unauthorized`.
+    transient: bool = False
 
     def __repr__(self) -> str:  # never let the secret reach a log line
         return f"CloudStackCredentials(endpoint={self.endpoint!r}, key={self.key!r}, secret=***)"

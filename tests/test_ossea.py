@@ -3,6 +3,7 @@ for every operation: a changed row takes effect without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -122,4 +123,44 @@ async def test_no_credentials_anywhere_is_explained(
             assert event["error"]["code"] == "unauthorized"  # type: ignore[index]
             assert "ossea_configs" in event["error"]["message"]  # type: ignore[index]
         finally:
+            await stop_volumed(harness, task)
+
+
+async def test_credentials_wait_out_a_persistence_blip(
+    nats_server: NatsServer, database: Database
+) -> None:
+    """No persistence actor answers when an operation's turn comes (its process restarting,
+    its connection cut): the executor keeps asking, and the operation completes once one
+    answers, instead of failing `unauthorized`."""
+    async with Simulator(SimConfig(seed=22)) as sim:
+        await execute(database, OSSEA_DDL)
+        await execute(
+            database,
+            "INSERT INTO ossea_configs (name, api_url, api_key, secret_key,"
+            " oma_vm_id, is_active) VALUES ('site', %s, %s, %s, %s, 1)",
+            sim.url,
+            sim.api_key,
+            sim.secret_key,
+            sim.local_vm_id,
+        )
+        settings = Settings(
+            nats_url=nats_server.url,
+            db_dsn=database.dsn,
+            instance="blip",
+            cloudstack_retry_backoff=0.02,
+            cloudstack_poll_interval=0.05,
+        )
+        harness, task = await start_volumed(settings, ["executor"], sim)
+        writer = None
+        try:
+            first = op()
+            await harness.send("create", create_body(sim, first, "blip-1"))
+            await asyncio.sleep(6.0)  # longer than one credentials request waits
+            assert "failed" not in harness.statuses(first), harness.events[first]
+            writer = await start_volumed(settings, ["persistence"], sim)
+            event = await harness.terminal(first, timeout=20)
+            assert event["status"] == "completed", event
+        finally:
+            if writer is not None:
+                await stop_volumed(*writer)
             await stop_volumed(harness, task)

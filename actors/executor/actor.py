@@ -309,8 +309,10 @@ class ExecutorActor:
                 return  # it ended meanwhile: its latest event is out
             # Credentials (and the local VM id) are read once per operation, when its turn
             # comes: a changed ossea_configs row applies to the next operation, never to half
-            # of one.
-            run.use(await self.identity.credentials())
+            # of one. A row that cannot be read just now is waited for like CloudStack.
+            with d.parked():
+                creds = await self.identity.credentials(wait=self.settings.cloudstack_retry_budget)
+            run.use(creds)
             async with self._gate_for(command, run, d), self._working:
                 if run.record.status == "pending":
                     if isinstance(command, AttachCommand):

@@ -15,6 +15,7 @@ import msgspec
 
 from actors.logs import SECRETS
 from bus import Bus
+from bus.tasks import Backoff
 from bus.topology import CONFIG_SUBJECT
 from schemas.config import Settings, url_secrets
 from schemas.internal import CheckResult, CloudStackCredentials
@@ -28,8 +29,10 @@ class LocalIdentity:
         self.vm_id: str | None = settings.vm_id
         self.vm_id_problem = ""
 
-    async def credentials(self) -> CloudStackCredentials:
-        """The credentials and the local VM id, as they are now."""
+    async def credentials(self, wait: float = 0.0) -> CloudStackCredentials:
+        """The credentials and the local VM id, as they are now. ``wait``: seconds to keep
+        asking while the row cannot be read just now (no persistence actor answered, the
+        database away): a blip of either is waited out, not an operation's `unauthorized`."""
         s = self.settings
         from_env = bool(s.cloudstack_endpoint and s.cloudstack_key and s.cloudstack_secret)
         if from_env and s.vm_id:
@@ -39,13 +42,13 @@ class LocalIdentity:
                 secret=s.cloudstack_secret,
                 vm_id=s.vm_id,
             )
-        try:
-            data = await self.bus.request(CONFIG_SUBJECT, b"{}", timeout=5.0)
-            creds = msgspec.json.decode(data, type=CloudStackCredentials)
-        except Exception as e:
-            creds = CloudStackCredentials(
-                error=f"the persistence actor did not answer for ossea_configs ({type(e).__name__})"
-            )
+        deadline = time.monotonic() + wait
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            creds = await self._ask_row()
+            if not creds.transient or time.monotonic() + backoff.delay > deadline:
+                break
+            await backoff.pause()
         row_error, creds.error = creds.error, None if from_env else creds.error
         # Environment values win over the row, key by key.
         creds.endpoint = s.cloudstack_endpoint or creds.endpoint
@@ -62,6 +65,17 @@ class LocalIdentity:
             + (row_error or "the active ossea_configs row has no oma_vm_id")
         )
         return creds
+
+    async def _ask_row(self) -> CloudStackCredentials:
+        try:
+            data = await self.bus.request(CONFIG_SUBJECT, b"{}", timeout=5.0)
+            return msgspec.json.decode(data, type=CloudStackCredentials)
+        except Exception as e:
+            return CloudStackCredentials(
+                error="the persistence actor did not answer for ossea_configs "
+                f"({type(e).__name__})",
+                transient=True,
+            )
 
     async def resolve_vm_id(self, wait: float) -> str | None:
         """The local VM id, asking ossea_configs again for up to ``wait`` seconds while it

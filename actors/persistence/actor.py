@@ -182,13 +182,15 @@ class PersistenceActor:
         store = self.store
         if store is None:
             answer = CloudStackCredentials(
-                error=f"the database is not available yet: {self.store_error}"
+                error=f"the database is not available yet: {self.store_error}", transient=True
             )
         else:
             try:
                 answer = await store.cloudstack_credentials()
             except Exception as e:
-                answer = CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
+                answer = CloudStackCredentials(
+                    error=f"cannot read ossea_configs: {e}", transient=True
+                )
             # Masked in this process's log from now on, whatever form they take in it.
             SECRETS.add(answer.secret, *url_secrets(answer.endpoint or ""))
         try:

@@ -432,7 +432,7 @@ class SqlStore:
                 )
             return CloudStackCredentials(error=f"cannot read ossea_configs: {e}")
         except StoreUnavailable as e:
-            return CloudStackCredentials(error=f"the database is unavailable: {e}")
+            return CloudStackCredentials(error=f"the database is unavailable: {e}", transient=True)
         if not rows:
             return CloudStackCredentials(
                 error=f"ossea_configs in {self.where} has no active row (is_active = 1)"
