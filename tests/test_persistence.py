@@ -698,10 +698,14 @@ async def test_deploy_sql_matches_what_the_code_creates(database: Database) -> N
             by_code = await describe(database.name)
             assert by_code == await describe(by_hand)
             tables = {c[0] for c in by_code[0]}
-            assert tables == {"volume_operations", "device_mappings"}
+            assert tables == {"volume_operations", "device_mappings", "volume_heads"}
             unique = {(i[1], i[3]) for i in by_code[1] if i[0] == "device_mappings" and not i[4]}
             assert {("uq_device_mappings_volume_id", "volume_id")} <= unique
-            assert {("uq_device_mappings_device_path", "device_path")} <= unique
+            # Unique per VM, never across VMs (contract §5).
+            assert {
+                ("uq_device_mappings_vm_device_path", "vm_id"),
+                ("uq_device_mappings_vm_device_path", "device_path"),
+            } <= unique
     finally:
         async with conn.cursor() as cur:
             await cur.execute(f"DROP DATABASE IF EXISTS `{by_hand}`")

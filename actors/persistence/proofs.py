@@ -33,7 +33,8 @@ class ProofHandler:
         if store is None:
             raise Abandon("the database is not open yet")
         try:
-            changed = await store.apply_proof(proof)
+            # Ordered by the stream, never by the correlator's clock (``proof.at``).
+            changed = await store.apply_proof(proof, delivery.stream_seq)
         except StoreRefused as e:
             if e.schema:
                 raise  # an operator must fix the schema: redelivered meanwhile
