@@ -169,7 +169,9 @@ def _attached_after(event: Event, row: OperationRow) -> bool | None:
     if row.type not in ("attach", "detach", "delete"):
         return None
     if event.raw.attached is not None:
-        return event.raw.attached
+        # Only an attach can say where the volume is attached (its VM and device); a detach
+        # or delete that left it attached changed nothing the mapping shows.
+        return event.raw.attached if row.type == "attach" or not event.raw.attached else None
     if row.status != "completed":
         return None
     return row.type == "attach"
