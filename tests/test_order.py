@@ -412,3 +412,57 @@ async def test_a_database_of_the_previous_version_is_upgraded_in_place(dsn: str)
             assert (await store.operation("a-1")) is not None
         finally:
             await store.close()
+
+
+async def test_events_without_seq_follow_the_previous_rule_and_come_before_any_with_seq(
+    dsn: str,
+) -> None:
+    """An older executor's events (no seq, still in the stream after an upgrade): ordered
+    among themselves by completion time, as before, and older than every event with seq."""
+    store = await open_store(dsn)
+    try:
+
+        def legacy(o: Op) -> Event:
+            return o.events("v1", legacy=True)[2]
+
+        await store.apply([legacy(op(1, "attach", "completed", True))])
+        await store.apply([legacy(op(2, "detach", "completed", False))])
+        assert await store.mapping_by_volume("v1") is None
+        # Completed before the detach by its clock: the previous version's rule keeps it out.
+        await store.apply([legacy(op(3, "attach", "completed", True, clock=-100))])
+        assert await store.mapping_by_volume("v1") is None
+        await store.apply([terminal(op(4, "attach", "completed", True))])
+        # Later by its clock, but without seq: older than the attach that has one.
+        await store.apply([legacy(op(5, "detach", "completed", False, clock=1000))])
+        m = await store.mapping_by_volume("v1")
+        assert m is not None and m.operation_id == "op-4"
+    finally:
+        await store.close()
+
+
+async def test_a_late_attach_never_takes_the_device_of_a_volume_attached_after_it(
+    dsn: str,
+) -> None:
+    """In one VM, volume A is attached at vdb and detached, then B is attached at vdb. A's
+    attach event arrives late (after B's, before A's detach): B keeps its row and vdb."""
+    store = await open_store(dsn)
+    try:
+        a_attach = op(1, "attach", "completed", True)
+        a_detach = op(2, "detach", "completed", False)
+        b_attach = op(3, "attach", "completed", True)
+        await store.apply([terminal(b_attach, "b")])
+        await store.apply([terminal(a_attach, "a")])
+        a = await store.mapping_by_volume("a")
+        assert a is not None and (a.device_path, a.proof) == (None, "none")
+        await store.apply([terminal(a_detach, "a")])
+        assert [(m.volume_id, m.device_path) for m in await store.vm_volumes(VM)] == [
+            ("b", "/dev/vdb")
+        ]
+        # A later command's attach at vdb (B's detach not recorded yet) takes the name.
+        c_attach = op(4, "attach", "completed", True)
+        await store.apply([terminal(c_attach, "c")])
+        assert [(m.volume_id, m.device_path) for m in await store.vm_volumes(VM)] == [
+            ("c", "/dev/vdb")
+        ]
+    finally:
+        await store.close()

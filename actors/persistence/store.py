@@ -360,38 +360,53 @@ class SqlStore:
                 extra={"operation_id": row.id},
             )
             return
-        if row.device_path is not None:
-            # The device is provably this volume's now; a mapping of the same VM still naming
-            # it belongs to a volume whose detach has not been recorded yet. (Another VM's
-            # /dev/vdb is another disk: several hosts share one database.)
-            taken = await tx.execute(
+        device_path, by_id_path = row.device_path, row.by_id_path
+        proof: tuple[str | None, ...] = (None,) * len(_PROOF_COLUMNS)
+        if device_path is not None:
+            holder = await tx.fetch(
                 self._sql(
-                    "DELETE FROM device_mappings WHERE vm_id = ? AND device_path = ? "
-                    "AND volume_id <> ?"
+                    "SELECT volume_id, seq FROM device_mappings WHERE vm_id = ? "
+                    f"AND device_path = ? AND volume_id <> ?{self._for_update}"
                 ),
-                (row.vm_id, row.device_path, row.volume_id),
+                (row.vm_id, device_path, row.volume_id),
             )
-            if taken:
+            if holder and int(holder[0]["seq"] or 0) > (row.seq or 0):
+                # Another volume's newer attach holds the name: this attach's event is late
+                # (the device was this volume's, then the kernel gave the name to the other
+                # one). Its row names nothing until the correlator proves it again.
+                other = holder[0]["volume_id"]
+                device_path = by_id_path = None
+                reason = f"{row.device_path} is recorded for volume {other}, attached later"
+                proof = ("none", reason, None, None)
+            elif holder:
+                # The device is provably this volume's now; the other mapping naming it in
+                # this VM belongs to a volume whose detach has not been recorded yet.
+                # (Another VM's /dev/vdb is another disk: several hosts share one database.)
+                await tx.execute(
+                    self._sql("DELETE FROM device_mappings WHERE volume_id = ?"),
+                    (holder[0]["volume_id"],),
+                )
                 log.warning(
-                    "%s of VM %s now holds volume %s: stale mapping removed",
-                    row.device_path,
+                    "%s of VM %s now holds volume %s: stale mapping of volume %s removed",
+                    device_path,
                     row.vm_id,
                     row.volume_id,
+                    holder[0]["volume_id"],
                     extra={"operation_id": row.id, "volume_id": row.volume_id},
                 )
         values = {
             "volume_id": row.volume_id,
             "vm_id": row.vm_id,
-            "device_path": row.device_path,
-            "by_id_path": row.by_id_path,
+            "device_path": device_path,
+            "by_id_path": by_id_path,
             "size": event.raw.size,
             "last_sync": now,
             "operation_id": row.id,
             "attached_at": row.completed_at or event.at,
             "seq": row.seq,
         }
-        proofless = (None,) * len(_PROOF_COLUMNS)
-        await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proofless))
+        # An attach's row starts with no proof of an earlier attach (see __init__).
+        await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proof))
 
     async def apply_proof(self, proof: MappingProof, seq: int) -> int:
         if not proof.mappings:
