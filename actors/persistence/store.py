@@ -52,6 +52,10 @@ class Store(Protocol):
 
     async def mapping_by_device(self, device_path: str) -> Mapping | None: ...
 
+    async def mappings_by_device(self, device_path: str, vm_id: str | None = None) -> list[Mapping]:
+        """The mappings at ``device_path`` (of ``vm_id``, else of any VM: at most two)."""
+        ...
+
     async def vm_volumes(self, vm_id: str) -> list[Mapping]: ...
 
     async def cloudstack_credentials(self) -> CloudStackCredentials:
@@ -520,8 +524,19 @@ class SqlStore:
         return _mapping(rows[0]) if rows else None
 
     async def mapping_by_device(self, device_path: str) -> Mapping | None:
-        rows = await self._read(f"{self._map_select} WHERE device_path = ?", (device_path,))
-        return _mapping(rows[0]) if rows else None
+        found = await self.mappings_by_device(device_path)
+        return found[0] if found else None
+
+    async def mappings_by_device(self, device_path: str, vm_id: str | None = None) -> list[Mapping]:
+        if vm_id is not None:
+            rows = await self._read(
+                f"{self._map_select} WHERE vm_id = ? AND device_path = ?", (vm_id, device_path)
+            )
+        else:
+            rows = await self._read(
+                f"{self._map_select} WHERE device_path = ? ORDER BY vm_id LIMIT 2", (device_path,)
+            )
+        return [_mapping(r) for r in rows]
 
     async def vm_volumes(self, vm_id: str) -> list[Mapping]:
         rows = await self._read(f"{self._map_select} WHERE vm_id = ? ORDER BY volume_id", (vm_id,))
