@@ -59,22 +59,29 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-def upgrade_ddl(
-    dialect: Dialect, columns: set[tuple[str, str]], indexes: set[tuple[str, str]]
-) -> list[str]:
-    """The statements that bring tables created by an earlier version to ``TABLES`` (its
-    (table, column) and (table, index) pairs present), so an upgrade needs no manual step:
-    columns added (nullable, so existing rows stay valid), retired indexes dropped (before
-    the new ones: a retired unique index may forbid what the new shape allows), new indexes
-    made. Only for tables that exist; a missing table is created whole."""
-    tables = {t for t, _ in columns}
-    statements = [
+def missing_columns(dialect: Dialect, present: set[tuple[str, str]]) -> list[str]:
+    """ALTER statements for the columns added to volumed's tables since a database was
+    created (``present``: its (table, column) pairs; a table without any is missing whole,
+    and created, not altered), so an upgrade needs no manual step."""
+    tables = {t for t, _ in present}
+    return [
         dialect.column_ddl(table, column)
         for table in TABLES
         if table.name in tables
         for column in table.columns
-        if (table.name, column.name) not in columns
+        if (table.name, column.name) not in present
     ]
+
+
+def upgrade_ddl(
+    dialect: Dialect, columns: set[tuple[str, str]], indexes: set[tuple[str, str]]
+) -> list[str]:
+    """The statements that bring tables created by an earlier version to ``TABLES`` (its
+    (table, column) and (table, index) pairs present): columns added (nullable, so existing
+    rows stay valid), retired indexes dropped (before the new ones: a retired unique index
+    may forbid what the new shape allows), new indexes made."""
+    tables = {t for t, _ in columns}
+    statements = missing_columns(dialect, columns)
     statements += [dialect.drop_index_ddl(t, i) for t, i in RETIRED_INDEXES if (t, i) in indexes]
     statements += [
         dialect.index_ddl(table, index)
