@@ -209,6 +209,7 @@ class SqlStore:
         # was never recorded) must not lend it an older attach's proof.
         self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS + _PROOF_COLUMNS)
         self._insert_head = d.insert_or_keep_sql(VOLUME_HEADS, ("volume_id", "seq"))
+        self._upsert_head = d.upsert_sql(VOLUME_HEADS, "volume_id", VOLUME_HEADS.column_names)
         self._op_select = f"SELECT {', '.join(_OP_COLUMNS)} FROM volume_operations"
         self._map_select = f"SELECT {', '.join(_MAP_COLUMNS + _PROOF_COLUMNS)} FROM device_mappings"
 
@@ -265,11 +266,10 @@ class SqlStore:
             )
         if not effects:
             return
-        # Each volume's head is locked once, in one order in every transaction (no deadlock
-        # between two writers' batches), before its mapping is read or changed.
-        heads = {}
-        for volume_id in sorted({r.volume_id for _, r, _ in effects if r.volume_id is not None}):
-            heads[volume_id] = await self._lock_head(tx, volume_id)
+        heads = await self._lock_heads(
+            tx, sorted({r.volume_id for _, r, _ in effects if r.volume_id is not None})
+        )
+        moved: dict[str, _Head] = {}
         for event, row, attached in effects:
             if row.volume_id is None:
                 continue
@@ -287,36 +287,39 @@ class SqlStore:
             else:
                 head.legacy_at = _when(event, row)
             head.operation_id = row.id
-            await tx.execute(
-                self._sql(
-                    "UPDATE volume_heads SET seq = ?, operation_id = ?, legacy_at = ?, "
-                    "updated_at = ? WHERE volume_id = ?"
-                ),
-                (head.seq, head.operation_id, head.legacy_at, now, row.volume_id),
-            )
+            moved[row.volume_id] = head
             if attached:
                 await self._map(tx, event, row, now)
             else:
                 await tx.execute(
                     self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
                 )
+        if moved:
+            await tx.executemany(
+                self._upsert_head,
+                [(v, h.seq, h.operation_id, h.legacy_at, now) for v, h in sorted(moved.items())],
+            )
 
-    async def _lock_head(self, tx: Connection, volume_id: str) -> _Head:
-        """The volume's head row, locked until the transaction ends: every writer that
-        changes the volume's mapping takes it first, so two persistence processes change a
-        volume one after the other. Inserted (if missing), then locked: a lock on an existing
-        row (MariaDB: an exclusive record lock, never a gap lock, which two writers could
-        both hold); SQLite serialises every writer with BEGIN IMMEDIATE already."""
-        await tx.execute(self._insert_head, (volume_id, 0))
+    async def _lock_heads(self, tx: Connection, volume_ids: list[str]) -> dict[str, _Head]:
+        """The volumes' head rows, locked until the transaction ends: every writer that
+        changes a volume's mapping takes its head first, so two persistence processes change
+        a volume one after the other. Inserted where missing, then locked, in volume order in
+        every transaction (no deadlock between two writers' batches): locks on existing rows
+        (MariaDB: exclusive record locks, never gap locks, which two writers could both hold);
+        SQLite serialises every writer with BEGIN IMMEDIATE already."""
+        await tx.executemany(self._insert_head, [(v, 0) for v in volume_ids])
+        marks = ", ".join("?" for _ in volume_ids)
         rows = await tx.fetch(
             self._sql(
-                "SELECT seq, operation_id, legacy_at FROM volume_heads "
-                f"WHERE volume_id = ?{self._for_update}"
+                "SELECT volume_id, seq, operation_id, legacy_at FROM volume_heads "
+                f"WHERE volume_id IN ({marks}){self._for_update}"
             ),
-            (volume_id,),
+            volume_ids,
         )
-        r = rows[0]
-        return _Head(int(r["seq"]), r["operation_id"], _as_datetime(r["legacy_at"]))
+        return {
+            r["volume_id"]: _Head(int(r["seq"]), r["operation_id"], _as_datetime(r["legacy_at"]))
+            for r in rows
+        }
 
     async def _newer(
         self, tx: Connection, head: _Head, event: Event, row: OperationRow, attached: bool
