@@ -143,6 +143,15 @@ async def test_an_executor_whose_clock_runs_ahead_leaves_every_row_right(
             clocks = [{ended[op].get("clock") for op in lane} for lane in lanes]
             assert any(c == {"host-a", "host-b"} for c in clocks), clocks
 
+            # Every event carries its operation's place (its command's stream sequence),
+            # increasing along each volume's commands; a rejected command's too.
+            seqs = [[ended[op].get("seq") for op in lane] for lane in lanes]
+            assert all(a < b < c for a, b, c in seqs), seqs
+            bad = await send(f"{run}-bad", "attach", {"volume_id": volumes[0]})  # no vm_id
+            await wait_for(lambda: bad in ended, timeout=15, interval=0.1)
+            assert ended[bad]["status"] == "rejected"
+            assert ended[bad].get("seq", 0) > max(max(lane) for lane in seqs)
+
             want = {
                 volumes[i]: (lane[2], ended[lane[2]]["device_path"]) for i, lane in enumerate(lanes)
             }
