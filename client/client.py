@@ -411,12 +411,16 @@ class Client:
         return (await self._query("operations", query, Operations)).operations
 
     async def mapping(
-        self, *, volume_id: str | None = None, device_path: str | None = None
+        self,
+        *,
+        volume_id: str | None = None,
+        device_path: str | None = None,
+        vm_id: str | None = None,
     ) -> Mapping:
-        """The device mapping of an attached volume, or of a device path; NotFound if none."""
-        return await self._query(
-            "mapping", MappingQuery(volume_id=volume_id, device_path=device_path), Mapping
-        )
+        """The device mapping of an attached volume, or of a device path (of ``vm_id``:
+        needed when several VMs have one at that path); NotFound if none."""
+        query = MappingQuery(volume_id=volume_id, device_path=device_path, vm_id=vm_id)
+        return await self._query("mapping", query, Mapping)
 
     async def vm_volumes(self, vm_id: str) -> list[Mapping]:
         """The mappings of every volume attached to ``vm_id``."""

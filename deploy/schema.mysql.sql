@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS volume_operations (
   created_at DATETIME(6) NOT NULL,
   updated_at DATETIME(6) NOT NULL,
   completed_at DATETIME(6),
+  seq BIGINT,
   KEY idx_volume_operations_status (status),
   KEY idx_volume_operations_volume_id (volume_id),
   KEY idx_volume_operations_vm_id (vm_id),
@@ -39,7 +40,16 @@ CREATE TABLE IF NOT EXISTS device_mappings (
   proof VARCHAR(16),
   proof_reason TEXT,
   proven_at DATETIME(6),
+  seq BIGINT,
+  proof_seq BIGINT,
   UNIQUE KEY uq_device_mappings_volume_id (volume_id),
-  UNIQUE KEY uq_device_mappings_device_path (device_path),
-  KEY idx_device_mappings_vm_id (vm_id)
+  UNIQUE KEY uq_device_mappings_vm_device_path (vm_id, device_path)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS volume_heads (
+  volume_id VARCHAR(255) NOT NULL PRIMARY KEY,
+  seq BIGINT NOT NULL,
+  operation_id VARCHAR(64),
+  legacy_at DATETIME(6),
+  updated_at DATETIME(6)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

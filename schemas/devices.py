@@ -82,8 +82,9 @@ class MappingProof(Struct, kw_only=True, frozen=True):
     """Correlator → persistence: every mapped volume of one VM proven again (at start, when
     a device appears or goes, and periodically), so that a mapping names the disk as it is
     now or names nothing, never a name the kernel may have given another disk since (a
-    reboot renames disks). ``at`` is time.time() of the correlator's device state: an older
-    proof never overwrites a newer one."""
+    reboot renames disks). ``at`` is time.time() of the correlator's device state, shown
+    only (``proven_at``): persistence orders proofs by their sequence in the mapping proofs
+    stream, never by a clock, so an older proof never overwrites a newer one."""
 
     vm_id: str
     at: float

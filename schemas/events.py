@@ -41,6 +41,11 @@ class OperationEvent(Struct, kw_only=True, omit_defaults=False):
     # operation did not change it). Set on failed events too, so that device_mappings
     # follows what CloudStack did (a delete that detached and then failed, a roll-back).
     attached: bool | None = None
+    # The operation's place: the sequence of its command in the command stream (the order
+    # of a volume's operations, contract §3), the same on every event of the operation,
+    # rejected ones included. Persistence decides which operation is newer by it, never by
+    # ``at``. None: published by an executor older than this field.
+    seq: int | None = None
     # Which host's clock ``at`` is on (the executor's Settings.clock): the correlator of
     # another host must never compare it with its own device times.
     clock: str | None = None

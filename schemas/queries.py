@@ -28,6 +28,9 @@ class OperationsQuery(Struct, kw_only=True, forbid_unknown_fields=True):
 class MappingQuery(Struct, kw_only=True, forbid_unknown_fields=True):
     volume_id: CloudStackId | None = None
     device_path: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    # With device_path: whose device (a device path is unique per VM only: several hosts
+    # share one database). Needed only when several VMs have a mapping at that path.
+    vm_id: CloudStackId | None = None
 
 
 class VmVolumesQuery(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -306,28 +306,29 @@ async def test_a_proof_swaps_names_only_for_the_same_attach_and_never_goes_back(
                 proven("v3", "an-older-attach", None),  # not this row's attach: untouched
             ),
         )
-        assert await store.apply_proof(proof) == 2
+        assert await store.apply_proof(proof, 10) == 2
         by_volume = {m.volume_id: m for m in await store.vm_volumes("vm-1")}
         assert by_volume["v1"].device_path == "/dev/vdc"
         assert by_volume["v1"].by_id_path == "/dev/disk/by-id/virtio-v1"
         assert by_volume["v1"].proof == "serial" and by_volume["v1"].proven_at
         assert by_volume["v2"].device_path == "/dev/vdb"
         assert (by_volume["v3"].device_path, by_volume["v3"].proof) == ("/dev/vdd", None)
-        # An older proof (delivered late) never overwrites a newer one.
+        # An older proof (earlier in the proofs stream, delivered late) never overwrites a
+        # newer one.
         stale = MappingProof(
             vm_id="vm-1", at=proof.at - 10, mappings=(proven("v1", "a1", "/dev/vdb"),)
         )
-        assert await store.apply_proof(stale) == 0
+        assert await store.apply_proof(stale, 9) == 0
         # A name recorded for a volume outside the proof is not taken: nothing is named.
         clash = MappingProof(
             vm_id="vm-1", at=proof.at + 1, mappings=(proven("v1", "a1", "/dev/vdd"),)
         )
-        assert await store.apply_proof(clash) == 1
+        assert await store.apply_proof(clash, 11) == 1
         v1 = await store.mapping_by_volume("v1")
         assert v1 is not None and v1.device_path is None and v1.proof == "none"
         assert "v3" in str(v1.proof_reason)
         none = MappingProof(vm_id="vm-1", at=proof.at + 2, mappings=(proven("v2", "a2", None),))
-        assert await store.apply_proof(none) == 1
+        assert await store.apply_proof(none, 12) == 1
         v2 = await store.mapping_by_volume("v2")
         assert v2 is not None and (v2.device_path, v2.by_id_path) == (None, None)
         assert (v2.proof, v2.proof_reason) == ("none", "gone")

@@ -387,6 +387,30 @@ async def test_queries(bus: Bus, backend: tuple[str, Database | None]) -> None:
         assert (await request(bus, "vm_volumes", {"vm_id": "vm-1"}))["volumes"] == [mapping]
         assert await request(bus, "vm_volumes", {"vm_id": "vm-empty"}) == {"volumes": []}
 
+        # Another host's VM has its own /dev/vdq (a device path is unique per VM only).
+        await publish_all(
+            bus,
+            [
+                ev(
+                    "q-4",
+                    "attach",
+                    "completed",
+                    5,
+                    volume_id="vol-r",
+                    vm_id="vm-2",
+                    device_path="/dev/vdq",
+                    seq=4,
+                )
+            ],
+        )
+        await wait_for(lambda: rows.mapping("vol-r"))
+        assert (await request(bus, "mapping", {"volume_id": "vol-q"}))["device_path"] == "/dev/vdq"
+        code, text = await error_code(bus, "mapping", b'{"device_path": "/dev/vdq"}')
+        assert code == "400" and "give vm_id" in text
+        both = {"device_path": "/dev/vdq", "vm_id": "vm-1"}
+        assert await request(bus, "mapping", both) == mapping
+        assert (await request(bus, "mapping", {**both, "vm_id": "vm-2"}))["volume_id"] == "vol-r"
+
         # 404 for unknown ids, 400 with the field and the reason for bad requests.
         code, text = await error_code(bus, "operation", b'{"operation_id": "nope"}')
         assert code == "404" and "nope" in text
@@ -698,10 +722,14 @@ async def test_deploy_sql_matches_what_the_code_creates(database: Database) -> N
             by_code = await describe(database.name)
             assert by_code == await describe(by_hand)
             tables = {c[0] for c in by_code[0]}
-            assert tables == {"volume_operations", "device_mappings"}
+            assert tables == {"volume_operations", "device_mappings", "volume_heads"}
             unique = {(i[1], i[3]) for i in by_code[1] if i[0] == "device_mappings" and not i[4]}
             assert {("uq_device_mappings_volume_id", "volume_id")} <= unique
-            assert {("uq_device_mappings_device_path", "device_path")} <= unique
+            # Unique per VM, never across VMs (contract §5).
+            assert {
+                ("uq_device_mappings_vm_device_path", "vm_id"),
+                ("uq_device_mappings_vm_device_path", "device_path"),
+            } <= unique
     finally:
         async with conn.cursor() as cur:
             await cur.execute(f"DROP DATABASE IF EXISTS `{by_hand}`")

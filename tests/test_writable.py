@@ -143,7 +143,7 @@ def test_whatever_decodes_can_be_written_on_both_databases(tmp_path: Path) -> No
             # Raises (failing the test) if the database refuses what validation let through.
             loop.run_until_complete(store.apply([event]))
             if not unwritable(mapping_proof):
-                loop.run_until_complete(store.apply_proof(mapping_proof))
+                loop.run_until_complete(store.apply_proof(mapping_proof, 1))
 
     try:
         check()

@@ -64,6 +64,8 @@ class Records:
             volume_id=rec.volume_id,
             vm_id=rec.vm_id,
             at=now_rfc3339(),
+            # The command's stream sequence (0 only for a record not yet loaded).
+            seq=rec.stream_seq or None,
             clock=self.clock,
             **extra,
         )

@@ -117,14 +117,19 @@ class Api:
         q = self._decode(body, MappingQuery)
         if (q.volume_id is None) == (q.device_path is None):
             raise BadRequest("give exactly one of volume_id and device_path")
+        if q.vm_id is not None and q.device_path is None:
+            raise BadRequest("vm_id goes with device_path")
         db = await self._db()
         if q.volume_id is not None:
             found = await db.mapping_by_volume(q.volume_id)
             what = f"volume {q.volume_id!r}"
         else:
             assert q.device_path is not None
-            found = await db.mapping_by_device(q.device_path)
-            what = f"device {q.device_path!r}"
+            several = await db.mappings_by_device(q.device_path, q.vm_id)
+            if len(several) > 1:
+                raise BadRequest(f"several VMs have a mapping at {q.device_path!r}: give vm_id too")
+            found = several[0] if several else None
+            what = f"device {q.device_path!r}" + (f" of VM {q.vm_id!r}" if q.vm_id else "")
         if found is None:
             raise NotFound(f"no device mapping for {what}: it is not attached")
         return found

@@ -32,7 +32,7 @@ from actors.persistence.errors import (
     StoreRefused,
     StoreUnavailable,
 )
-from actors.persistence.schema import MYSQL, SQLITE, TABLES, Dialect
+from actors.persistence.schema import MYSQL, RETIRED_INDEXES, SQLITE, TABLES, Dialect
 from actors.persistence.takeover import refuse_go_tables
 from schemas.config import mask_secrets, mask_url_password, split_url, url_password, url_secrets
 
@@ -64,13 +64,36 @@ class Backend(Protocol):
 
 def missing_columns(dialect: Dialect, present: set[tuple[str, str]]) -> list[str]:
     """ALTER statements for the columns added to volumed's tables since a database was
-    created (``present``: its (table, column) pairs), so an upgrade needs no manual step."""
+    created (``present``: its (table, column) pairs; a table without any is missing whole,
+    and created, not altered), so an upgrade needs no manual step."""
+    tables = {t for t, _ in present}
     return [
         dialect.column_ddl(table, column)
         for table in TABLES
+        if table.name in tables
         for column in table.columns
         if (table.name, column.name) not in present
     ]
+
+
+def upgrade_ddl(
+    dialect: Dialect, columns: set[tuple[str, str]], indexes: set[tuple[str, str]]
+) -> list[str]:
+    """The statements that bring tables created by an earlier version to ``TABLES`` (its
+    (table, column) and (table, index) pairs present): columns added (nullable, so existing
+    rows stay valid), retired indexes dropped (before the new ones: a retired unique index
+    may forbid what the new shape allows), new indexes made."""
+    tables = {t for t, _ in columns}
+    statements = missing_columns(dialect, columns)
+    statements += [dialect.drop_index_ddl(t, i) for t, i in RETIRED_INDEXES if (t, i) in indexes]
+    statements += [
+        dialect.index_ddl(table, index)
+        for table in TABLES
+        if table.name in tables
+        for index in table.indexes
+        if (table.name, index.name) not in indexes
+    ]
+    return statements
 
 
 # -- MariaDB ------------------------------------------------------------------------------
@@ -152,7 +175,16 @@ class MySQLBackend:
                     "SELECT TABLE_NAME AS t, COLUMN_NAME AS c FROM information_schema.COLUMNS "
                     "WHERE TABLE_SCHEMA = DATABASE()"
                 )
-                for statement in missing_columns(MYSQL, {(r["t"], r["c"]) for r in columns}):
+                indexes = await conn.fetch(
+                    "SELECT DISTINCT TABLE_NAME AS t, INDEX_NAME AS i "
+                    "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                )
+                for statement in upgrade_ddl(
+                    MYSQL,
+                    {(r["t"], r["c"]) for r in columns},
+                    {(r["t"], r["i"]) for r in indexes},
+                ):
+                    log.info("upgrading the schema: %s", statement)
                     await conn.execute(statement)
         except BaseException:
             await backend.close()
@@ -330,14 +362,24 @@ class SQLiteBackend:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        for statement in SQLITE.ddl():
-            db.execute(statement)
-        present = {
+        # Tables first, then what an earlier version's tables lack (an index may name a
+        # column that is added here), then the indexes.
+        existed = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in TABLES:
+            db.execute(SQLITE.table_ddl(table)[0])
+        columns = {
             (table.name, row[1])
             for table in TABLES
             for row in db.execute(f"PRAGMA table_info({table.name})")
         }
-        for statement in missing_columns(SQLITE, present):
+        indexes = {
+            (table.name, row[1])
+            for table in TABLES
+            for row in db.execute(f"PRAGMA index_list({table.name})")
+        }
+        for statement in upgrade_ddl(SQLITE, columns, indexes):
+            if existed:  # not for a database created just now
+                log.info("upgrading the schema: %s", statement)
             db.execute(statement)
         self._db = db
 

@@ -118,7 +118,8 @@ async def _replay_one(store: Store, letter: DeadLetter) -> str:
         problem = unwritable(proof)
         if problem:
             return f"still not writable: {problem}"
-        await store.apply_proof(proof)
+        # Its place in the proofs stream, as when it was first delivered.
+        await store.apply_proof(proof, letter.stream_seq)
         return "applied"
     return (
         f"not replayable here: a message of {letter.stream} (a command is sent again with a "
@@ -176,7 +177,7 @@ async def rebuild(bus: Bus, dsn: str, *, progress: Callable[[str], None] | None 
             if unwritable(proof):
                 done.skipped += 1
                 continue
-            await store.apply_proof(proof)
+            await store.apply_proof(proof, msg.stream_seq)
             done.proofs += 1
         return done
     finally:

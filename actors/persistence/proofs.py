@@ -41,8 +41,9 @@ class ProofHandler:
         if store is None:
             raise Abandon("the database is not open yet")
         # Whatever the database answers is its own state, never the proof's (errors.py):
-        # the gate keeps the proof waiting in the stream while the database refuses.
-        changed = await self._gate.write(lambda: store.apply_proof(proof))
+        # the gate keeps the proof waiting in the stream while the database refuses. Ordered
+        # by the stream, never by the correlator's clock (``proof.at``).
+        changed = await self._gate.write(lambda: store.apply_proof(proof, delivery.stream_seq))
         self.applied += 1
         log.debug("mapping proof of VM %s: %d mappings updated", proof.vm_id, changed)
 

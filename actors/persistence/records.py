@@ -61,6 +61,8 @@ def decode_event(subject: str, data: bytes) -> Event:
     for name in ("request", "response"):
         if _json_depth(getattr(event, name)) > MAX_JSON_DEPTH:
             raise InvalidEvent(f"{name}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if event.seq is not None and not 0 < event.seq < 2**63:
+        raise InvalidEvent("seq: must be a command stream sequence (> 0)")
     return Event(raw=event, at=parse_time(event.at))
 
 
@@ -133,6 +135,7 @@ class OperationRow:
     created_at: dt.datetime
     updated_at: dt.datetime
     completed_at: dt.datetime | None
+    seq: int | None = None  # the command's stream sequence: the operation's place
 
 
 # Fields a later event may fill; request belongs to the first (pending) event.
@@ -158,8 +161,8 @@ def merge(row: OperationRow | None, event: Event, now: dt.datetime) -> Operation
 
     Forward-only: a higher status rank moves the row on and overwrites fields the event
     carries; an equal rank only fills NULL fields; a lower rank only fills a missing
-    request (it belongs to the first event) and an earlier created_at. A non-null value is
-    never replaced by null.
+    request (it belongs to the first event), a missing seq and an earlier created_at. A
+    non-null value is never replaced by null.
     """
     e = event.raw
     rank = STATUS_RANK[e.status]
@@ -174,6 +177,7 @@ def merge(row: OperationRow | None, event: Event, now: dt.datetime) -> Operation
             created_at=event.at,
             updated_at=now,
             completed_at=event.at if e.status in TERMINAL else None,
+            seq=e.seq,
             **values,
         )
     changes: dict[str, Any] = {}
@@ -190,6 +194,9 @@ def merge(row: OperationRow | None, event: Event, now: dt.datetime) -> Operation
                 if values[k] is not None and getattr(row, k) is None
             }
         )
+    if row.seq is None and e.seq is not None:
+        # Every event of an operation carries the same seq; an older executor's none.
+        changes["seq"] = e.seq
     if row.request is None and values["request"] is not None:
         changes["request"] = values["request"]
     if event.at < row.created_at:

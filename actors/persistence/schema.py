@@ -71,6 +71,9 @@ VOLUME_OPERATIONS = Table(
         Column("updated_at", "datetime", nullable=False),
         # ``at`` of the terminal event.
         Column("completed_at", "datetime"),
+        # The operation's place: its command's sequence in the command stream (the event's
+        # ``seq``), the order of a volume's operations. NULL: events of an older executor.
+        Column("seq", "bigint"),
     ),
     indexes=(
         Index("idx_volume_operations_status", ("status",)),
@@ -88,30 +91,64 @@ DEVICE_MAPPINGS = Table(
         Column("id", "serial", nullable=False),
         Column("volume_id", "ref", nullable=False),
         Column("vm_id", "ref", nullable=False),
-        # NULL for a volume attached to another VM; UNIQUE allows any number of NULLs.
+        # Unique per vm_id (several hosts share one database, each has its own /dev/vdb);
+        # NULL for a volume attached to another VM (UNIQUE allows any number of NULLs).
         Column("device_path", "path"),
         Column("by_id_path", "path"),
         Column("size", "bigint"),
         Column("last_sync", "datetime", nullable=False),
-        # The attach operation that created the mapping, and its completion time: a detach
-        # that happened before it (events applied out of order) must not delete it.
+        # The attach operation that created the mapping and its completion time (``at``,
+        # shown only: which operation is newer is decided by volume_heads.seq, never a clock).
         Column("operation_id", "id"),
         Column("attached_at", "datetime"),
         # The correlator's latest proof of device_path (schemas.devices.MappingProof): how
         # ("serial", "exclusive", or "none" with device_path null), why not, and when (its
-        # clock): an older proof never overwrites a newer one. NULL: as the attach proved it.
+        # clock, shown only). NULL: as the attach proved it.
         Column("proof", "short"),
         Column("proof_reason", "text"),
         Column("proven_at", "datetime"),
+        # The attach operation's command sequence (volume_operations.seq).
+        Column("seq", "bigint"),
+        # The mapping proofs stream's sequence of the proof applied last: an older proof
+        # (delivered late) never overwrites a newer one.
+        Column("proof_seq", "bigint"),
     ),
     indexes=(
         Index("uq_device_mappings_volume_id", ("volume_id",), unique=True),
-        Index("uq_device_mappings_device_path", ("device_path",), unique=True),
-        Index("idx_device_mappings_vm_id", ("vm_id",)),
+        # Also the index of vm_id (its first column).
+        Index("uq_device_mappings_vm_device_path", ("vm_id", "device_path"), unique=True),
     ),
 )
 
-TABLES = (VOLUME_OPERATIONS, DEVICE_MAPPINGS)
+VOLUME_HEADS = Table(
+    name="volume_heads",
+    primary_key="volume_id",
+    columns=(
+        Column("volume_id", "ref", nullable=False),
+        # The command sequence of the newest operation whose outcome device_mappings shows
+        # for this volume (an attach, detach or delete that ended knowing whether the volume
+        # is attached): an operation with a lower one changes the mapping no more. It stays
+        # after the mapping row is deleted, so a late attach cannot bring the row back.
+        # 0: only events of an older executor (without seq) were applied.
+        Column("seq", "bigint", nullable=False),
+        Column("operation_id", "id"),
+        # For events without seq only (an older executor's, still in the stream after an
+        # upgrade): the completion time of the newest one applied, the previous version's rule.
+        Column("legacy_at", "datetime"),
+        # When this row last changed (database writer's clock, shown only).
+        Column("updated_at", "datetime"),
+    ),
+)
+
+TABLES = (VOLUME_OPERATIONS, DEVICE_MAPPINGS, VOLUME_HEADS)
+
+# Indexes of earlier versions, dropped when a database is upgraded: (table, index).
+RETIRED_INDEXES = (
+    # device_path was unique across all VMs: a second host's /dev/vdb deleted the first's row.
+    ("device_mappings", "uq_device_mappings_device_path"),
+    # Covered by uq_device_mappings_vm_device_path.
+    ("device_mappings", "idx_device_mappings_vm_id"),
+)
 
 
 @dataclass(frozen=True)
@@ -127,6 +164,9 @@ class Dialect:
     # ``{updates}`` is filled with one assignment per column, built with ``assign``.
     upsert: str
     assign: str
+    # An INSERT that keeps an existing row (and, on MariaDB, locks it): ``{key}`` is the
+    # primary key column.
+    keep: str
 
     def ddl(self) -> list[str]:
         """CREATE statements for every table and index, each safe to run again."""
@@ -154,6 +194,24 @@ class Dialect:
         body = ",\n  ".join(lines)
         create = f"CREATE TABLE IF NOT EXISTS {table.name} (\n  {body}\n){self.table_options}"
         return [create, *separate]
+
+    def insert_or_keep_sql(self, table: Table, columns: tuple[str, ...]) -> str:
+        placeholders = ", ".join("?" for _ in columns)
+        return self.sql(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
+            + self.keep.format(key=table.primary_key)
+        )
+
+    def index_ddl(self, table: Table, index: Index) -> str:
+        """CREATE INDEX for an index added to ``table`` since it was created (IF NOT EXISTS:
+        two processes may upgrade one database at once)."""
+        kind = "UNIQUE INDEX" if index.unique else "INDEX"
+        cols = ", ".join(index.columns)
+        return f"CREATE {kind} IF NOT EXISTS {index.name} ON {table.name} ({cols})"
+
+    def drop_index_ddl(self, table: str, index: str) -> str:
+        on = f" ON {table}" if self.inline_indexes else ""
+        return f"DROP INDEX IF EXISTS {index}{on}"
 
     def column_ddl(self, table: Table, column: Column) -> str:
         """ALTER TABLE for a column added to ``table`` since it was created (always
@@ -195,6 +253,9 @@ MYSQL = Dialect(
     for_update=" FOR UPDATE",
     upsert="ON DUPLICATE KEY UPDATE {updates}",
     assign="{c} = VALUES({c})",
+    # An exclusive record lock on the existing row (a duplicate primary key), unlike
+    # INSERT IGNORE (a shared one: two writers would both hold it, then deadlock).
+    keep="ON DUPLICATE KEY UPDATE {key} = {key}",
 )
 
 SQLITE = Dialect(
@@ -218,6 +279,7 @@ SQLITE = Dialect(
     for_update="",
     upsert="ON CONFLICT({conflict}) DO UPDATE SET {updates}",
     assign="{c} = excluded.{c}",
+    keep="ON CONFLICT({key}) DO NOTHING",
 )
 
 

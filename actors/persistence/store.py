@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -18,7 +19,7 @@ import msgspec
 from actors.persistence.backends import Backend, Connection, Row, open_backend
 from actors.persistence.errors import StoreConflict, StoreRefused, StoreUnavailable
 from actors.persistence.records import Event, OperationRow, format_time, merge, utcnow
-from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_OPERATIONS
+from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_HEADS, VOLUME_OPERATIONS
 from schemas.common import TERMINAL
 from schemas.devices import MappingProof, ProvenMapping
 from schemas.internal import CloudStackCredentials
@@ -38,8 +39,9 @@ class Store(Protocol):
         """Apply events (in this order) in one transaction, idempotently and forward-only."""
         ...
 
-    async def apply_proof(self, proof: MappingProof) -> int:
-        """Apply a correlator's mapping proof in one transaction; return the rows changed."""
+    async def apply_proof(self, proof: MappingProof, seq: int) -> int:
+        """Apply a correlator's mapping proof in one transaction; return the rows changed.
+        ``seq``: the proof's sequence in the mapping proofs stream (newer proofs, higher)."""
         ...
 
     async def operation(self, operation_id: str) -> Operation | None: ...
@@ -49,6 +51,10 @@ class Store(Protocol):
     async def mapping_by_volume(self, volume_id: str) -> Mapping | None: ...
 
     async def mapping_by_device(self, device_path: str) -> Mapping | None: ...
+
+    async def mappings_by_device(self, device_path: str, vm_id: str | None = None) -> list[Mapping]:
+        """The mappings at ``device_path`` (of ``vm_id``, else of any VM: at most two)."""
+        ...
 
     async def vm_volumes(self, vm_id: str) -> list[Mapping]: ...
 
@@ -74,7 +80,7 @@ async def open_store(dsn: str) -> Store:
 
 _OP_COLUMNS = VOLUME_OPERATIONS.column_names
 # Written only by a mapping proof (apply_proof), never by an attach's upsert.
-_PROOF_COLUMNS = ("proof", "proof_reason", "proven_at")
+_PROOF_COLUMNS = ("proof", "proof_reason", "proven_at", "proof_seq")
 _MAP_COLUMNS = tuple(
     c for c in DEVICE_MAPPINGS.column_names if c != "id" and c not in _PROOF_COLUMNS
 )
@@ -167,10 +173,26 @@ def _attached_after(event: Event, row: OperationRow) -> bool | None:
     if row.type not in ("attach", "detach", "delete"):
         return None
     if event.raw.attached is not None:
-        return event.raw.attached
+        # Only an attach can say where the volume is attached (its VM and device); a detach
+        # or delete that left it attached changed nothing the mapping shows.
+        return event.raw.attached if row.type == "attach" or not event.raw.attached else None
     if row.status != "completed":
         return None
     return row.type == "attach"
+
+
+@dataclass
+class _Head:
+    """A volume's row in volume_heads: the operation its mapping shows now."""
+
+    seq: int
+    operation_id: str | None
+    legacy_at: dt.datetime | None
+
+
+def _when(event: Event, row: OperationRow) -> dt.datetime:
+    """An operation's completion time (its executor's clock): only for events without seq."""
+    return row.completed_at or event.at
 
 
 class SqlStore:
@@ -186,6 +208,8 @@ class SqlStore:
         # An attach's row starts with no proof of its own: a row it replaces (a detach that
         # was never recorded) must not lend it an older attach's proof.
         self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS + _PROOF_COLUMNS)
+        self._insert_head = d.insert_or_keep_sql(VOLUME_HEADS, ("volume_id", "seq"))
+        self._upsert_head = d.upsert_sql(VOLUME_HEADS, "volume_id", VOLUME_HEADS.column_names)
         self._op_select = f"SELECT {', '.join(_OP_COLUMNS)} FROM volume_operations"
         self._map_select = f"SELECT {', '.join(_MAP_COLUMNS + _PROOF_COLUMNS)} FROM device_mappings"
 
@@ -236,97 +260,174 @@ class SqlStore:
                 self._upsert_op,
                 [tuple(getattr(r, c) for c in _OP_COLUMNS) for r in changed.values()],
             )
+        if not effects:
+            return
+        heads = await self._lock_heads(
+            tx, sorted({r.volume_id for _, r, _ in effects if r.volume_id is not None})
+        )
+        moved: dict[str, _Head] = {}
         for event, row, attached in effects:
+            if row.volume_id is None:
+                continue
+            head = heads[row.volume_id]
+            if not await self._newer(tx, head, event, row, attached):
+                log.info(
+                    "%s of volume %s comes before the operation its mapping shows: no change",
+                    row.id,
+                    row.volume_id,
+                    extra={"operation_id": row.id, "volume_id": row.volume_id},
+                )
+                continue
+            if row.seq is not None:
+                head.seq = row.seq
+            else:
+                head.legacy_at = _when(event, row)
+            head.operation_id = row.id
+            moved[row.volume_id] = head
             if attached:
                 await self._map(tx, event, row, now)
             else:
-                await self._unmap(tx, row)
+                await tx.execute(
+                    self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
+                )
+        if moved:
+            await tx.executemany(
+                self._upsert_head,
+                [(v, h.seq, h.operation_id, h.legacy_at, now) for v, h in sorted(moved.items())],
+            )
+
+    async def _lock_heads(self, tx: Connection, volume_ids: list[str]) -> dict[str, _Head]:
+        """The volumes' head rows, locked until the transaction ends: every writer that
+        changes a volume's mapping takes its head first, so two persistence processes change
+        a volume one after the other. Inserted where missing, then locked, in volume order in
+        every transaction (no deadlock between two writers' batches): locks on existing rows
+        (MariaDB: exclusive record locks, never gap locks, which two writers could both hold);
+        SQLite serialises every writer with BEGIN IMMEDIATE already."""
+        await tx.executemany(self._insert_head, [(v, 0) for v in volume_ids])
+        marks = ", ".join("?" for _ in volume_ids)
+        rows = await tx.fetch(
+            self._sql(
+                "SELECT volume_id, seq, operation_id, legacy_at FROM volume_heads "
+                f"WHERE volume_id IN ({marks}){self._for_update}"
+            ),
+            volume_ids,
+        )
+        return {
+            r["volume_id"]: _Head(int(r["seq"]), r["operation_id"], _as_datetime(r["legacy_at"]))
+            for r in rows
+        }
+
+    async def _newer(
+        self, tx: Connection, head: _Head, event: Event, row: OperationRow, attached: bool
+    ) -> bool:
+        """Whether the operation comes after the one the volume's mapping shows now.
+
+        By command sequence: a volume's operations run in the order of their commands, so
+        the highest sequence is the newest, whatever the clocks of the executors that ran
+        them and in whatever order their events arrive. An event without seq (an older
+        executor's, still in the stream after an upgrade) comes before every event with
+        one; among those, the previous version's rule decides: completion times."""
+        if row.seq is not None:
+            return row.seq > head.seq
+        if head.seq > 0:
+            return False
+        when = _when(event, row)
+        since = head.legacy_at
+        if since is None:
+            # Applied before this version (no head yet): the mapping's own completion time.
+            found = await tx.fetch(
+                self._sql("SELECT attached_at FROM device_mappings WHERE volume_id = ?"),
+                (row.volume_id,),
+            )
+            since = _as_datetime(found[0]["attached_at"]) if found else None
+        if since is not None and when < since:
+            return False
+        if attached:
+            # A completed detach or delete applied before this version left no head either.
+            later = await tx.fetch(
+                self._sql(
+                    "SELECT id FROM volume_operations WHERE volume_id = ? "
+                    "AND type IN ('detach', 'delete') AND status = 'completed' "
+                    "AND seq IS NULL AND completed_at > ? LIMIT 1"
+                ),
+                (row.volume_id, when),
+            )
+            return not later
+        return True
 
     async def _map(self, tx: Connection, event: Event, row: OperationRow, now: dt.datetime) -> None:
-        if row.volume_id is None or row.vm_id is None:
+        if row.vm_id is None:
             log.warning(
-                "attach %s completed without volume_id or vm_id: no mapping",
+                "attach %s completed without vm_id: no mapping",
                 row.id,
                 extra={"operation_id": row.id},
             )
             return
-        attached_at = row.completed_at or event.at
-        # Events can arrive out of order (redeliveries): a detach or delete of this volume
-        # that completed after this attach means the volume is no longer attached.
-        later = await tx.fetch(
-            self._sql(
-                "SELECT id FROM volume_operations WHERE volume_id = ? "
-                "AND type IN ('detach', 'delete') AND status = 'completed' "
-                "AND completed_at > ? LIMIT 1"
-            ),
-            (row.volume_id, attached_at),
-        )
-        if later:
-            return
-        current = await tx.fetch(
-            self._sql(
-                f"SELECT attached_at FROM device_mappings WHERE volume_id = ?{self._for_update}"
-            ),
-            (row.volume_id,),
-        )
-        if current and (_as_datetime(current[0]["attached_at"]) or attached_at) > attached_at:
-            return  # a newer attach of the same volume is already recorded
-        if row.device_path is not None:
-            # The device is provably this volume's now; a mapping still naming it belongs to
-            # a volume whose detach has not been recorded yet.
-            taken = await tx.execute(
-                self._sql("DELETE FROM device_mappings WHERE device_path = ? AND volume_id <> ?"),
-                (row.device_path, row.volume_id),
+        device_path, by_id_path = row.device_path, row.by_id_path
+        proof: tuple[str | None, ...] = (None,) * len(_PROOF_COLUMNS)
+        if device_path is not None:
+            holder = await tx.fetch(
+                self._sql(
+                    "SELECT volume_id, seq FROM device_mappings WHERE vm_id = ? "
+                    f"AND device_path = ? AND volume_id <> ?{self._for_update}"
+                ),
+                (row.vm_id, device_path, row.volume_id),
             )
-            if taken:
+            if holder and int(holder[0]["seq"] or 0) > (row.seq or 0):
+                # Another volume's newer attach holds the name: this attach's event is late
+                # (the device was this volume's, then the kernel gave the name to the other
+                # one). Its row names nothing until the correlator proves it again.
+                other = holder[0]["volume_id"]
+                device_path = by_id_path = None
+                reason = f"{row.device_path} is recorded for volume {other}, attached later"
+                proof = ("none", reason, None, None)
+            elif holder:
+                # The device is provably this volume's now; the other mapping naming it in
+                # this VM belongs to a volume whose detach has not been recorded yet.
+                # (Another VM's /dev/vdb is another disk: several hosts share one database.)
+                await tx.execute(
+                    self._sql("DELETE FROM device_mappings WHERE volume_id = ?"),
+                    (holder[0]["volume_id"],),
+                )
                 log.warning(
-                    "%s now holds volume %s: stale mapping removed",
-                    row.device_path,
+                    "%s of VM %s now holds volume %s: stale mapping of volume %s removed",
+                    device_path,
+                    row.vm_id,
                     row.volume_id,
+                    holder[0]["volume_id"],
                     extra={"operation_id": row.id, "volume_id": row.volume_id},
                 )
         values = {
             "volume_id": row.volume_id,
             "vm_id": row.vm_id,
-            "device_path": row.device_path,
-            "by_id_path": row.by_id_path,
+            "device_path": device_path,
+            "by_id_path": by_id_path,
             "size": event.raw.size,
             "last_sync": now,
             "operation_id": row.id,
-            "attached_at": attached_at,
+            "attached_at": row.completed_at or event.at,
+            "seq": row.seq,
         }
-        proofless = (None,) * len(_PROOF_COLUMNS)
-        await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proofless))
+        # An attach's row starts with no proof of an earlier attach (see __init__).
+        await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proof))
 
-    async def _unmap(self, tx: Connection, row: OperationRow) -> None:
-        if row.volume_id is None:
-            return
-        detached_at = row.completed_at or row.event_at
-        # Only a mapping from an attach that completed before this detach is removed.
-        await tx.execute(
-            self._sql(
-                "DELETE FROM device_mappings WHERE volume_id = ? "
-                "AND (attached_at IS NULL OR attached_at <= ?)"
-            ),
-            (row.volume_id, detached_at),
-        )
-
-    async def apply_proof(self, proof: MappingProof) -> int:
+    async def apply_proof(self, proof: MappingProof, seq: int) -> int:
         if not proof.mappings:
             return 0
-        return await self._transaction(lambda tx: self._apply_proof(tx, proof))
+        return await self._transaction(lambda tx: self._apply_proof(tx, proof, seq))
 
-    async def _apply_proof(self, tx: Connection, proof: MappingProof) -> int:
-        """Only rows of the same attach (operation id) that no newer proof has set change.
-        Names that change are nulled first, so that a swap (vdb <-> vdc) never meets the
-        unique index; a name still recorded for a volume outside this proof is not taken."""
+    async def _apply_proof(self, tx: Connection, proof: MappingProof, seq: int) -> int:
+        """Only rows of the same attach (operation id) that no newer proof (higher ``seq``,
+        never a clock) has set change. Names that change are nulled first, so that a swap
+        (vdb <-> vdc) never meets the unique index; a name still recorded in this VM for a
+        volume outside this proof is not taken."""
         at = dt.datetime.fromtimestamp(proof.at, dt.UTC).replace(tzinfo=None)
         wanted = {m.volume_id: m for m in proof.mappings}
         ids = sorted(wanted)
         marks = ", ".join("?" for _ in ids)
         found = await tx.fetch(
             self._sql(
-                "SELECT volume_id, operation_id, device_path, proven_at FROM device_mappings "
+                "SELECT volume_id, operation_id, device_path, proof_seq FROM device_mappings "
                 f"WHERE vm_id = ? AND volume_id IN ({marks}){self._for_update}"
             ),
             (proof.vm_id, *ids),
@@ -335,7 +436,7 @@ class SqlStore:
             r
             for r in found
             if r["operation_id"] == wanted[r["volume_id"]].operation_id
-            and (r["proven_at"] is None or _required_datetime(r["proven_at"]) <= at)
+            and (r["proof_seq"] is None or int(r["proof_seq"]) < seq)
         ]
         moving = [
             r["volume_id"] for r in rows if r["device_path"] != wanted[r["volume_id"]].device_path
@@ -354,10 +455,10 @@ class SqlStore:
             if m.device_path is not None:
                 holder = await tx.fetch(
                     self._sql(
-                        "SELECT volume_id FROM device_mappings WHERE device_path = ? "
-                        "AND volume_id <> ?"
+                        "SELECT volume_id FROM device_mappings WHERE vm_id = ? "
+                        "AND device_path = ? AND volume_id <> ?"
                     ),
-                    (m.device_path, m.volume_id),
+                    (proof.vm_id, m.device_path, m.volume_id),
                 )
                 if holder:
                     m = ProvenMapping(
@@ -370,9 +471,19 @@ class SqlStore:
             await tx.execute(
                 self._sql(
                     "UPDATE device_mappings SET device_path = ?, by_id_path = ?, proof = ?, "
-                    "proof_reason = ?, proven_at = ?, last_sync = ? WHERE volume_id = ?"
+                    "proof_reason = ?, proven_at = ?, proof_seq = ?, last_sync = ? "
+                    "WHERE volume_id = ?"
                 ),
-                (m.device_path, m.by_id_path, m.proof, m.reason or None, at, now, m.volume_id),
+                (
+                    m.device_path,
+                    m.by_id_path,
+                    m.proof,
+                    m.reason or None,
+                    at,
+                    seq,
+                    now,
+                    m.volume_id,
+                ),
             )
         return len(rows)
 
@@ -412,8 +523,19 @@ class SqlStore:
         return _mapping(rows[0]) if rows else None
 
     async def mapping_by_device(self, device_path: str) -> Mapping | None:
-        rows = await self._read(f"{self._map_select} WHERE device_path = ?", (device_path,))
-        return _mapping(rows[0]) if rows else None
+        found = await self.mappings_by_device(device_path)
+        return found[0] if found else None
+
+    async def mappings_by_device(self, device_path: str, vm_id: str | None = None) -> list[Mapping]:
+        if vm_id is not None:
+            rows = await self._read(
+                f"{self._map_select} WHERE vm_id = ? AND device_path = ?", (vm_id, device_path)
+            )
+        else:
+            rows = await self._read(
+                f"{self._map_select} WHERE device_path = ? ORDER BY vm_id LIMIT 2", (device_path,)
+            )
+        return [_mapping(r) for r in rows]
 
     async def vm_volumes(self, vm_id: str) -> list[Mapping]:
         rows = await self._read(f"{self._map_select} WHERE vm_id = ? ORDER BY volume_id", (vm_id,))
