@@ -402,8 +402,11 @@ class GatewayActor:
     async def device_volume(self, request: web.Request) -> Any:
         # The Go daemon's callers give the path without its leading "/" (dev/vdb).
         path = "/" + request.match_info["path"].lstrip("/")
+        # A device path is unique per VM: several hosts sharing one database may each have a
+        # /dev/vdb. ``?vm_id=`` picks one; else this host's VM (VOLUMED_VM_ID), if set.
+        vm_id = request.query.get("vm_id") or self.settings.vm_id
         self._nats()
-        return shapes.mapping(await self.client.mapping(device_path=path))
+        return shapes.mapping(await self.client.mapping(device_path=path, vm_id=vm_id))
 
     async def vm_volumes(self, request: web.Request) -> Any:
         vm_id = self._id(request, "VM")
