@@ -48,6 +48,9 @@ class DeviceEvent(Struct, kw_only=True, frozen=True):
     source: Literal["uevent", "rescan", "start"]
     device: DeviceInfo | None = None
     devices: tuple[DeviceInfo, ...] = ()
+    # inventory: names that exist but could not be read (neither present nor absent: a
+    # reader keeps what it knew of them; they are announced once readable).
+    unread: tuple[str, ...] = ()
     watcher: str = ""  # instance id of the reporting watcher
 
 
@@ -64,6 +67,7 @@ class DeviceSnapshot(Struct, kw_only=True, frozen=True):
     at: float
     devices: tuple[DeviceInfo, ...] = ()
     seq: int = 0
+    unread: tuple[str, ...] = ()  # as in an inventory: there, but not readable yet
 
 
 # How a mapping names its device now: "serial" (the device carries the volume's serial),

@@ -318,7 +318,7 @@ async def test_a_disk_unreadable_at_start_keeps_its_start_time(
     async with running(actor):
         start = await wait_for(lambda: [e for e in events.items if e.kind == "inventory"])
         vda = start[0].devices[0]
-        assert [d.name for d in start[0].devices] == ["vda"]
+        assert [d.name for d in start[0].devices] == ["vda"] and start[0].unread == ("vdb",)
         assert (vda.appeared_after, vda.appeared_at) == (0.0, start[0].at)
         rescans = actor.rescans
         await wait_for(lambda: actor.rescans >= rescans + 2)

@@ -185,6 +185,7 @@ class WatcherActor:
                 at=at,
                 source="start",
                 devices=tuple(self.known[n] for n in sorted(self.known)),
+                unread=tuple(sorted(unreadable)),
                 watcher=self.instance,
             )
         )
@@ -405,6 +406,7 @@ class WatcherActor:
                             at=event.at,
                             devices=tuple(self.known[n] for n in sorted(self.known)),
                             seq=seq,
+                            unread=tuple(sorted(self._unseen)),
                         ),
                     )
                 except Exception as e:
