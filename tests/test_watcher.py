@@ -461,6 +461,20 @@ async def test_loop_device_seen_through_uevents(loops: Loops, bus: Bus, events: 
 
 
 @pytest.mark.loopdev
+async def test_loop_device_present_at_start_appeared_before_the_watcher_started(
+    loops: Loops, bus: Bus, events: Events
+) -> None:
+    path = await loops.attach()
+    name = os.path.basename(path)
+    actor = WatcherActor(bus, kernel_settings(poll_interval=0.3), VM, "k4")
+    async with running(actor):
+        start = await wait_for(lambda: events.items)
+        listed = {d.name: d for d in start[0].devices}[name]
+        assert (listed.appeared_after, listed.appeared_at) == (0.0, start[0].at)
+        assert actor.known[name] == listed  # kept as long as it is the same disk
+
+
+@pytest.mark.loopdev
 async def test_loop_device_seen_through_rescans(loops: Loops, bus: Bus, events: Events) -> None:
     actor = WatcherActor(bus, kernel_settings(poll_interval=0.1), VM, "k2", use_uevents=False)
     async with running(actor):
