@@ -49,7 +49,8 @@ class DeviceEvent(Struct, kw_only=True, frozen=True):
     device: DeviceInfo | None = None
     devices: tuple[DeviceInfo, ...] = ()
     # inventory: names that exist but could not be read (neither present nor absent: a
-    # reader keeps what it knew of them; they are announced once readable).
+    # reader keeps what it knew of them; each is announced once readable, ``added`` with
+    # source "start", or ``removed``, with size 0, if it goes first).
     unread: tuple[str, ...] = ()
     watcher: str = ""  # instance id of the reporting watcher
 

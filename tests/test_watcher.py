@@ -311,18 +311,21 @@ async def test_a_disk_unreadable_at_start_keeps_its_start_time(
     present "before the watcher started", never ``added`` with a fresh time."""
     host.add("vda", 64 * MiB)
     host.add("vdb", 64 * MiB)
+    host.add("vdc", 64 * MiB)
+    for name in ("vdb", "vdc"):  # reading them fails (EISDIR): they exist, unreadable now
+        (host.sys / "block" / name / "size").unlink()
+        (host.sys / "block" / name / "size").mkdir()
     size = host.sys / "block" / "vdb" / "size"
-    size.unlink()
-    size.mkdir()  # reading it fails (EISDIR): it exists, but cannot be read now
     actor = WatcherActor(bus, host.settings(poll_interval=0.05), VM, "t4")
     async with running(actor):
         start = await wait_for(lambda: [e for e in events.items if e.kind == "inventory"])
         vda = start[0].devices[0]
-        assert [d.name for d in start[0].devices] == ["vda"] and start[0].unread == ("vdb",)
+        assert [d.name for d in start[0].devices] == ["vda"]
+        assert start[0].unread == ("vdb", "vdc")
         assert (vda.appeared_after, vda.appeared_at) == (0.0, start[0].at)
         rescans = actor.rescans
         await wait_for(lambda: actor.rescans >= rescans + 2)
-        assert events.of("vdb") == []
+        assert events.of("vdb") == events.of("vdc") == []
         size.rmdir()
         size.write_text(f"{64 * MiB // 512}\n")
         await wait_for(lambda: events.of("vdb"))
@@ -330,6 +333,11 @@ async def test_a_disk_unreadable_at_start_keeps_its_start_time(
         vdb = events.device("vdb", "added")
         assert (vdb.appeared_after, vdb.appeared_at) == (0.0, start[0].at)
         assert actor.known["vdb"] == vdb
+        # One that goes before it could be read is removed: no reader keeps it as there.
+        host.remove("vdc")
+        await wait_for(lambda: events.of("vdc"))
+        assert events.of("vdc") == [("removed", "rescan")]
+        assert "vdc" not in actor.known
 
 
 async def test_a_settle_re_read_is_stamped_between_its_uevent_and_the_read(

@@ -18,7 +18,8 @@ host's clock) is when the kernel announced it, never when some read happened to 
   it can never take the disk for an attach that started after it appeared;
 - a disk present at the start scan: ``appeared_after`` 0.0 ("before the watcher started")
   and ``appeared_at`` the start scan. So is a disk that existed then but could not be read
-  (announced ``added`` with ``source="start"`` once readable, never with a fresh time).
+  (listed as ``unread``; announced ``added`` with ``source="start"`` once readable, never
+  with a fresh time, or ``removed`` if it goes first).
 A disk keeps its pair for as long as it is the same disk (a resize, a late by-id link).
 """
 
@@ -255,8 +256,8 @@ class WatcherActor:
                 self._unseen.setdefault(name, (announced, time.time()))
             return []
         read = time.time() if settled else announced
-        if new is None:
-            self._unseen.pop(name, None)  # it went before anyone could read it
+        if new is None and name in self._unseen:
+            self._unread_gone(name, source, read)
         old = self.known.get(name)
         if new is not None:
             if old is not None and same_device(old, new) and old.by_id_path:
@@ -283,7 +284,7 @@ class WatcherActor:
         self.rescans += 1
         for name in list(self._unseen):
             if name not in seen and name not in unreadable:
-                del self._unseen[name]  # gone before it could be read
+                self._unread_gone(name, "rescan", at)
         for name in unreadable - self.known.keys():
             self._unseen.setdefault(name, (since, at))
         links: dict[str, list[str]] | None = None
@@ -327,6 +328,13 @@ class WatcherActor:
             else:  # a late by-id link of the same disk: recorded, not announced
                 self.known[info.name] = _stamped_as(info, self.known[info.name])
         return changes
+
+    def _unread_gone(self, name: str, source: Source, at: float) -> None:
+        """A disk listed as unread (in the start inventory or a snapshot) went before it
+        could be read: ``removed``, so that no reader keeps it as still there."""
+        del self._unseen[name]
+        gone = DeviceInfo(name=name, path=os.path.join(self.settings.dev, name), size=0)
+        self._emit("removed", gone, source, at)
 
     def _emit(
         self,
