@@ -21,13 +21,16 @@ the volume of attach R only if all of this holds:
    with when the kernel announced it, with the same host clock, so R's device cannot appear
    before R's window opens; a device that appeared earlier is stale and never taken. When
    the watcher only knows an interval (a rescan found the disk: between the previous scan
-   and this one), the device is in R's window if it *may* be (the interval ends in it), and
-   every other attach it may be (rule 4, with the same end) competes for it, so an
-   uncertain time costs an ``ambiguous_device``, never a guess. ``SKEW`` (50 ms) only
-   absorbs timestamp granularity and clock slew. It is far shorter than any CloudStack attach
-   takes to reach a guest (API call, job, agent command, PCI hot-plug), so it does not
-   reopen the seed's 5 s "contemporary" window. If R's executor runs on another host, R's
-   window opens when this correlator first learned of R instead (below).
+   and this one), the device may be in R's window if the interval ends in it: it is then a
+   candidate, every other attach it may belong to (rule 4, judged by the same end) competes
+   for it, a failed one taints it, and it proves R only if it came after this correlator
+   started even at the interval's start (rule 5), so that whatever attach made it is one
+   this correlator follows. An uncertain time costs an ``ambiguous_device``, never a guess.
+   ``SKEW`` (50 ms) only absorbs timestamp granularity and clock slew. It is far shorter
+   than any CloudStack attach takes to reach a guest (API call, job, agent command, PCI
+   hot-plug), so it does not reopen the seed's 5 s "contemporary" window. If R's executor
+   runs on another host, R's window opens when this correlator first learned of R instead
+   (below).
 2. *Its size equals R's size exactly*, it is not claimed by an earlier answer, and it is not
    the device of a volume detached since.
 3. *It is R's only such device*: with two, both could be R's, so R is ambiguous at once.

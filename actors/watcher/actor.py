@@ -14,8 +14,8 @@ host's clock) is when the kernel announced it, never when some read happened to 
   took the name meanwhile): between that uevent and the re-read;
 - a disk a rescan finds that no uevent announced (netlink missed it, or rescans are the only
   path): between the start of the previous successful scan (it was not there yet) and the end
-  of this one (it was there by then). The correlator judges such a disk by both bounds, so
-  it can never take the disk for an attach that started after it appeared;
+  of this one (it was there by then). The correlator takes such a disk as come anywhere in
+  the interval (see the engine's rules 1, 4 and 5);
 - a disk present at the start scan: ``appeared_after`` 0.0 ("before the watcher started")
   and ``appeared_at`` the start scan. So is a disk that existed then but could not be read
   (listed as ``unread``; announced ``added`` with ``source="start"`` once readable, never
