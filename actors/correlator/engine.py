@@ -201,6 +201,9 @@ class _Device:
     # Why it may be another disk than the one it was (listed again without serial after a
     # gap): still waited for as its volume's, but never proven to be it, or anyone's, again.
     doubt: str | None = None
+    # Listed as unread by a start scan after a gap: what it is now (its serial too) is not
+    # known until it is read again, so no serial proves anything by it meanwhile.
+    unread: bool = False
 
 
 @dataclass
@@ -292,12 +295,12 @@ class CorrelationEngine:
             for name in list(self._devices):
                 if name in event.unread:
                     # There but unreadable: neither gone nor known to be the same disk.
-                    self._relist(self._devices[name], self._devices[name].info)
+                    self._unread(self._devices[name])
                 elif name not in listed:
                     out += self._remove(name, now)
             for info in event.devices:
                 known = self._devices.get(info.name)
-                if known is not None and _same_appearance(known.info, info):
+                if known is not None and not known.unread and _same_appearance(known.info, info):
                     # The watcher's own record of this very appearance (its saved state read
                     # again after a NATS reconnect): no gap in its watch, nothing to doubt.
                     known.info = _merge(known.info, info)
@@ -520,6 +523,12 @@ class CorrelationEngine:
             )
 
         same = [d for d in self._devices.values() if d.info.serial == serial]
+        unread = [d.info.name for d in same if d.unread]
+        if unread:
+            return none(
+                f"{unread[0]}, which had serial {serial}, could not be read after the watcher "
+                f"was away: it may be another disk now{was}"
+            )
         live = [d for d in same if not d.released]
         if len(live) == 1:
             return on(live[0], "serial")
@@ -611,7 +620,9 @@ class CorrelationEngine:
             # An appearance whose volume was detached since is an old one still on its way
             # out (or a stale view): a re-attach of the volume gets a new appearance.
             same = [
-                d for d in self._devices.values() if d.info.serial == req.serial and not d.released
+                d
+                for d in self._devices.values()
+                if d.info.serial == req.serial and not d.released and not d.unread
             ]
             if len(same) == 1:
                 self.serial_host = True
@@ -805,7 +816,7 @@ class CorrelationEngine:
         return not (r.volume_id and self._has_serial(serial_of(r.volume_id)))
 
     def _has_serial(self, serial: str) -> bool:
-        return any(d.info.serial == serial for d in self._devices.values())
+        return any(d.info.serial == serial and not d.unread for d in self._devices.values())
 
     def _taint(self, c: _Claimant, why: str) -> None:
         for d in self._devices.values():
@@ -852,6 +863,18 @@ class CorrelationEngine:
         if info.size != d.info.size:
             d.resized = True
         d.info = _merge(d.info, info)
+        d.unread = False
+
+    def _unread(self, d: _Device) -> None:
+        """A start scan after a gap lists the appearance's name as there but unreadable: it
+        stays (its release waits for it), without serial doubted, with one not trusted by
+        its serial until it is read again (``_relist``, or a remove and an add)."""
+        d.unread = True
+        if not d.info.serial and d.doubt is None:
+            d.doubt = (
+                f"{d.info.name} has no serial and could not be read after the watcher was "
+                f"away: the same disk, or another one under its name"
+            )
 
     def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], str]:
         """The volume's present device: the appearance we mapped, one with its serial, or
