@@ -121,8 +121,9 @@ it) and is *doubted* until it goes: it is never a candidate by exclusion, ``prov
 for no volume, and a release that times out on it says it only *may* be the volume's. A
 watcher restart thus costs mappings without serial their proof, as a correlator restart
 does. A name the start scan lists as ``unread`` (there, but not readable) is neither gone
-nor known to be the same disk: the appearance under it stays (its release waits) and is
-doubted too; so is the disk once announced (``added`` with ``source="start"``).
+nor known to be the same disk: the appearance under it stays (its release waits), proves
+nothing, not even by its old serial, until it is read again (``added`` with
+``source="start"``: then as if listed), and without serial is doubted too.
 
 A NATS reconnect is no such gap for the watcher: the actor reads the watcher's saved state
 again, and an entry with the appearance's own times (the watcher stamps each appearance once;
