@@ -18,15 +18,28 @@ class DeviceInfo(Struct, kw_only=True, frozen=True):
     serial: str | None = None  # sysfs `serial`, when the file exists
     by_id_path: str | None = None  # $VOLUMED_DEV/disk/by-id/<link> that points at this device
     controller: str | None = None  # e.g. "virtio4", from the `device` link
-    appeared_at: float = 0.0  # time.time() when the device was first seen
+    # When the disk appeared, as an interval on the watcher's host clock (time.time()):
+    # ``appeared_at`` is the latest it can have appeared (the arrival of the kernel uevent
+    # that announced it; for a disk a rescan found unannounced, the end of that rescan; for
+    # a disk present at the watcher's start, the start scan), ``appeared_after`` the
+    # earliest: equal to ``appeared_at`` for a uevent, the start of the previous scan for a
+    # rescan, 0.0 for "before the watcher started" (unknown). None (watchers older than the
+    # field): the same as ``appeared_at``. Never the time of whichever read happened to see
+    # it. The pair is fixed for one appearance: the same disk keeps it in every later event
+    # and snapshot of the same watcher, so it also tells an appearance from another.
+    appeared_at: float = 0.0
+    appeared_after: float | None = None
 
 
 class DeviceEvent(Struct, kw_only=True, frozen=True):
     """A change of the host's block devices.
 
-    ``inventory`` lists every device present when the watcher starts (or after a rescan
-    that found the state had drifted); those are not "added". ``at`` is time.time() of the
-    observation; ``source`` says whether a uevent or a rescan saw it.
+    ``inventory`` lists every device present when the watcher starts; those are not
+    "added". ``at`` is time.time() of the observation (the uevent's arrival, or the read or
+    scan that saw the change); when a device appeared is in its ``DeviceInfo``. ``source``
+    says whether a uevent or a rescan saw it; an ``added`` with ``source="start"`` is a disk
+    present at the start scan that could only be read later (it appeared before the watcher
+    started, never "now").
     """
 
     kind: DeviceEventKind
@@ -35,6 +48,10 @@ class DeviceEvent(Struct, kw_only=True, frozen=True):
     source: Literal["uevent", "rescan", "start"]
     device: DeviceInfo | None = None
     devices: tuple[DeviceInfo, ...] = ()
+    # inventory: names that exist but could not be read (neither present nor absent: a
+    # reader keeps what it knew of them; each is announced once readable, ``added`` with
+    # source "start", or ``removed``, with size 0, if it goes first).
+    unread: tuple[str, ...] = ()
     watcher: str = ""  # instance id of the reporting watcher
 
 
@@ -51,6 +68,7 @@ class DeviceSnapshot(Struct, kw_only=True, frozen=True):
     at: float
     devices: tuple[DeviceInfo, ...] = ()
     seq: int = 0
+    unread: tuple[str, ...] = ()  # as in an inventory: there, but not readable yet
 
 
 # How a mapping names its device now: "serial" (the device carries the volume's serial),

@@ -4,10 +4,12 @@ decisions out on the correlation result subjects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,6 +17,7 @@ import pytest
 
 from actors.correlator import CorrelatorActor
 from actors.correlator.actor import boot_time
+from actors.watcher import WatcherActor
 from bus import Bus
 from bus.topology import (
     ATTACHING_BUCKET,
@@ -30,7 +33,7 @@ from bus.topology import (
 )
 from schemas.common import GIB, serial_of
 from schemas.config import Settings
-from schemas.devices import DeviceEvent, DeviceInfo
+from schemas.devices import DeviceEvent, DeviceInfo, DeviceSnapshot, MappedVolume
 from schemas.events import OperationEvent
 from schemas.internal import (
     AttachInFlight,
@@ -41,6 +44,7 @@ from schemas.internal import (
     ReleaseResult,
 )
 from tests.conftest import NatsServer, wait_for
+from tests.test_watcher import FakeHost
 
 VM = "7c4b1c2e-0000-4000-8000-00000000c0de"
 HERE = Settings().clock  # an executor on this host stamps its times with it
@@ -402,4 +406,54 @@ async def test_inventory_event_when_there_is_no_state(
         r = await wait_for(lambda: results.attach.get("op-1"), timeout=5)
         assert (r.device_path, r.proof) == ("/dev/vdc", "serial")
     finally:
+        await stop(actor, task)
+
+
+async def test_a_nats_reconnect_keeps_serial_less_proofs_a_watcher_restart_does_not(
+    nats_server: NatsServer, bus: Bus, results: Results, tmp_path: Path
+) -> None:
+    """A reconnect is not a restart: the correlator reads the watcher's saved state again,
+    finds the same appearances (same stamps) and its proof by exclusion stands. A restarted
+    watcher lists the disk again after a gap: without serial, nothing proves it any more."""
+    host = FakeHost(tmp_path / "host")
+    host.add("vda", 2 * GIB, serial=None)
+    actor, task = await start(bus)
+    watcher = WatcherActor(bus, host.settings(poll_interval=0.05), VM, "w")
+    watching = asyncio.create_task(watcher.run())
+    mapped = [MappedVolume(volume_id=str(uuid.uuid4()), operation_id="op-1")]
+    try:
+        await wait_for(lambda: actor.device_state_known)
+        started = time.time()
+        host.add("vdb", GIB, serial=None)
+        request = attach_request("op-1", mapped[0].volume_id, GIB, started)
+        await bus.publish(correlate_request_subject(VM), request)
+        r = await wait_for(lambda: results.attach.get("op-1"))
+        assert (r.device_path, r.proof) == (f"{host.dev}/vdb", "exclusive")
+        assert actor.engine.prove(mapped)[0].proof == "exclusive"
+        snapshots = await bus.bucket(DEVICES_BUCKET, DeviceSnapshot)
+
+        async def saved() -> bool:
+            got = await snapshots.get(VM)
+            return got is not None and "vdb" in {d.name for d in got[0].devices}
+
+        await wait_for(saved)
+
+        loads = actor.device_state_loads
+        nats_server.stop()
+        nats_server.start()
+        await wait_for(lambda: actor.device_state_loads > loads, timeout=15)
+        await wait_for(lambda: actor.engine.attaches_known, timeout=10)
+        proof = actor.engine.prove(mapped)[0]
+        assert (proof.proof, proof.device_path) == ("exclusive", f"{host.dev}/vdb"), proof
+
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        watcher = WatcherActor(bus, host.settings(poll_interval=0.05), VM, "w")
+        watching = asyncio.create_task(watcher.run())
+        await wait_for(lambda: actor.engine.prove(mapped)[0].proof == "none", timeout=10)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
         await stop(actor, task)

@@ -166,6 +166,38 @@ async def test_restart_without_serials_names_no_device(
             assert reply["proof_reason"]
 
 
+async def test_a_nats_restart_leaves_serial_less_mappings_proven(
+    nats_server: NatsServer, database: Database, tree: tuple[Path, Path]
+) -> None:
+    """A reconnect is no restart: after nats-server comes back the correlator reads the
+    watcher's saved state again, finds the same disks and proves the mappings again, still
+    by exclusion (issue 13, item 5)."""
+    sysfs, dev = tree
+    async with (
+        Simulator(hotplugging(sysfs, dev, seed=25, serials=False)) as sim,
+        daemon(nats_server, database, sim, tree) as v,
+    ):
+        volumes = await create_many(v, sim, 2, [1])
+        paths = await attach_local(v, sim, volumes)
+
+        def proven(rows: dict[str, dict[str, object]]) -> bool:
+            return len(rows) == 2 and all(
+                rows[vol]["proof"] == "exclusive" and rows[vol]["device_path"] == paths[vol]
+                for vol in volumes
+            )
+
+        before = await rows_when(database, sim, proven)
+        nats_server.stop()
+        nats_server.start()
+        # Proven again after the reconnect (the saved state read again asks for it).
+        after = await rows_when(
+            database,
+            sim,
+            lambda rows: all(rows[vol]["proven_at"] != before[vol]["proven_at"] for vol in volumes),
+        )
+        assert proven(after), after
+
+
 async def test_mapped_device_that_disappears_names_no_device(
     nats_server: NatsServer, database: Database, tree: tuple[Path, Path]
 ) -> None:

@@ -8,14 +8,15 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from actors.watcher import WatcherActor, diff, diff_one, parse_uevent, read_device, scan
+from actors.watcher import WatcherActor, diff, diff_one, parse_uevent, read_device, scan, sysfs
 from actors.watcher.sysfs import pick_by_id, scan_detailed
 from bus import Bus
 from bus.topology import DEVICES_BUCKET, HEALTH_BUCKET, TOPOLOGY, device_subject
@@ -300,6 +301,105 @@ async def test_unreadable_sysfs_is_down_not_empty(tmp_path: Path, bus: Bus, even
             await task
 
 
+# -- when a disk appeared: the kernel's announcement, never the read that saw it ------------
+
+
+async def test_a_disk_unreadable_at_start_keeps_its_start_time(
+    host: FakeHost, bus: Bus, events: Events
+) -> None:
+    """A disk there at the start scan but unreadable then is announced once readable as
+    present "before the watcher started", never ``added`` with a fresh time."""
+    host.add("vda", 64 * MiB)
+    host.add("vdb", 64 * MiB)
+    host.add("vdc", 64 * MiB)
+    for name in ("vdb", "vdc"):  # reading them fails (EISDIR): they exist, unreadable now
+        (host.sys / "block" / name / "size").unlink()
+        (host.sys / "block" / name / "size").mkdir()
+    size = host.sys / "block" / "vdb" / "size"
+    actor = WatcherActor(bus, host.settings(poll_interval=0.05), VM, "t4")
+    async with running(actor):
+        start = await wait_for(lambda: [e for e in events.items if e.kind == "inventory"])
+        vda = start[0].devices[0]
+        assert [d.name for d in start[0].devices] == ["vda"]
+        assert start[0].unread == ("vdb", "vdc")
+        assert (vda.appeared_after, vda.appeared_at) == (0.0, start[0].at)
+        rescans = actor.rescans
+        await wait_for(lambda: actor.rescans >= rescans + 2)
+        assert events.of("vdb") == events.of("vdc") == []
+        size.rmdir()
+        size.write_text(f"{64 * MiB // 512}\n")
+        await wait_for(lambda: events.of("vdb"))
+        assert events.of("vdb") == [("added", "start")]
+        vdb = events.device("vdb", "added")
+        assert (vdb.appeared_after, vdb.appeared_at) == (0.0, start[0].at)
+        assert actor.known["vdb"] == vdb
+        # One that goes before it could be read is removed: no reader keeps it as there.
+        host.remove("vdc")
+        await wait_for(lambda: events.of("vdc"))
+        assert events.of("vdc") == [("removed", "rescan")]
+        assert "vdc" not in actor.known
+
+
+async def test_a_settle_re_read_is_stamped_between_its_uevent_and_the_read(
+    host: FakeHost, bus: Bus, events: Events
+) -> None:
+    """A disk that the re-read after a uevent finds (not the read at once) may have come any
+    time in between: never stamped with that earlier uevent's arrival alone."""
+    actor = WatcherActor(bus, host.settings(poll_interval=600), VM, "t5")
+    async with running(actor):
+        uevent = time.time()
+        assert actor.observe("vdb", "uevent", uevent) == []  # nothing there yet
+        host.add("vdb", 64 * MiB, serial=None)
+        came = time.time()
+        actor._settle("vdb", uevent)
+        await wait_for(lambda: events.of("vdb"))
+        added = events.device("vdb", "added")
+        assert added.appeared_after == uevent and added.appeared_at >= came
+
+
+async def test_a_rescan_stamps_a_disk_between_the_previous_scan_and_its_end(
+    host: FakeHost, bus: Bus, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that comes while a rescan runs is stamped no earlier than it came (the time
+    before the scan would be), and no later than the previous scan that missed it began."""
+    actor = WatcherActor(bus, host.settings(poll_interval=600), VM, "t6")
+    async with running(actor):
+        came: list[float] = []
+        listing = sysfs.block_names
+
+        def block_names(root: str, patterns: Sequence[str]) -> list[str]:
+            if not came:  # the disk comes just as the scan begins
+                host.add("vdb", 64 * MiB, serial=None)
+                came.append(time.time())
+            return listing(root, patterns)
+
+        monkeypatch.setattr(sysfs, "block_names", block_names)
+        before = time.time()
+        assert [kind for kind, _ in actor.rescan()] == ["added"]
+        await wait_for(lambda: events.of("vdb"))
+        added = events.device("vdb", "added")
+        assert added.appeared_after <= before and added.appeared_at >= came[0]
+
+
+async def test_a_slow_by_id_link_holds_up_only_its_own_disk(
+    host: FakeHost, bus: Bus, events: Events
+) -> None:
+    actor = WatcherActor(bus, host.settings(poll_interval=0.05), VM, "t7", by_id_grace=60)
+    async with running(actor):
+        await wait_for(lambda: events.items)
+        host.add("vdb", 64 * MiB, serial="slow", link=None)  # udev has not linked it yet
+        await wait_for(lambda: "vdb" in actor.known)
+        host.add("vdc", 64 * MiB, serial="fast")
+        await wait_for(lambda: events.of("vdc"), timeout=5)
+        assert events.of("vdb") == []  # still waiting for its link, alone
+        host.remove("vdc")
+        await wait_for(lambda: len(events.of("vdc")) == 2, timeout=5)
+        (host.dev / "disk" / "by-id" / "virtio-slow").symlink_to("../../vdb")
+        await wait_for(lambda: events.of("vdb"), timeout=5)
+        assert events.device("vdb", "added").by_id_path == f"{host.dev}/disk/by-id/virtio-slow"
+        assert [e.device.name for e in events.items if e.device] == ["vdc", "vdc", "vdb"]
+
+
 # -- real kernel block devices ----------------------------------------------------------------
 
 
@@ -350,12 +450,15 @@ async def test_loop_device_seen_through_uevents(loops: Loops, bus: Bus, events: 
     async with running(actor):
         assert actor.uevents_active, actor.uevent_problem
         await wait_for(lambda: events.items)
+        before = time.time()
         path = await loops.attach()
         name = os.path.basename(path)
         await wait_for(lambda: events.of(name), timeout=5)
         added = events.device(name, "added")
         assert events.of(name) == [("added", "uevent")]
         assert added.size == 64 * MiB and added.path == path and added.serial is None
+        # When the kernel announced it: its uevent's arrival, exactly (both bounds).
+        assert before <= added.appeared_after == added.appeared_at <= time.time()
         await loops.detach(path)
         await wait_for(lambda: len(events.of(name)) == 2, timeout=5)
         rescans = actor.rescans
@@ -366,15 +469,33 @@ async def test_loop_device_seen_through_uevents(loops: Loops, bus: Bus, events: 
 
 
 @pytest.mark.loopdev
+async def test_loop_device_present_at_start_appeared_before_the_watcher_started(
+    loops: Loops, bus: Bus, events: Events
+) -> None:
+    path = await loops.attach()
+    name = os.path.basename(path)
+    actor = WatcherActor(bus, kernel_settings(poll_interval=0.3), VM, "k4")
+    async with running(actor):
+        start = await wait_for(lambda: events.items)
+        listed = {d.name: d for d in start[0].devices}[name]
+        assert (listed.appeared_after, listed.appeared_at) == (0.0, start[0].at)
+        assert actor.known[name] == listed  # kept as long as it is the same disk
+
+
+@pytest.mark.loopdev
 async def test_loop_device_seen_through_rescans(loops: Loops, bus: Bus, events: Events) -> None:
     actor = WatcherActor(bus, kernel_settings(poll_interval=0.1), VM, "k2", use_uevents=False)
     async with running(actor):
         assert not actor.uevents_active
         await wait_for(lambda: events.items)
+        before = time.time()
         path = await loops.attach()
         name = os.path.basename(path)
         await wait_for(lambda: events.of(name), timeout=5)
-        assert events.device(name, "added").size == 64 * MiB
+        added = events.device(name, "added")
+        assert added.size == 64 * MiB
+        # Unannounced: after a scan that did not see it began, before the one that did ended.
+        assert 0 < added.appeared_after <= before <= added.appeared_at
         await loops.detach(path)
         await wait_for(lambda: len(events.of(name)) == 2, timeout=5)
         rescans = actor.rescans

@@ -106,6 +106,7 @@ class CorrelatorActor:
         self._stopping = asyncio.Event()
         self._consumer: Consumer | None = None
         self.device_state_known = False
+        self.device_state_loads = 0  # the watcher's saved state read (start, reconnects)
         self.published = 0
         self.proofs_published = 0
         self.proof_error: str | None = None
@@ -322,7 +323,10 @@ class CorrelatorActor:
             if self.bus.reconnects != reconnects:
                 reconnects = self.bus.reconnects
                 # Events may have been lost while disconnected: attaches that started then
-                # are unknown until the records are read again, and so are device changes.
+                # are unknown until the records are read again, and so are device changes
+                # (the watcher's saved state is read again). A reconnect is no restart: what
+                # was proven stays proven, as long as the watcher still reports the same
+                # appearances (see the engine's "Inventories").
                 self.engine.lose_track("NATS reconnected", time.time())
                 self._need_sync.set()
             now = time.time()
@@ -412,6 +416,7 @@ class CorrelatorActor:
                 booted - state.at,
             )
             state = None
+        self.device_state_loads += 1
         if state is not None:
             self._device_event(state, now)
         elif self._buffer is not None:
@@ -552,13 +557,16 @@ class _SavedDevices(msgspec.Struct, kw_only=True):
     at: float
     devices: tuple[DeviceInfo, ...] = ()
     watcher: str = ""
+    unread: tuple[str, ...] = ()
 
 
 def _saved_state(raw: bytes) -> DeviceEvent:
     """The devices bucket's value (a DeviceEvent inventory or the watcher's snapshot) as an
-    inventory. Marked as a start scan: when a saved device appeared cannot be trusted here
-    (a watcher that started just before stamped its devices with its start time), so devices
-    the engine first learns from it are never proven by exclusion."""
+    inventory. Marked as a start scan (a gap nobody here watched): the engine takes a device
+    it first learns from it as appeared when the watcher's stamps say, and only if the
+    watcher says (``appeared_after``; a watcher's start scan: "before it started"), and a
+    device it knows with the same stamps as that same appearance (read again after a NATS
+    reconnect: its proof stands)."""
     try:
         event = msgspec.json.decode(raw, type=DeviceEvent)
     except msgspec.ValidationError:
@@ -566,13 +574,20 @@ def _saved_state(raw: bytes) -> DeviceEvent:
     else:
         if event.kind != "inventory":
             raise ValueError(f"the saved device state is an {event.kind!r} event")
-        saved = _SavedDevices(vm_id=event.vm_id, at=event.at, devices=event.devices)
+        saved = _SavedDevices(
+            vm_id=event.vm_id,
+            at=event.at,
+            devices=event.devices,
+            watcher=event.watcher,
+            unread=event.unread,
+        )
     return DeviceEvent(
         kind="inventory",
         vm_id=saved.vm_id,
         at=saved.at,
         source="start",
         devices=saved.devices,
+        unread=saved.unread,
         watcher=saved.watcher,
     )
 

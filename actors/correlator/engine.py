@@ -16,14 +16,21 @@ is known to give serials and the method below is no longer used on it.
 **Without serial: proof by exclusion** (``proof="exclusive"``). A device without serial is
 the volume of attach R only if all of this holds:
 
-1. *It appeared in R's window*: the watcher first saw it at or after ``R.started_at - SKEW``.
+1. *It appeared in R's window*: it appeared at or after ``R.started_at - SKEW``.
    ``started_at`` is taken just before the attach is sent and the watcher stamps a device
-   when it observes it, with the same host clock, so R's device cannot be seen before R's
-   window opens; a device seen earlier is stale and never taken. ``SKEW`` (50 ms) only
-   absorbs timestamp granularity and clock slew. It is far shorter than any CloudStack attach
-   takes to reach a guest (API call, job, agent command, PCI hot-plug), so it does not
-   reopen the seed's 5 s "contemporary" window. If R's executor runs on another host, R's
-   window opens when this correlator first learned of R instead (below).
+   with when the kernel announced it, with the same host clock, so R's device cannot appear
+   before R's window opens; a device that appeared earlier is stale and never taken. When
+   the watcher only knows an interval (a rescan found the disk: between the previous scan
+   and this one), the device may be in R's window if the interval ends in it: it is then a
+   candidate, every other attach it may belong to (rule 4, judged by the same end) competes
+   for it, a failed one taints it, and it proves R only if it came after this correlator
+   started even at the interval's start (rule 5), so that whatever attach made it is one
+   this correlator follows. An uncertain time costs an ``ambiguous_device``, never a guess.
+   ``SKEW`` (50 ms) only absorbs timestamp granularity and clock slew. It is far shorter
+   than any CloudStack attach takes to reach a guest (API call, job, agent command, PCI
+   hot-plug), so it does not reopen the seed's 5 s "contemporary" window. If R's executor
+   runs on another host, R's window opens when this correlator first learned of R instead
+   (below).
 2. *Its size equals R's size exactly*, it is not claimed by an earlier answer, and it is not
    the device of a volume detached since.
 3. *It is R's only such device*: with two, both could be R's, so R is ambiguous at once.
@@ -33,8 +40,9 @@ the volume of attach R only if all of this holds:
    request comes) makes R wait, and R fails ``ambiguous_device`` if its time-out comes first.
    A competitor's window opens at the earliest time known of it (``executing``'s ``at``,
    ``accepted_at``, ``started_at``, less ``SKEW``); for one on another host's clock, always.
-5. *It appeared after this correlator started* (claims live in memory: a device seen
-   before may already be another volume's), and it is not *tainted*.
+5. *It appeared after this correlator started*, even at the earliest its interval allows
+   (claims live in memory: a device seen before may already be another volume's), and it
+   is not *tainted*.
 
 Why two volumes attached at the same time cannot be confused: requests arrive only after
 CloudStack's job finished, so "the only open request" is not enough. B's device may appear,
@@ -78,9 +86,12 @@ Requirements on the others: every attach to this VM goes through volumed (a disk
 hot-plugged by hand inside a window of the same size would be indistinguishable); the
 executor publishes ``executing`` before it sends an attach and ``failed`` only after the
 roll-back detach is done, and names the clock of every time it hands over (``clock``); the
-watcher stamps ``appeared_at`` when it first sees a device (its start scan is marked
-``source="start"``, and devices first learned from it count as present since an unknown
-time).
+watcher stamps a device with when the kernel announced it, as an interval
+(``appeared_after``/``appeared_at``) when it only knows bounds, and what its start scan
+finds (or could not read then) as present "before it started" (``appeared_after`` 0): such
+a device counts as present since an unknown time, before any attach the watcher could have
+seen, and is never a candidate. A watcher older than ``appeared_after`` stamped one time,
+taken as both bounds; what its start scan lists counts as present since an unknown time.
 
 **Proving mappings again** (``prove``). A mapping recorded earlier names a kernel name, and
 the kernel may give that name to another disk (a reboot names disks again, in any order). A
@@ -109,7 +120,15 @@ neither error is possible: the device keeps its appearance (its volume's release
 it) and is *doubted* until it goes: it is never a candidate by exclusion, ``prove`` names it
 for no volume, and a release that times out on it says it only *may* be the volume's. A
 watcher restart thus costs mappings without serial their proof, as a correlator restart
-does.
+does. A name the start scan lists as ``unread`` (there, but not readable) is neither gone
+nor known to be the same disk: the appearance under it stays (its release waits), proves
+nothing, not even by its old serial, until it is read again (``added`` with
+``source="start"``: then as if listed), and without serial is doubted too.
+
+A NATS reconnect is no such gap for the watcher: the actor reads the watcher's saved state
+again, and an entry with the appearance's own times (the watcher stamps each appearance once;
+a restarted one stamps what it lists with its own start) is that very appearance, not listed
+again after a gap: it keeps its proof. A reconnect costs no mapping its proof.
 
 **Releases.** A ``ReleaseRequest`` (the volume was detached in CloudStack) is answered
 ``gone=True`` as soon as the volume's device (the appearance it was mapped to, else the one
@@ -167,7 +186,11 @@ class _Device:
 
     key: int
     info: DeviceInfo
-    seen_at: float  # when the watcher first saw it; -inf: present since an unknown time
+    # When it appeared, as the watcher knows it: at the latest ``seen_at``, at the earliest
+    # ``seen_after`` (equal for a disk a uevent announced; -inf for both: present since an
+    # unknown time, before any attach the watcher could have seen).
+    seen_at: float
+    seen_after: float
     claimed_by: str | None = None  # the attach operation answered with this device
     volume_id: str | None = None
     taint: str | None = None  # why it may belong to a failed attach: never proven by exclusion
@@ -179,6 +202,9 @@ class _Device:
     # Why it may be another disk than the one it was (listed again without serial after a
     # gap): still waited for as its volume's, but never proven to be it, or anyone's, again.
     doubt: str | None = None
+    # Listed as unread by a start scan after a gap: what it is now (its serial too) is not
+    # known until it is read again, so no serial proves anything by it meanwhile.
+    unread: bool = False
 
 
 @dataclass
@@ -268,10 +294,18 @@ class CorrelationEngine:
             self._state_at = self._event_at = event.at
             listed = {d.name: d for d in event.devices}
             for name in list(self._devices):
-                if name not in listed:
+                if name in event.unread:
+                    # There but unreadable: neither gone nor known to be the same disk.
+                    self._unread(self._devices[name])
+                elif name not in listed:
                     out += self._remove(name, now)
             for info in event.devices:
                 known = self._devices.get(info.name)
+                if known is not None and not known.unread and _same_appearance(known.info, info):
+                    # The watcher's own record of this very appearance (its saved state read
+                    # again after a NATS reconnect): no gap in its watch, nothing to doubt.
+                    known.info = _merge(known.info, info)
+                    continue
                 if known is not None and (
                     _same_device(known.info, info) or _resized(known.info, info)
                 ):
@@ -279,20 +313,28 @@ class CorrelationEngine:
                     continue
                 if known is not None:
                     out += self._remove(info.name, now)
-                # The watcher's start scan cannot know when its devices appeared.
-                seen = _UNKNOWN if event.source == "start" else _seen_at(info, event.at)
-                self._add(info, seen)
+                self._add(info, *_appeared(info, event))
         elif event.device is not None and event.at >= self._state_at:
             self._event_at = max(self._event_at, event.at)
             info = event.device
             known = self._devices.get(info.name)
-            if event.kind == "added":
+            if event.kind == "added" and event.source == "start":
+                # A disk of the watcher's start scan, read only now: as if listed there.
+                if known is not None and (
+                    _same_device(known.info, info) or _resized(known.info, info)
+                ):
+                    self._relist(known, info)
+                else:
+                    if known is not None:
+                        out += self._remove(info.name, now)
+                    self._add(info, *_appeared(info, event))
+            elif event.kind == "added":
                 if known is not None and _same_device(known.info, info):
                     known.info = _merge(known.info, info)  # a repeat, e.g. the by-id link came
                 else:
                     if known is not None:
                         out += self._remove(info.name, now)
-                    self._add(info, _seen_at(info, event.at))
+                    self._add(info, *_appeared(info, event))
             elif event.kind == "changed":
                 if known is not None and _resized(known.info, info):
                     # The same disk with a new size: it keeps its appearance (owner, claim,
@@ -304,7 +346,7 @@ class CorrelationEngine:
                     # an unknown time, never a fresh candidate.
                     if known is not None:
                         out += self._remove(info.name, now)
-                    self._add(info, _UNKNOWN)
+                    self._add(info, _UNKNOWN, _UNKNOWN)
             elif known is not None:
                 out += self._remove(info.name, now)
         return out + self._evaluate(now)
@@ -482,6 +524,12 @@ class CorrelationEngine:
             )
 
         same = [d for d in self._devices.values() if d.info.serial == serial]
+        unread = [d.info.name for d in same if d.unread]
+        if unread:
+            return none(
+                f"{unread[0]}, which had serial {serial}, could not be read after the watcher "
+                f"was away: it may be another disk now{was}"
+            )
         live = [d for d in same if not d.released]
         if len(live) == 1:
             return on(live[0], "serial")
@@ -573,7 +621,9 @@ class CorrelationEngine:
             # An appearance whose volume was detached since is an old one still on its way
             # out (or a stale view): a re-attach of the volume gets a new appearance.
             same = [
-                d for d in self._devices.values() if d.info.serial == req.serial and not d.released
+                d
+                for d in self._devices.values()
+                if d.info.serial == req.serial and not d.released and not d.unread
             ]
             if len(same) == 1:
                 self.serial_host = True
@@ -601,7 +651,7 @@ class CorrelationEngine:
         if not candidates:
             return None
         device = candidates[0]
-        if device.seen_at < self.watch_since:
+        if device.seen_after < self.watch_since:
             return self._fail(
                 c,
                 "ambiguous_device",
@@ -767,7 +817,7 @@ class CorrelationEngine:
         return not (r.volume_id and self._has_serial(serial_of(r.volume_id)))
 
     def _has_serial(self, serial: str) -> bool:
-        return any(d.info.serial == serial for d in self._devices.values())
+        return any(d.info.serial == serial and not d.unread for d in self._devices.values())
 
     def _taint(self, c: _Claimant, why: str) -> None:
         for d in self._devices.values():
@@ -778,9 +828,9 @@ class CorrelationEngine:
 
     # -- devices --------------------------------------------------------------------------
 
-    def _add(self, info: DeviceInfo, seen_at: float) -> None:
+    def _add(self, info: DeviceInfo, seen_after: float, seen_at: float) -> None:
         self._next_key += 1
-        d = _Device(key=self._next_key, info=info, seen_at=seen_at)
+        d = _Device(key=self._next_key, info=info, seen_at=seen_at, seen_after=seen_after)
         self._devices[info.name] = d
         for c in self._claimants.values():
             if c.kind == "failed" and self._fits(c, d):
@@ -814,6 +864,18 @@ class CorrelationEngine:
         if info.size != d.info.size:
             d.resized = True
         d.info = _merge(d.info, info)
+        d.unread = False
+
+    def _unread(self, d: _Device) -> None:
+        """A start scan after a gap lists the appearance's name as there but unreadable: it
+        stays (its release waits for it), without serial doubted, with one not trusted by
+        its serial until it is read again (``_relist``, or a remove and an add)."""
+        d.unread = True
+        if not d.info.serial and d.doubt is None:
+            d.doubt = (
+                f"{d.info.name} has no serial and could not be read after the watcher was "
+                f"away: the same disk, or another one under its name"
+            )
 
     def _devices_of(self, request: ReleaseRequest) -> tuple[list[_Device], str]:
         """The volume's present device: the appearance we mapped, one with its serial, or
@@ -890,9 +952,26 @@ def _resized(a: DeviceInfo, b: DeviceInfo) -> bool:
     return a.name == b.name and a.serial == b.serial and a.controller == b.controller
 
 
+def _same_appearance(a: DeviceInfo, b: DeviceInfo) -> bool:
+    """Whether ``b`` is the watcher's record of appearance ``a`` itself: the same disk with
+    the same appearance times. The watcher stamps each appearance once (a restarted one
+    stamps what it lists with its own start), so equal times mean it watched without a gap
+    in between (a saved state read again after a NATS reconnect, an inventory published
+    again): not "listed again after a gap"."""
+    return (
+        a.appeared_at > 0
+        and a.appeared_at == b.appeared_at
+        and a.appeared_after == b.appeared_after
+        and a.name == b.name
+        and a.serial == b.serial
+        and a.size == b.size
+        and a.controller == b.controller
+    )
+
+
 def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:
-    """Newer details (by-id link, controller), the earliest appearance stamp."""
-    stamps = [s for s in (old.appeared_at, new.appeared_at) if s > 0]
+    """Newer details (by-id link, controller); the appearance keeps its first times."""
+    first = old if old.appeared_at > 0 else new
     return DeviceInfo(
         name=new.name,
         path=new.path,
@@ -900,13 +979,21 @@ def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:
         serial=new.serial,
         by_id_path=new.by_id_path or old.by_id_path,
         controller=new.controller or old.controller,
-        appeared_at=min(stamps) if stamps else 0.0,
+        appeared_at=first.appeared_at,
+        appeared_after=first.appeared_after,
     )
 
 
-def _seen_at(info: DeviceInfo, observed: float) -> float:
-    """The device was seen at its stamp, and at the latest when the event was made."""
-    return min(info.appeared_at, observed) if info.appeared_at > 0 else observed
+def _appeared(info: DeviceInfo, event: DeviceEvent) -> tuple[float, float]:
+    """When a reported device appeared: (at the earliest, at the latest), from the
+    watcher's stamps. "Before the watcher started" (``appeared_after`` 0.0, or any entry of
+    a start scan from a watcher that does not say) is before any attach it could have seen:
+    -inf for both. A watcher older than ``appeared_after`` stamped one time: both bounds."""
+    if info.appeared_after == 0.0 or (info.appeared_after is None and event.source == "start"):
+        return _UNKNOWN, _UNKNOWN
+    latest = info.appeared_at if info.appeared_at > 0 else event.at
+    earliest = latest if info.appeared_after is None else min(info.appeared_after, latest)
+    return earliest, latest
 
 
 def _parse_time(value: str | None) -> float:

@@ -5,6 +5,22 @@ reported twice: kernel uevents (primary, when sysfs is the real /sys and netlink
 a rescan every ``poll_interval`` seconds (the only path otherwise, reconciliation always).
 Observation is synchronous and never awaits between reading sysfs and updating ``known``;
 events go to one ordered outbox that a single task publishes, retrying while NATS is away.
+
+**When a disk appeared** (``DeviceInfo.appeared_after``/``appeared_at``, an interval on this
+host's clock) is when the kernel announced it, never when some read happened to see it:
+
+- a disk a uevent names, read at once: the arrival of that uevent (both bounds);
+- a disk the settle re-read finds (its uevent came before sysfs showed it, or another disk
+  took the name meanwhile): between that uevent and the re-read;
+- a disk a rescan finds that no uevent announced (netlink missed it, or rescans are the only
+  path): between the start of the previous successful scan (it was not there yet) and the end
+  of this one (it was there by then). The correlator takes such a disk as come anywhere in
+  the interval (see the engine's rules 1, 4 and 5);
+- a disk present at the start scan: ``appeared_after`` 0.0 ("before the watcher started")
+  and ``appeared_at`` the start scan. So is a disk that existed then but could not be read
+  (listed as ``unread``; announced ``added`` with ``source="start"`` once readable, never
+  with a fresh time, or ``removed`` if it goes first).
+A disk keeps its pair for as long as it is the same disk (a resize, a late by-id link).
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from schemas.internal import CheckResult
 log = logging.getLogger("volumed.watcher")
 
 Source = Literal["uevent", "rescan", "start"]
+Times = tuple[float, float]  # (appeared_after, appeared_at) of a disk that appears
 
 # A uevent can precede the sysfs attribute it announces (a loop device's size on detach);
 # the device is read once more this long after, and the diff drops what was already seen.
@@ -85,6 +102,15 @@ class WatcherActor:
         self._socket: UeventSocket | None = None
         self._stop_reader: Callable[[], None] | None = None
         self._settles: dict[str, asyncio.TimerHandle] = {}
+        self.start_at: float | None = None  # time.time() of the start scan
+        self._scan_began = 0.0  # time.time() when the last successful scan began
+        # Names that exist but could not be read, and were not known: when they appeared,
+        # as far as was known then (the start scan's: "before the watcher started").
+        self._unseen: dict[str, Times] = {}
+        # Events of a disk whose ``added`` waits for its by-id link, in order: later events of
+        # that disk wait behind it, those of other disks do not.
+        self._held: dict[str, list[DeviceEvent]] = {}
+        self._link_waits: set[asyncio.Task[None]] = set()
         self._msg_prefix = f"{instance}-{uuid.uuid4().hex[:8]}"
 
     # -- running ----------------------------------------------------------------------------
@@ -101,6 +127,8 @@ class WatcherActor:
                 tg.create_task(self._rescan_loop())
         finally:
             self._close_uevents()
+            for task in list(self._link_waits):
+                task.cancel()
 
     def _open_uevents(self) -> None:
         if not self.use_uevents:
@@ -134,8 +162,9 @@ class WatcherActor:
         """The first scan is published as one inventory; present devices are not "added".
         Until sysfs can be read, nothing is claimed (health says why)."""
         while True:
+            began = time.time()
             try:
-                found, _ = sysfs.scan_detailed(
+                found, unreadable = sysfs.scan_detailed(
                     self.settings.sysfs, self.settings.dev, self.settings.devices
                 )
                 break
@@ -143,8 +172,13 @@ class WatcherActor:
                 self._scan_failed(e)
                 await asyncio.sleep(self.settings.poll_interval)
         at = time.time()
-        self._scan_ok()
-        self.known = {name: replace(info, appeared_at=at) for name, info in found.items()}
+        self._scan_ok(began)
+        self.start_at = at
+        # Present before the watcher started: since when, nobody can tell.
+        start: Times = (0.0, at)
+        self.known = {name: _stamped(info, start) for name, info in found.items()}
+        # Unreadable now, yet there: when readable it is announced with these times.
+        self._unseen = dict.fromkeys(unreadable, start)
         self._outbox.put_nowait(
             DeviceEvent(
                 kind="inventory",
@@ -152,6 +186,7 @@ class WatcherActor:
                 at=at,
                 source="start",
                 devices=tuple(self.known[n] for n in sorted(self.known)),
+                unread=tuple(sorted(unreadable)),
                 watcher=self.instance,
             )
         )
@@ -192,7 +227,7 @@ class WatcherActor:
         self.uevents_matched += len(names)
         loop = asyncio.get_running_loop()
         for name in names:
-            self.observe(name, "uevent", at)
+            self.observe(name, "uevent", at)  # read at once: the uevent's arrival is when
             pending = self._settles.pop(name, None)
             if pending is not None:
                 pending.cancel()
@@ -203,26 +238,39 @@ class WatcherActor:
 
     def _settle(self, name: str, at: float) -> None:
         self._settles.pop(name, None)
-        self.observe(name, "uevent", at)
+        # A disk found only now came between the uevent and this read (that uevent's time
+        # alone would be too early: another disk may have taken the name since).
+        self.observe(name, "uevent", at, settled=True)
 
-    def observe(self, name: str, source: Source, at: float) -> list[Change]:
-        """Re-read one device and publish what changed against ``known``."""
+    def observe(
+        self, name: str, source: Source, announced: float, *, settled: bool = False
+    ) -> list[Change]:
+        """Re-read one device that the uevent arriving at ``announced`` named and publish
+        what changed against ``known``. A disk found is stamped with that arrival, or, for a
+        re-read some time after it (``settled``), between the uevent and this read."""
         try:
             new = sysfs.read_device(self.settings.sysfs, self.settings.dev, name)
         except OSError as e:
             log.debug("device watcher: %s unreadable now (%s); the next scan retries", name, e)
+            if name not in self.known:
+                self._unseen.setdefault(name, (announced, time.time()))
             return []
+        read = time.time() if settled else announced
+        if new is None and name in self._unseen:
+            self._unread_gone(name, source, read)
         old = self.known.get(name)
         if new is not None:
             if old is not None and same_device(old, new) and old.by_id_path:
                 new = replace(new, by_id_path=old.by_id_path)
             else:
                 new = replace(new, by_id_path=sysfs.find_by_id(self.settings.dev, name, new.serial))
-        return self._apply(diff_one(old, new), source, at)
+        return self._apply(diff_one(old, new), source, read, (announced, read))
 
     def rescan(self) -> list[Change]:
-        """Read every watched device and publish what differs from ``known``."""
-        at = time.time()
+        """Read every watched device and publish what differs from ``known``. A disk found
+        here that no uevent announced appeared after the previous scan began (it was not
+        there then) and before this one ended."""
+        began = time.time()
         try:
             seen, unreadable = sysfs.scan_detailed(
                 self.settings.sysfs, self.settings.dev, self.settings.devices, resolve_by_id=False
@@ -230,8 +278,15 @@ class WatcherActor:
         except OSError as e:
             self._scan_failed(e)
             return []
-        self._scan_ok()
+        at = time.time()
+        since = self._scan_began
+        self._scan_ok(began)
         self.rescans += 1
+        for name in list(self._unseen):
+            if name not in seen and name not in unreadable:
+                self._unread_gone(name, "rescan", at)
+        for name in unreadable - self.known.keys():
+            self._unseen.setdefault(name, (since, at))
         links: dict[str, list[str]] | None = None
         for name, info in seen.items():
             old = self.known.get(name)
@@ -245,25 +300,41 @@ class WatcherActor:
                 )
         for name in unreadable & self.known.keys():
             seen[name] = self.known[name]  # neither present nor absent: keep what we knew
-        return self._apply(diff(self.known, seen), "rescan", at)
+        return self._apply(diff(self.known, seen), "rescan", at, (since, at))
 
-    def _apply(self, changes: list[Change], source: Source, at: float) -> list[Change]:
+    def _apply(
+        self, changes: list[Change], source: Source, at: float, appeared: Times
+    ) -> list[Change]:
+        """Record and announce ``changes`` observed at ``at``; a disk that appears is
+        stamped ``appeared``, unless it was there unread since earlier (then with when it
+        was first known to be there: before the watcher started, for the start scan's)."""
         for kind, info in changes:
             if kind == "removed":
                 self.known.pop(info.name, None)
                 self._emit("removed", info, source, at)
             elif kind == "added":
-                info = replace(info, appeared_at=at)
+                times, how = appeared, source
+                unseen = self._unseen.pop(info.name, None)
+                if unseen is not None:
+                    times = (min(unseen[0], appeared[0]), unseen[1])
+                    how = "start" if times[0] == 0.0 else source
+                info = _stamped(info, times)
                 self.known[info.name] = info
-                self._emit("added", info, source, at)
+                self._emit("added", info, how, at)
             elif kind == "changed":  # resized: the same disk, seen since it first was
-                info = replace(info, appeared_at=self.known[info.name].appeared_at)
+                info = _stamped_as(info, self.known[info.name])
                 self.known[info.name] = info
                 self._emit("changed", info, source, at)
             else:  # a late by-id link of the same disk: recorded, not announced
-                old = self.known[info.name]
-                self.known[info.name] = replace(info, appeared_at=old.appeared_at)
+                self.known[info.name] = _stamped_as(info, self.known[info.name])
         return changes
+
+    def _unread_gone(self, name: str, source: Source, at: float) -> None:
+        """A disk listed as unread (in the start inventory or a snapshot) went before it
+        could be read: ``removed``, so that no reader keeps it as still there."""
+        del self._unseen[name]
+        gone = DeviceInfo(name=name, path=os.path.join(self.settings.dev, name), size=0)
+        self._emit("removed", gone, source, at)
 
     def _emit(
         self,
@@ -280,19 +351,23 @@ class WatcherActor:
             info.serial,
             source,
         )
-        self._outbox.put_nowait(
-            DeviceEvent(
-                kind=kind,
-                vm_id=self.vm_id,
-                at=at,
-                source=source,
-                device=info,
-                watcher=self.instance,
-            )
+        event = DeviceEvent(
+            kind=kind, vm_id=self.vm_id, at=at, source=source, device=info, watcher=self.instance
         )
+        held = self._held.get(info.name)
+        if held is not None:
+            held.append(event)  # behind this disk's ``added``, still waiting for its link
+        elif kind == "added" and self._may_get_link(info):
+            self._held[info.name] = [event]
+            task = asyncio.get_running_loop().create_task(self._wait_for_by_id(info.name))
+            self._link_waits.add(task)
+            task.add_done_callback(self._link_waits.discard)
+        else:
+            self._outbox.put_nowait(event)
 
-    def _scan_ok(self) -> None:
+    def _scan_ok(self, began: float) -> None:
         self.last_scan = time.monotonic()
+        self._scan_began = began
         self.scan_error = None
 
     def _scan_failed(self, e: OSError) -> None:
@@ -308,8 +383,6 @@ class WatcherActor:
         seq = 0
         while True:
             event = await self._outbox.get()
-            if event.kind == "added" and event.device is not None:
-                event = await self._wait_for_by_id(event, event.device)
             seq += 1
             backoff = Backoff(0.1, 5.0)
             while True:
@@ -341,30 +414,47 @@ class WatcherActor:
                             at=event.at,
                             devices=tuple(self.known[n] for n in sorted(self.known)),
                             seq=seq,
+                            unread=tuple(sorted(self._unseen)),
                         ),
                     )
                 except Exception as e:
                     log.debug("device watcher: snapshot not written: %s", e)
                 raise_if_cancelled()
 
-    async def _wait_for_by_id(self, event: DeviceEvent, info: DeviceInfo) -> DeviceEvent:
+    def _may_get_link(self, info: DeviceInfo) -> bool:
+        """Whether udev may still create the by-id link of a disk that has none yet (it has
+        a serial, and udev runs here)."""
+        return (
+            info.by_id_path is None
+            and info.serial is not None
+            and self.by_id_grace > 0
+            and self._has_by_id_dir()
+        )
+
+    async def _wait_for_by_id(self, name: str) -> None:
         """udev creates by-id links just after the kernel announces a disk: give it a moment
-        so that the ``added`` event carries the stable path."""
-        if info.by_id_path or not info.serial or self.by_id_grace <= 0:
-            return event
-        if not self._has_by_id_dir():
-            return event  # no udev here: no link will come
-        deadline = time.monotonic() + self.by_id_grace
-        while time.monotonic() < deadline:
-            await asyncio.sleep(_BY_ID_POLL)
-            link = sysfs.find_by_id(self.settings.dev, info.name, info.serial)
-            if link:
-                info = replace(info, by_id_path=link)
-                current = self.known.get(info.name)
-                if current is not None and same_device(current, info):
-                    self.known[info.name] = replace(current, by_id_path=link)
-                return replace(event, device=info)
-        return event
+        so that the ``added`` event carries the stable path. Only this disk's events wait
+        (they are held, in order); the outbox, and every other disk, go on."""
+        held = self._held[name]
+        try:
+            first = held[0]
+            info = first.device
+            assert info is not None
+            deadline = time.monotonic() + self.by_id_grace
+            # A later event of the disk (it went, or was resized) ends the wait.
+            while time.monotonic() < deadline and len(held) == 1:
+                await asyncio.sleep(_BY_ID_POLL)
+                link = sysfs.find_by_id(self.settings.dev, name, info.serial)
+                if link:
+                    current = self.known.get(name)
+                    if current is not None and same_device(current, info):
+                        self.known[name] = replace(current, by_id_path=link)
+                    held[0] = replace(first, device=replace(info, by_id_path=link))
+                    break
+        finally:
+            del self._held[name]
+            for event in held:
+                self._outbox.put_nowait(event)
 
     def _has_by_id_dir(self) -> bool:
         return os.path.isdir(os.path.join(self.settings.dev, "disk", "by-id"))
@@ -403,3 +493,12 @@ class WatcherActor:
             return {"device_watcher": self.check()}
 
         await beat(self.bus, "watcher", self.instance, self.heartbeat_interval, checks)
+
+
+def _stamped(info: DeviceInfo, times: Times) -> DeviceInfo:
+    return replace(info, appeared_after=times[0], appeared_at=times[1])
+
+
+def _stamped_as(info: DeviceInfo, old: DeviceInfo) -> DeviceInfo:
+    """``info`` with the appearance times of ``old`` (the same disk)."""
+    return replace(info, appeared_after=old.appeared_after, appeared_at=old.appeared_at)
