@@ -4,14 +4,18 @@ device's size file in place, as the kernel's capacity change does."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
+from client import Client
+from client.errors import OperationFailed
 from schemas.common import GIB
-from simulator import Simulator
-from tests.conftest import Database, NatsServer, stop_volumed, wait_for
+from simulator import SimConfig, Simulator
+from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
+from tests.test_cli import volumed_cli
 from tests.test_devices_e2e import create_many, fake_tree, hotplugging, start
-from tests.test_lifecycle import op
+from tests.test_lifecycle import ACTORS, create_volume, op, remote_vm, settings_for
 
 
 async def test_resized_disk_is_not_given_to_a_waiting_attach_of_its_new_size(
@@ -59,3 +63,183 @@ async def test_resized_disk_is_not_given_to_a_waiting_attach_of_its_new_size(
             assert mapped[waiting] == event["device_path"]
         finally:
             await stop_volumed(v, v.task)  # type: ignore[attr-defined]
+
+
+# -- volume.cmd.resize ------------------------------------------------------------------------
+
+
+def resizes(sim: Simulator) -> list[object]:
+    return [c for c in sim.calls if c.command == "resizeVolume"]
+
+
+async def mapping_of(database: Database, volume_id: str) -> dict[str, object] | None:
+    rows = await database.query("SELECT * FROM device_mappings WHERE volume_id = %s", volume_id)
+    return rows[0] if rows else None
+
+
+async def test_resize_of_a_local_volume_completes_once_its_device_shows_the_new_size(
+    nats_server: NatsServer, database: Database, tmp_path: Path
+) -> None:
+    """Serial-less, so the device is the one the mapping names (proven by exclusion); the
+    proof survives the size change. A device that does not grow in time fails the resize
+    with device_timeout, and nothing is detached."""
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=43, serials=False)) as sim:
+        v = await start(nats_server, database, sim, sysfs, dev, correlation_timeout=2.0)
+        try:
+            (volume,) = await create_many(v, sim, 1, [1])
+            a = op()
+            await v.send(
+                "attach", {"operation_id": a, "volume_id": volume, "vm_id": sim.local_vm_id}
+            )
+            attached = await v.terminal(a, timeout=30)
+            assert attached["status"] == "completed", attached
+            device = attached["device_path"]
+
+            async def proven() -> dict[str, object] | None:
+                row = await mapping_of(database, volume)
+                return row if row and row["proof"] == "exclusive" else None
+
+            before = await wait_for(proven, 10)
+            assert before["device_path"] == device and before["size"] == GIB
+
+            # CloudStack resizes; the guest's kernel sees it only when the test says so.
+            held: list[tuple[str, int]] = []
+            grow = sim.hotplug.resize
+            sim.hotplug.resize = lambda volume_id, size: held.append((volume_id, size))  # type: ignore[method-assign]
+
+            late = op()
+            await v.send("resize", {"operation_id": late, "volume_id": volume, "size": 2 * GIB})
+            failed = await v.terminal(late, timeout=15)
+            assert failed["status"] == "failed", failed
+            error: dict[str, str] = failed["error"]  # type: ignore[assignment]
+            assert error["code"] == "device_timeout"
+            assert f"{device} still shows 1 GiB" in error["message"], error
+            assert "stays attached" in error["message"]
+            assert sim.volumes[volume].vm_id == sim.local_vm_id  # nothing undone
+            assert not [c for c in sim.calls if c.command == "detachVolume"]
+
+            r = op()
+            await v.send("resize", {"operation_id": r, "volume_id": volume, "size": 3 * GIB})
+            await wait_for(lambda: len(held) == 2, 10)
+            await asyncio.sleep(0.5)  # ten rescans: the device still shows its old size
+            assert v.statuses(r) == ["pending", "executing"], v.statuses(r)
+            grow(volume, 3 * GIB)
+            done = await v.terminal(r, timeout=10)
+            assert done["status"] == "completed", done
+            assert done["type"] == "resize" and done["size"] == 3 * GIB
+            assert done["device_path"] == device and done["volume_id"] == volume
+            assert done["vm_id"] == sim.local_vm_id
+
+            # The mapping says the new size (a query made after the event shows it), still
+            # names the disk, still proven.
+            mapping, _ = await v.query("mapping", {"volume_id": volume})
+            assert mapping["size"] == 3 * GIB and mapping["device_path"] == device, mapping
+            row = await mapping_of(database, volume)
+            assert row is not None and row["size"] == 3 * GIB
+
+            async def proven_again() -> dict[str, object] | None:
+                row = await mapping_of(database, volume)
+                newer = row and row["proven_at"] != before["proven_at"]
+                return row if newer else None
+
+            again = await wait_for(proven_again, 10)
+            assert again["proof"] == "exclusive" and again["device_path"] == device
+            assert again["operation_id"] == a
+        finally:
+            await stop_volumed(v, v.task)  # type: ignore[attr-defined]
+
+
+async def test_resize_of_detached_and_remote_volumes_shrink_cancel_and_bad_sizes(
+    nats_server: NatsServer, database: Database
+) -> None:
+    async with Simulator(SimConfig(seed=44)) as sim:
+        settings = settings_for(nats_server, database, sim)
+        volumed, task = await start_volumed(settings, ACTORS, sim)
+        try:
+            await resizes_of_one_volume(volumed, sim, database, nats_server)
+        finally:
+            await stop_volumed(volumed, task)
+
+
+async def resizes_of_one_volume(
+    volumed: Harness, sim: Simulator, database: Database, nats_server: NatsServer
+) -> None:
+    volume = await create_volume(volumed, sim, "to-resize")  # 1 GiB, detached
+
+    # Bad sizes are rejected naming the field, and nothing is sent.
+    for bad in (0, -GIB, GIB + 1, "2G", None):
+        o = op()
+        await volumed.send("resize", {"operation_id": o, "volume_id": volume, "size": bad})
+        event = await volumed.terminal(o)
+        assert event["status"] == "rejected", event
+        assert event["type"] == "resize"
+        error: dict[str, str] = event["error"]  # type: ignore[assignment]
+        assert error["code"] == "invalid_request" and error["message"].startswith("size: "), error
+
+    # Grow a detached volume.
+    o = op()
+    await volumed.send("resize", {"operation_id": o, "volume_id": volume, "size": 3 * GIB})
+    event = await volumed.terminal(o)
+    assert event["status"] == "completed", event
+    assert event["size"] == 3 * GIB and event["device_path"] is None and event["vm_id"] is None
+    assert volumed.statuses(o) == ["pending", "executing", "completed"]
+    assert sim.volumes[volume].size == 3 * GIB
+    row = await volumed.row(database, o, "completed")
+    assert row["type"] == "resize" and row["volume_id"] == volume
+
+    # A shrink without shrink_ok fails before any CloudStack mutation.
+    o = op()
+    await volumed.send("resize", {"operation_id": o, "volume_id": volume, "size": GIB})
+    event = await volumed.terminal(o)
+    assert event["status"] == "failed", event
+    error = event["error"]  # type: ignore[assignment]
+    assert error["code"] == "invalid_request", error
+    assert "shrink_ok" in error["message"] and "3 GiB" in error["message"], error
+    assert len(resizes(sim)) == 1 and sim.volumes[volume].size == 3 * GIB
+
+    # With it, through the CLI (`volumed resize VOLUME SIZE --shrink-ok`).
+    ran = await volumed_cli(nats_server, "resize", volume, "2G", "--shrink-ok", "--json")
+    assert ran.code == 0, ran
+    last = ran.lines()[-1]
+    assert last["status"] == "completed" and last["size"] == 2 * GIB, ran
+    assert sim.volumes[volume].size == 2 * GIB and len(resizes(sim)) == 2
+
+    # The client; the same size again completes without a CloudStack mutation.
+    async with await Client.connect(nats_server.url) as client:
+        same = await client.resize(volume, 2 * GIB, timeout=15)
+        assert same.size == 2 * GIB and len(resizes(sim)) == 2
+        try:
+            await client.resize(volume, GIB, timeout=15)
+            raise AssertionError("a shrink without shrink_ok completed")
+        except OperationFailed as e:
+            assert e.code == "invalid_request"
+    ran = await volumed_cli(nats_server, "resize", volume, "1G")
+    assert ran.code == 1 and "invalid_request" in ran.out + ran.err, ran
+
+    # Attached to a VM volumed does not watch: completes with the job; the mapping follows.
+    vm = remote_vm(sim)
+    a = op()
+    await volumed.send("attach", {"operation_id": a, "volume_id": volume, "vm_id": vm})
+    assert (await volumed.terminal(a))["status"] == "completed"
+    o = op()
+    await volumed.send("resize", {"operation_id": o, "volume_id": volume, "size": 4 * GIB})
+    event = await volumed.terminal(o)
+    assert event["status"] == "completed" and event["vm_id"] == vm, event
+    mapping, _ = await volumed.query("mapping", {"volume_id": volume})
+    assert mapping["size"] == 4 * GIB and mapping["vm_id"] == vm, mapping
+
+    # Cancelled while it waits for the volume's turn: never sent.
+    sim.set_latency(0.5)
+    d, waiting, c = op(), op(), op()
+    await volumed.send("detach", {"operation_id": d, "volume_id": volume})
+    await volumed.send("resize", {"operation_id": waiting, "volume_id": volume, "size": 8 * GIB})
+    await wait_for(lambda: "executing" in volumed.statuses(d))
+    await wait_for(lambda: "pending" in volumed.statuses(waiting))
+    await volumed.send("cancel", {"operation_id": c, "target": waiting})
+    assert (await volumed.terminal(c))["status"] == "completed"
+    assert (await volumed.terminal(waiting))["status"] == "cancelled"
+    assert (await volumed.terminal(d))["status"] == "completed"
+    assert volumed.statuses(waiting) == ["pending", "cancelled"]
+    await asyncio.sleep(0.6)
+    assert len(resizes(sim)) == 3 and sim.volumes[volume].size == 4 * GIB
