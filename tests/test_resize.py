@@ -5,17 +5,30 @@ device's size file in place, as the kernel's capacity change does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
+from bus import Bus
+from bus.topology import OPERATIONS_BUCKET
 from client import Client
 from client.errors import OperationFailed
 from schemas.common import GIB
+from schemas.internal import OpRecord, Phase
 from simulator import SimConfig, Simulator
-from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
+from tests.conftest import (
+    Database,
+    Harness,
+    NatsServer,
+    VolumedProcess,
+    start_volumed,
+    stop_volumed,
+    volumed_env,
+    wait_for,
+)
 from tests.test_cli import volumed_cli
 from tests.test_devices_e2e import create_many, fake_tree, hotplugging, start
-from tests.test_lifecycle import ACTORS, create_volume, op, remote_vm, settings_for
+from tests.test_lifecycle import ACTORS, create_body, create_volume, op, remote_vm, settings_for
 
 
 async def test_resized_disk_is_not_given_to_a_waiting_attach_of_its_new_size(
@@ -243,3 +256,67 @@ async def resizes_of_one_volume(
     assert volumed.statuses(waiting) == ["pending", "cancelled"]
     await asyncio.sleep(0.6)
     assert len(resizes(sim)) == 3 and sim.volumes[volume].size == 4 * GIB
+
+
+async def test_a_resize_in_flight_when_volumed_is_killed_resumes_without_sending_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`volumed run` (every actor, SQLite) is killed -9 while the resizeVolume job of a
+    volume attached to the local VM runs; restarted, it waits for that job (its id is in the
+    record), then for the device's new size, and completes: one resizeVolume in all."""
+    sysfs, dev = fake_tree(tmp_path)
+    async with Simulator(hotplugging(sysfs, dev, seed=45, serials=True)) as sim:
+        env = volumed_env(
+            nats_server.url,
+            f"sqlite:///{tmp_path / 'volumed.db'}",
+            sim,
+            VOLUMED_SYSFS=str(sysfs),
+            VOLUMED_DEV=str(dev),
+            VOLUMED_DEVICES="vd*",
+            VOLUMED_POLL_INTERVAL="0.1",
+        )
+        log = tmp_path / "volumed.log"
+        process = VolumedProcess(env, (), log_path=log)
+        await process.start()
+        user = await Bus.connect(nats_server.url, "test-user")
+        v = Harness(bus=user, sim=sim, settings=None, supervisor=None)
+
+        async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+            event = json.loads(msg.data)
+            v.events.setdefault(event["operation_id"], []).append(event)
+
+        await user.nc.subscribe("volume.events.>", cb=on_event)
+        try:
+            await wait_for(lambda: "volumed running" in log.read_text(), 60, interval=0.05)
+            c, a, r = op(), op(), op()
+            await v.send("create", create_body(sim, c, "crash-resize"))
+            volume = str((await v.terminal(c, timeout=30))["volume_id"])
+            await v.send(
+                "attach", {"operation_id": a, "volume_id": volume, "vm_id": sim.local_vm_id}
+            )
+            attached = await v.terminal(a, timeout=30)
+            assert attached["status"] == "completed", attached
+
+            sim.set_latency(3.0, "resizeVolume")
+            await v.send("resize", {"operation_id": r, "volume_id": volume, "size": 2 * GIB})
+            ops = await user.bucket(OPERATIONS_BUCKET, OpRecord)
+
+            async def job_recorded() -> bool:
+                got = await ops.get(r)
+                return got is not None and got[0].phase == Phase.RESIZE and bool(got[0].job_id)
+
+            await wait_for(job_recorded, 15)
+            await process.kill()
+            assert sim.volumes[volume].size == GIB  # the job still runs
+
+            await process.start()
+            done = await v.terminal(r, timeout=60)
+            assert done["status"] == "completed", (done, log.read_text()[-3000:])
+            assert done["size"] == 2 * GIB and done["device_path"] == attached["device_path"]
+            assert len(resizes(sim)) == 1
+            assert [e["status"] for e in v.events[r]].count("completed") == 1
+            mapping, _ = await v.query("mapping", {"volume_id": volume})
+            assert mapping["size"] == 2 * GIB, mapping
+        finally:
+            await process.stop()
+            await user.close()

@@ -35,7 +35,7 @@ from bus import Bus
 from bus.topology import DEVICES_BUCKET, device_subject
 from schemas.commands import ResizeCommand
 from schemas.common import GIB, serial_of
-from schemas.devices import DeviceEvent, DeviceInfo, DeviceSnapshot
+from schemas.devices import DeviceEvent, DeviceInfo
 from schemas.internal import Phase
 
 # OpRecord.results key beside the phases: the volume's size before anything was sent.
@@ -44,6 +44,16 @@ CHECKED = "resize-check"
 # published before the wait subscribed are only in the snapshot).
 _SNAPSHOT_EVERY = 0.5
 _device_event = msgspec.json.Decoder(DeviceEvent)
+
+
+class _Listed(msgspec.Struct):
+    """The devices of a VM's device list (a DeviceSnapshot, or an older watcher's
+    inventory event: both have them)."""
+
+    devices: tuple[DeviceInfo, ...] = ()
+
+
+_listed = msgspec.json.Decoder(_Listed)
 
 
 async def resize(ctx: Context, cmd: ResizeCommand, sizes: DeviceSizes) -> Outcome:
@@ -126,17 +136,26 @@ class DeviceSizes:
             nonlocal seen
             with contextlib.suppress(msgspec.DecodeError):
                 event = _device_event.decode(data)
-                if event.device is not None and ours(event.device):
+                if event.kind == "inventory":  # a watcher (re)started: what it lists is all
+                    seen = next((d for d in event.devices if ours(d)), None)
+                    wake.set()
+                elif event.device is not None and ours(event.device):
                     seen = None if event.kind == "removed" else event.device
                     wake.set()
 
-        snapshots = await self.bus.bucket(DEVICES_BUCKET, DeviceSnapshot)
+        snapshots = await self.bus.bucket(DEVICES_BUCKET, msgspec.Raw)
+
+        async def listed() -> DeviceInfo | None:
+            got = await snapshots.get(vm_id)
+            with contextlib.suppress(msgspec.DecodeError):
+                if got is not None:
+                    return next((d for d in _listed.decode(got[0]).devices if ours(d)), None)
+            return None
+
         unsubscribe = await self.bus.subscribe(device_subject(vm_id), on_device)
         deadline = time.monotonic() + timeout
         try:
-            got = await snapshots.get(vm_id)
-            if got is not None:
-                seen = next((d for d in got[0].devices if ours(d)), seen)
+            seen = await listed() or seen
             while seen is None or seen.size != size:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -150,9 +169,7 @@ class DeviceSizes:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(left, _SNAPSHOT_EVERY))
                 if not wake.is_set():
-                    got = await snapshots.get(vm_id)
-                    if got is not None:
-                        seen = next((d for d in got[0].devices if ours(d)), None)
+                    seen = await listed()
             return seen
         finally:
             with contextlib.suppress(Exception):
