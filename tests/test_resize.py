@@ -5,15 +5,18 @@ device's size file in place, as the kernel's capacity change does."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
 
+import msgspec
+
 from bus import Bus
-from bus.topology import OPERATIONS_BUCKET
+from bus.topology import COMMANDS, OPERATIONS_BUCKET, TOPOLOGY, Topology, command_subject
 from client import Client
 from client.errors import OperationFailed
-from schemas.common import GIB
+from schemas.common import GIB, now_rfc3339
 from schemas.internal import OpRecord, Phase
 from simulator import SimConfig, Simulator
 from tests.conftest import (
@@ -320,3 +323,34 @@ async def test_a_resize_in_flight_when_volumed_is_killed_resumes_without_sending
         finally:
             await process.stop()
             await user.close()
+
+
+async def test_a_command_stream_made_before_resize_takes_resize_commands(
+    nats_server: NatsServer,
+) -> None:
+    """An existing installation's command stream gains volume.cmd.resize when volumed
+    provisions again (at start)."""
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        before = ("create", "attach", "detach", "delete", "cancel")
+        old = dataclasses.replace(COMMANDS, subjects=tuple(command_subject(t) for t in before))
+        await bus.provision(Topology(streams=(old,)))
+        await bus.provision(TOPOLOGY)
+        info = await bus.js.stream_info(COMMANDS.name)
+        assert command_subject("resize") in (info.config.subjects or [])
+    finally:
+        await bus.close()
+
+
+def test_resizes_are_counted_under_their_own_type() -> None:
+    from actors.metrics import REGISTRY
+    from actors.metrics.exporter import OperationsSeen
+    from schemas.events import OperationEvent
+
+    labels = {"type": "resize", "status": "completed", "code": ""}
+    counted = REGISTRY.get_sample_value("volumed_operations_total", labels) or 0.0
+    seen = OperationsSeen()
+    for status in ("pending", "executing", "completed"):
+        body = {"operation_id": "m-1", "type": "resize", "status": status, "at": now_rfc3339()}
+        seen.event(msgspec.json.decode(json.dumps(body), type=OperationEvent))
+    assert REGISTRY.get_sample_value("volumed_operations_total", labels) == counted + 1
