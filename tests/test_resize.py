@@ -32,6 +32,15 @@ from tests.conftest import (
 from tests.test_cli import volumed_cli
 from tests.test_devices_e2e import create_many, fake_tree, hotplugging, start
 from tests.test_lifecycle import ACTORS, create_body, create_volume, op, remote_vm, settings_for
+from tests.test_persistence import (  # noqa: F401  (fixtures)
+    Rows,
+    backend,
+    bus,
+    ev,
+    publish_all,
+    request,
+    running,
+)
 
 
 async def test_resized_disk_is_not_given_to_a_waiting_attach_of_its_new_size(
@@ -324,20 +333,18 @@ async def test_a_resize_in_flight_when_volumed_is_killed_resumes_without_sending
 
 
 async def test_a_command_stream_made_before_resize_takes_resize_commands(
-    nats_server: NatsServer,
+    bus: Bus,  # noqa: F811
 ) -> None:
     """An existing installation's command stream gains volume.cmd.resize when volumed
     provisions again (at start)."""
-    bus = await Bus.connect(nats_server.url, "test")
-    try:
-        before = ("create", "attach", "detach", "delete", "cancel")
-        old = dataclasses.replace(COMMANDS, subjects=tuple(command_subject(t) for t in before))
-        await bus.provision(Topology(streams=(old,)))
-        await bus.provision(TOPOLOGY)
-        info = await bus.js.stream_info(COMMANDS.name)
-        assert command_subject("resize") in (info.config.subjects or [])
-    finally:
-        await bus.close()
+    before = ("create", "attach", "detach", "delete", "cancel")
+    old = dataclasses.replace(COMMANDS, subjects=tuple(command_subject(t) for t in before))
+    await bus.provision(Topology(streams=(old,)))
+    info = await bus.js.stream_info(COMMANDS.name)
+    assert command_subject("resize") not in (info.config.subjects or [])
+    await bus.provision(TOPOLOGY)
+    info = await bus.js.stream_info(COMMANDS.name)
+    assert command_subject("resize") in (info.config.subjects or [])
 
 
 def test_resizes_are_counted_under_their_own_type() -> None:
@@ -352,3 +359,39 @@ def test_resizes_are_counted_under_their_own_type() -> None:
         body = {"operation_id": "m-1", "type": "resize", "status": status, "at": now_rfc3339()}
         seen.event(msgspec.json.decode(json.dumps(body), type=OperationEvent))
     assert REGISTRY.get_sample_value("volumed_operations_total", labels) == counted + 1
+
+
+async def test_the_mapping_takes_the_size_of_the_newest_resize_in_command_order(
+    bus: Bus,  # noqa: F811
+    backend: tuple[str, Database | None],  # noqa: F811
+) -> None:
+    """Resize events that arrive out of command order (redeliveries, several writers): the
+    mapping keeps the newest one's size, and a resize older than the attach its mapping
+    shows changes nothing."""
+    dsn, database = backend
+    rows = Rows(dsn, database)
+    mapped = {"volume_id": "vol-z", "vm_id": "vm-1"}
+    async with running(bus, dsn):
+        await publish_all(
+            bus,
+            [
+                ev("z-a", "attach", "completed", 1, **mapped, size=GIB, attached=True, seq=1),
+                ev("z-r3", "resize", "completed", 3, volume_id="vol-z", size=3 * GIB, seq=3),
+                ev("z-r2", "resize", "completed", 2, volume_id="vol-z", size=2 * GIB, seq=2),
+            ],
+        )
+        await wait_for(lambda: rows.op("z-r2"))
+        mapping = await request(bus, "mapping", {"volume_id": "vol-z"})
+        assert mapping["size"] == 3 * GIB, mapping
+
+        await publish_all(
+            bus,
+            [
+                ev("z-d", "detach", "completed", 4, **mapped, attached=False, seq=4),
+                ev("z-a2", "attach", "completed", 6, **mapped, size=5 * GIB, attached=True, seq=6),
+                ev("z-r5", "resize", "completed", 5, volume_id="vol-z", size=4 * GIB, seq=5),
+            ],
+        )
+        await wait_for(lambda: rows.op("z-r5"))
+        mapping = await request(bus, "mapping", {"volume_id": "vol-z"})
+        assert mapping["size"] == 5 * GIB and mapping["operation_id"] == "z-a2", mapping

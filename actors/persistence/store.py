@@ -243,7 +243,7 @@ class SqlStore:
         rows = {r["id"]: _row(r) for r in found}
         changed: dict[str, OperationRow] = {}
         effects: list[tuple[Event, OperationRow, bool]] = []
-        resized: list[tuple[Event, OperationRow]] = []
+        resized: list[tuple[Event, OperationRow, str]] = []  # completed resizes, their volume
         now = utcnow()
         for event in events:
             before = rows.get(event.raw.operation_id)
@@ -256,8 +256,8 @@ class SqlStore:
                 attached = _attached_after(event, after)
                 if attached is not None:
                     effects.append((event, after, attached))
-                if after.type == "resize" and after.status == "completed":
-                    resized.append((event, after))
+                if after.type == "resize" and after.status == "completed" and after.volume_id:
+                    resized.append((event, after, after.volume_id))
         if changed:
             await tx.executemany(
                 self._upsert_op,
@@ -269,7 +269,7 @@ class SqlStore:
             tx,
             sorted(
                 {r.volume_id for _, r, _ in effects if r.volume_id is not None}
-                | {r.volume_id for _, r in resized if r.volume_id is not None}
+                | {volume_id for _, _, volume_id in resized}
             ),
         )
         moved: dict[str, _Head] = {}
@@ -297,10 +297,9 @@ class SqlStore:
                 await tx.execute(
                     self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
                 )
-        for event, row in resized:
-            head = heads[row.volume_id] if row.volume_id is not None else None
-            if head is not None and await self._resized(tx, head, event, row, now):
-                moved[str(row.volume_id)] = head
+        for event, row, volume_id in resized:
+            if await self._resized(tx, heads[volume_id], event, row, now):
+                moved[volume_id] = heads[volume_id]
         if moved:
             await tx.executemany(
                 self._upsert_head,
