@@ -212,6 +212,10 @@ async def resizes_of_one_volume(
     assert sim.volumes[volume].size == 3 * GIB
     row = await volumed.row(database, o, "completed")
     assert row["type"] == "resize" and row["volume_id"] == volume
+    # Sent again (same operation id): its latest event again, nothing sent to CloudStack.
+    await volumed.send("resize", {"operation_id": o, "volume_id": volume, "size": 3 * GIB})
+    await wait_for(lambda: len(volumed.statuses(o)) == 4)
+    assert volumed.statuses(o)[3] == "completed" and len(resizes(sim)) == 1
 
     # A shrink without shrink_ok fails before any CloudStack mutation.
     o = op()
