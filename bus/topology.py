@@ -8,13 +8,14 @@ names a stream or a durable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
+from schemas.common import OpType
 from schemas.config import Settings
 
 # Public subjects (contract §2-§4).
 COMMAND_PREFIX = "volume.cmd"
-COMMAND_TYPES = ("create", "attach", "detach", "delete", "cancel")
+COMMAND_TYPES: tuple[str, ...] = get_args(OpType)  # one subject per operation type
 EVENTS_PREFIX = "volume.events"
 API_PREFIX = "volume.api"
 

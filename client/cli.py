@@ -23,7 +23,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from collections.abc import Mapping as StrMapping
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from rich.console import Console
@@ -45,8 +45,9 @@ from schemas.commands import (
     CreateCommand,
     DeleteCommand,
     DetachCommand,
+    ResizeCommand,
 )
-from schemas.common import GIB, TERMINAL
+from schemas.common import GIB, TERMINAL, OpType
 from schemas.config import ConfigError, Settings, env_name, load_nats_settings
 from schemas.events import OperationEvent
 from schemas.queries import Health, Mapping, Operation
@@ -60,6 +61,7 @@ COMMANDS = (
     "detach",
     "delete",
     "cancel",
+    "resize",
     "status",
     "list",
     "mapping",
@@ -135,6 +137,9 @@ def _detail(event: OperationEvent | Operation) -> str:
         return f"volume {event.volume_id}: cancelled by operation {event.target}"
     if event.status != "completed":
         return f"volume {event.volume_id}" if event.volume_id else ""
+    if event.type == "resize" and isinstance(event, OperationEvent):
+        device = f" ({event.device_path} shows it)" if event.device_path else ""
+        return f"volume {event.volume_id} resized to {_size(event.size)}{device}"
     if event.device_path:
         by_id = f"  ({event.by_id_path})" if event.by_id_path else ""
         return f"volume {event.volume_id} is [bold]{event.device_path}[/]{by_id}"
@@ -144,6 +149,7 @@ def _detail(event: OperationEvent | Operation) -> str:
         "detach": f"volume {event.volume_id} detached from VM {event.vm_id}",
         "delete": f"volume {event.volume_id} deleted",
         "cancel": f"cancelled {event.target}",
+        "resize": f"volume {event.volume_id} resized",
     }
     return done.get(event.type, "")
 
@@ -496,11 +502,28 @@ def add_commands(sub: Any) -> None:
     cancel.add_argument("target", metavar="OPERATION", help="the operation to cancel")
     cancel.set_defaults(make=lambda a: CancelCommand(operation_id=a.operation_id, target=a.target))
 
+    resize = command(
+        "resize",
+        send,
+        "resize a volume; a local device is waited for until it shows the new size",
+        sends,
+    )
+    resize.add_argument("volume_id")
+    resize.add_argument("size", type=parse_size, help="the new size: 20G, 20GiB, 1TiB, bytes")
+    resize.add_argument(
+        "--shrink-ok", action="store_true", help="allow a smaller size (data beyond it is lost)"
+    )
+    resize.set_defaults(
+        make=lambda a: ResizeCommand(
+            operation_id=a.operation_id, volume_id=a.volume_id, size=a.size, shrink_ok=a.shrink_ok
+        )
+    )
+
     command("status", status, "show an operation", common).add_argument(
         "operation_id", metavar="OPERATION"
     )
     listing = command("list", list_operations, "list operations, newest first", common)
-    listing.add_argument("--type", choices=["create", "attach", "detach", "delete", "cancel"])
+    listing.add_argument("--type", choices=get_args(OpType))
     listing.add_argument(
         "--status",
         choices=["pending", "executing", "completed", "failed", "cancelled", "rejected"],

@@ -45,6 +45,7 @@ from schemas.commands import (
     CreateCommand,
     DeleteCommand,
     DetachCommand,
+    ResizeCommand,
     operation_type_of,
 )
 from schemas.common import STATUS_RANK, TERMINAL, OpType, Status, is_operation_id
@@ -318,6 +319,24 @@ class Client:
         return await self.execute(
             DeleteCommand(operation_id=operation_id, volume_id=volume_id), timeout
         )
+
+    async def resize(
+        self,
+        volume_id: str,
+        size: int,
+        *,
+        shrink_ok: bool = False,
+        operation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> OperationEvent:
+        """Resize a volume to ``size`` bytes (a whole number of GiB); a smaller size fails
+        ``invalid_request`` unless ``shrink_ok``. The completed event carries the new
+        ``size``; for a volume attached to a host volumed watches it comes once the device
+        shows that size (with its ``device_path``)."""
+        command = ResizeCommand(
+            operation_id=operation_id, volume_id=volume_id, size=size, shrink_ok=shrink_ok
+        )
+        return await self.execute(command, timeout)
 
     async def cancel(
         self, target: str, *, operation_id: str | None = None, timeout: float | None = None

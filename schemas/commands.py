@@ -30,12 +30,14 @@ EXCERPT_BYTES = 1024
 
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=255)]
 MetadataValue = Annotated[str, Meta(max_length=4096)]
+# A volume's size in bytes: CloudStack sizes volumes in whole GiB.
+VolumeSize = Annotated[int, Meta(gt=0, multiple_of=GIB, description="bytes, a whole number of GiB")]
 
 
 class CreateCommand(Struct, kw_only=True):
     operation_id: OperationId | None = None
     name: VolumeName
-    size: Annotated[int, Meta(gt=0, multiple_of=GIB, description="bytes, a whole number of GiB")]
+    size: VolumeSize
     disk_offering_id: CloudStackId
     zone_id: CloudStackId
     metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=64)] | None = None
@@ -63,7 +65,18 @@ class CancelCommand(Struct, kw_only=True):
     target: OperationId
 
 
-Command = CreateCommand | AttachCommand | DetachCommand | DeleteCommand | CancelCommand
+class ResizeCommand(Struct, kw_only=True):
+    operation_id: OperationId | None = None
+    volume_id: CloudStackId
+    size: VolumeSize  # the new size
+    # A smaller size loses the data beyond it: refused (before any CloudStack call) unless
+    # the caller says so.
+    shrink_ok: bool = False
+
+
+Command = (
+    CreateCommand | AttachCommand | DetachCommand | DeleteCommand | CancelCommand | ResizeCommand
+)
 
 COMMAND_TYPES: dict[str, type[Command]] = {
     "create": CreateCommand,
@@ -71,6 +84,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     "detach": DetachCommand,
     "delete": DeleteCommand,
     "cancel": CancelCommand,
+    "resize": ResizeCommand,
 }
 
 # One decoder per command type, built once.
@@ -164,6 +178,6 @@ def operation_type_of(command: Command) -> OpType:
 
 def volume_of(command: Command) -> str | None:
     """The volume a command acts on (None for create and cancel): the key of its order lane."""
-    if isinstance(command, AttachCommand | DetachCommand | DeleteCommand):
+    if isinstance(command, AttachCommand | DetachCommand | DeleteCommand | ResizeCommand):
         return command.volume_id
     return None

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta
 
-OpType = Literal["create", "attach", "detach", "delete", "cancel"]
+OpType = Literal["create", "attach", "detach", "delete", "cancel", "resize"]
 Status = Literal["pending", "executing", "completed", "failed", "cancelled", "rejected"]
 ErrorCode = Literal[
     "invalid_request",

@@ -29,6 +29,7 @@ class Phase(StrEnum):
     DETACH_FIRST = "detach-first"  # a delete detaching an attached volume first
     DETACH_FIRST_RELEASE = "detach-first-release"
     DELETE = "delete"
+    RESIZE = "resize"
 
     @property
     def release(self) -> Phase:

@@ -32,7 +32,7 @@ async def test_provision_is_idempotent(bus: Bus) -> None:
     await bus.provision(TOPOLOGY)
     info = await bus.js.stream_info(COMMANDS.name)
     assert set(info.config.subjects or []) == {
-        command_subject(t) for t in ("create", "attach", "detach", "delete", "cancel")
+        command_subject(t) for t in ("create", "attach", "detach", "delete", "cancel", "resize")
     }
     assert (
         await bus.js.consumer_info(COMMANDS.name, EXECUTOR.durable)

@@ -303,7 +303,7 @@ async def test_undecodable_event_is_dead_lettered_and_processing_goes_on(
         await bus.publish(event_subject("bad-1"), b"{not json")
         await bus.publish(
             event_subject("bad-2"),
-            {"operation_id": "bad-2", "type": "resize", "status": "pending", "at": at(0)},
+            {"operation_id": "bad-2", "type": "snapshot", "status": "pending", "at": at(0)},
         )
         await bus.publish(event_subject("bad-3"), ev("other", "create", "pending", 0))
         await publish_all(bus, [ev("good", "create", "pending", 1)])

@@ -78,6 +78,7 @@ FIELDS = {
     "detach": {"volume_id": "v-1"},
     "delete": {"volume_id": "v-1"},
     "cancel": {"target": "t-1"},
+    "resize": {"volume_id": "v-1", "size": 1 << 31, "shrink_ok": False},
 }
 json_values = st.recursive(
     st.none()

@@ -28,6 +28,7 @@ from actors.supervisor import Supervisor, connect_bus
 from bus import Bus
 from bus.topology import TOPOLOGY
 from client import Client, Unauthorized
+from schemas.common import GIB
 from schemas.config import ConfigError, Settings, load_nats_settings, load_settings
 from simulator import SimConfig, Simulator
 from tests.conftest import (
@@ -435,6 +436,11 @@ async def local_attach_and_detach(v: Harness, sim: Simulator) -> None:
     assert attached["status"] == "completed" and attached["device_path"], attached
     mapping, code = await v.query("mapping", {"volume_id": volume_id})
     assert code is None and mapping["device_path"] == attached["device_path"], mapping
+    # A resize waits for the device's new size (the executor reads the device list).
+    r = op()
+    await v.send("resize", {"operation_id": r, "volume_id": volume_id, "size": 2 * GIB})
+    resized = await v.terminal(r, timeout=30)
+    assert resized["status"] == "completed" and resized["size"] == 2 * GIB, resized
     await v.send("detach", {"operation_id": d, "volume_id": volume_id})
     assert (await v.terminal(d, timeout=30))["status"] == "completed"
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from actors.executor import operations
 from actors.executor.cloudstack import CloudStackError
 from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
+from actors.executor.resize import DeviceSizes, resize
 from bus import Conflict
 from bus.lease import Lease
 from schemas.commands import (
@@ -21,6 +22,7 @@ from schemas.commands import (
     CreateCommand,
     DeleteCommand,
     DetachCommand,
+    ResizeCommand,
 )
 from schemas.common import TERMINAL, Status
 from schemas.events import ErrorInfo, OperationEvent
@@ -237,4 +239,6 @@ async def _dispatch(run: OperationRun, command: Command) -> Outcome:
         return await operations.detach(run, command)
     if isinstance(command, DeleteCommand):
         return await operations.delete(run, command)
+    if isinstance(command, ResizeCommand):
+        return await resize(run, command, DeviceSizes(run.executor.bus))
     raise OperationFailed("internal", f"no executor for {type(command).__name__}")

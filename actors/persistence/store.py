@@ -243,6 +243,7 @@ class SqlStore:
         rows = {r["id"]: _row(r) for r in found}
         changed: dict[str, OperationRow] = {}
         effects: list[tuple[Event, OperationRow, bool]] = []
+        resized: list[tuple[Event, OperationRow, str]] = []  # completed resizes, their volume
         now = utcnow()
         for event in events:
             before = rows.get(event.raw.operation_id)
@@ -255,15 +256,21 @@ class SqlStore:
                 attached = _attached_after(event, after)
                 if attached is not None:
                     effects.append((event, after, attached))
+                if after.type == "resize" and after.status == "completed" and after.volume_id:
+                    resized.append((event, after, after.volume_id))
         if changed:
             await tx.executemany(
                 self._upsert_op,
                 [tuple(getattr(r, c) for c in _OP_COLUMNS) for r in changed.values()],
             )
-        if not effects:
+        if not effects and not resized:
             return
         heads = await self._lock_heads(
-            tx, sorted({r.volume_id for _, r, _ in effects if r.volume_id is not None})
+            tx,
+            sorted(
+                {r.volume_id for _, r, _ in effects if r.volume_id is not None}
+                | {volume_id for _, _, volume_id in resized}
+            ),
         )
         moved: dict[str, _Head] = {}
         for event, row, attached in effects:
@@ -290,6 +297,9 @@ class SqlStore:
                 await tx.execute(
                     self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
                 )
+        for event, row, volume_id in resized:
+            if await self._resized(tx, heads[volume_id], event, row, now):
+                moved[volume_id] = heads[volume_id]
         if moved:
             await tx.executemany(
                 self._upsert_head,
@@ -410,6 +420,26 @@ class SqlStore:
         }
         # An attach's row starts with no proof of an earlier attach (see __init__).
         await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proof))
+
+    async def _resized(
+        self, tx: Connection, head: _Head, event: Event, row: OperationRow, now: dt.datetime
+    ) -> bool:
+        """A completed resize: the volume's mapping (if it is attached) says its new size,
+        unless the mapping already shows a later operation (a later attach has its own size,
+        a later resize the newer one). Like every change of a mapping it moves the volume's
+        head; returns whether it did."""
+        if event.raw.size is None or not await self._newer(tx, head, event, row, False):
+            return False
+        await tx.execute(
+            self._sql("UPDATE device_mappings SET size = ?, last_sync = ? WHERE volume_id = ?"),
+            (event.raw.size, now, row.volume_id),
+        )
+        if row.seq is not None:
+            head.seq = row.seq
+        else:
+            head.legacy_at = _when(event, row)
+        head.operation_id = row.id
+        return True
 
     async def apply_proof(self, proof: MappingProof, seq: int) -> int:
         if not proof.mappings:
