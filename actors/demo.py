@@ -303,7 +303,7 @@ class Demo:
             f"on VM {mapping.vm_id}, {mapping.size} bytes"
         )
         if mapping.proof:
-            say(f"      proven by {mapping.proof}: {mapping.proof_reason}")
+            say(f"      proof {mapping.proof}: {mapping.proof_reason}")
 
         say("\n3/4 detach it")
         await self._step(

@@ -14,8 +14,9 @@ QEMU puts CloudStack's ``serial=`` (the volume id without dashes, cut to 20):
   ``<sysfs>/block/nvme<C>n1/{size,wwid,eui}`` with ``device`` linking to the controller
   ``.../0000:00:NN.0/nvme/nvme<C>`` and its ``serial`` and ``model`` (space-padded as the
   kernel prints them); the links ``nvme-QEMU_NVMe_Ctrl_<serial>`` and ``nvme-eui.<eui>``.
-- ``xen``: ``<sysfs>/block/xvdX/size``, ``device`` linking to ``<sysfs>/devices/vbd-<n>``; no
-  serial and no by-id link.
+- ``xen``: ``<sysfs>/block/xvdX/size`` from ``xvdb`` (a Xen guest's root disk is ``xvda``),
+  ``device`` linking to ``<sysfs>/devices/vbd-<n>``, the disk's Xen device number (xvdb:
+  51728); no serial and no by-id link.
 
 Every bus has the node ``<dev>/<name>``. The name is the lowest free one, unrelated to
 CloudStack's deviceid, as in a real guest. Each sysfs directory is built aside and renamed
@@ -295,11 +296,12 @@ class Hotplug:
         parts = self._parts.get(volume_id)
         return parts.links if parts is not None else []
 
-    def _free_name(self) -> str:
-        index = 0
+    def _free_index(self) -> int:
+        """The lowest free name's index (on Xen from xvdb: a Xen guest's root disk is xvda)."""
+        index = 1 if self.bus == "xen" else 0
         while self._taken(disk_name(index, self.bus)):
             index += 1
-        return disk_name(index, self.bus)
+        return index
 
     def _lowest_free(self, path_of: Callable[[int], Path], first: int = 0) -> tuple[int, Path]:
         """The lowest index whose directory does not exist yet, made (as the kernel hands out
@@ -311,7 +313,7 @@ class Hotplug:
         path.mkdir(parents=True)
         return index, path
 
-    def _new_device(self, serial: str | None) -> tuple[Path, Path]:
+    def _new_device(self, index: int, serial: str | None) -> tuple[Path, Path]:
         """The disk's device directory under <sysfs>/devices, as its bus makes it: returns the
         directory its block device's ``device`` link names and the one to remove when the
         disk goes."""
@@ -336,7 +338,9 @@ class Hotplug:
             (controller / "model").write_text(f"{NVME_MODEL:<40}\n")
             return controller, slot
         if self.bus == "xen":
-            _, vbd = self._lowest_free(lambda i: root / "devices" / f"vbd-{_XEN_VBD_BASE + 16 * i}")
+            # The vbd's number is the disk's (xvdb: 51728), as blkfront names disks by it.
+            vbd = root / "devices" / f"vbd-{_XEN_VBD_BASE + 16 * index}"
+            vbd.mkdir(parents=True)
             return vbd, vbd
         _, virtio = self._lowest_free(
             lambda i: pci / f"0000:00:{i:02x}.0" / f"virtio{i}", _FIRST_VIRTIO
@@ -345,7 +349,8 @@ class Hotplug:
 
     def _plug_now(self, volume_id: str, size: int) -> None:
         serial = serial_of(volume_id) if self.serials else None
-        name = self._free_name()
+        index = self._free_index()
+        name = disk_name(index, self.bus)
         eui = None
         if self.bus == "nvme":
             # QEMU gives each namespace an EUI-64 under its OUI 52:54:00 (nvme-ns eui64-default).
@@ -354,7 +359,7 @@ class Hotplug:
         if self.sysfs_root is not None:
             block = self.sysfs_root / "block"
             block.mkdir(parents=True, exist_ok=True)
-            device, parts.remove = self._new_device(serial)
+            device, parts.remove = self._new_device(index, serial)
             tmp = self._workdir() / f"{name}.{uuid.uuid4().hex}"
             tmp.mkdir()
             (tmp / "size").write_text(f"{size // SECTOR}\n")

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -150,7 +153,7 @@ def test_each_bus_is_read_where_it_keeps_its_serial(tmp_path: Path, bus: DiskBus
         assert os.path.basename(links[0]) == f"nvme-QEMU_NVMe_Ctrl_{SERIAL}"
         assert len(os.listdir(dev / "disk" / "by-id")) == 2
     else:
-        assert name == "xvda" and info.controller == "vbd-51712"
+        assert name == "xvdb" and info.controller == "vbd-51728"
         assert (info.bus, info.serial, info.serial_source, info.by_id_path) == (
             "xen",
             None,
@@ -335,3 +338,20 @@ async def test_twenty_concurrent_attaches_take_the_serial_path(
             assert IDENTITY[bus] in str(rows[vol]["proof_reason"])
             assert rows[vol]["device_path"] == str(dev / sim.devices[vol])
         assert len({r["device_path"] for r in rows.values()}) == 20
+
+
+def test_the_demo_shows_a_virtio_scsi_disk(tmp_path: Path) -> None:
+    # A process of its own: the demo sets up logging and signal handlers for its process.
+    done = subprocess.run(
+        [sys.executable, "-m", "actors.cli", "demo", "--once", "--bus", "virtio-scsi"],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert re.search(r"attach  completed  device \S+/guest/dev/sda$", out, re.M), out
+    assert "(serial from VPD page 0x80)" in out and "scsi-0QEMU_QEMU_HARDDISK_" in out
+    assert "proof serial: sda carries the volume's serial" in out
