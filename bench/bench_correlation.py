@@ -7,6 +7,7 @@ the bus to the attach's `completed` event — what the correlator and the execut
 the device is visible. Detection itself is measured by bench_detection.
 
     python -m bench.bench_correlation [--attaches 60] [--concurrency 4] [--bus virtio-scsi]
+        [--hotplug-delay 0.5]
 
 ``--bus`` hot-plugs the disks on another bus, laid out as the kernel shows it (virtio-scsi:
 the serial in VPD page 0x80; nvme: the controller's serial; xen: none, so attaches take the
@@ -115,6 +116,7 @@ async def main() -> None:
     parser.add_argument("--attaches", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bus", choices=BUSES, default="virtio-blk")
+    parser.add_argument("--hotplug-delay", type=float, default=0.0, metavar="S")
     args = parser.parse_args()
     db = database_name()
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +127,7 @@ async def main() -> None:
             nats_server() as nats_url,
             simulator(
                 *("--seed", "9", "--sysfs", str(sysfs), "--dev", str(dev), "--serials"),
-                *("--bus", args.bus),
+                *("--bus", args.bus, "--hotplug-delay", str(args.hotplug_delay)),
             ) as sim,
         ):
             env = volumed_env(
