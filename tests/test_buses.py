@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from msgspec.structs import replace
 
+from actors.watcher.state import diff_one
 from actors.watcher.sysfs import (
     Unreadable,
     bus_of,
@@ -37,6 +38,7 @@ from actors.watcher.sysfs import (
 from schemas.common import GIB, serial_of
 from schemas.devices import identity_of
 from simulator import Simulator
+from simulator.cli import _parser, build_config
 from simulator.config import DiskBus
 from simulator.hotplug import BUSES, Hotplug, by_id_names, vpd_pg80
 from tests.conftest import Database, Harness, NatsServer, stop_volumed, wait_for
@@ -190,6 +192,28 @@ def test_an_unreadable_vpd_page_is_neither_present_nor_absent(tmp_path: Path) ->
     page.write_bytes(bytes([0x00, 0x80, 0x00, 40]) + b"3f2a")
     info = read_device(str(sysfs), str(dev), name)
     assert info is not None and info.serial is None
+
+
+@pytest.mark.parametrize("bus", BUSES)
+def test_a_resize_is_the_same_disk_on_each_bus(tmp_path: Path, bus: DiskBus) -> None:
+    # The kernel's capacity change rewrites `size` only: serial, controller and name stay,
+    # so the watcher reports a resize of the same disk, never a new one.
+    sysfs, dev = fake_tree(tmp_path)
+    hotplug = Hotplug(sysfs, dev, bus=bus)
+    hotplug.plug(VOLUME, GIB)
+    name = hotplug.devices[VOLUME]
+    before = read_device(str(sysfs), str(dev), name)
+    hotplug.resize(VOLUME, 3 * GIB)
+    after = read_device(str(sysfs), str(dev), name)
+    assert before is not None and after is not None and after.size == 3 * GIB
+    assert diff_one(before, after) == [("changed", after)]
+
+
+def test_the_simulator_cli_takes_a_bus() -> None:
+    assert build_config(_parser().parse_args([])).bus == "virtio-blk"
+    assert build_config(_parser().parse_args(["--bus", "virtio-scsi"])).bus == "virtio-scsi"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--bus", "ide"])
 
 
 def test_by_id_prefers_the_link_made_from_the_serial() -> None:
