@@ -39,14 +39,17 @@ import msgspec
 
 from actors.logs import SECRETS, setup_logging
 from actors.supervisor import ACTORS, Supervisor
+from actors.watcher.sysfs import read_device
 from bus import Bus
 from bus.topology import API_PREFIX, EVENTS_PREFIX, command_subject
 from schemas.common import GIB
 from schemas.config import Settings
+from schemas.devices import identity_of
 from schemas.events import OperationEvent
 from schemas.queries import Health, Mapping
 from simulator import SimConfig, Simulator
-from simulator.hotplug import SECTOR, make_guest_tree
+from simulator.config import DiskBus
+from simulator.hotplug import BUSES, SECTOR, make_guest_tree
 
 log = logging.getLogger("volumed.demo")
 
@@ -159,6 +162,7 @@ class Options:
     cloudstack_port: int = 0
     once: bool = False
     log_level: str = "INFO"
+    bus: DiskBus = "virtio-blk"
 
 
 @dataclass
@@ -192,6 +196,7 @@ class Demo:
                     sysfs_root=str(sysfs),
                     dev_root=str(dev),
                     serials=True,
+                    bus=self.options.bus,
                     # Short, so that pending and executing are each seen for a moment.
                     job_latency=0.2,
                     hotplug_delay=0.1,
@@ -211,7 +216,7 @@ class Demo:
                 vm_id=sim.local_vm_id,
                 sysfs=str(sysfs),
                 dev=str(dev),
-                devices=("vd*",),
+                # The default patterns: vd*, sd*, xvd*, nvme*n* (the root disk is vda).
                 # The fake tree is not /sys, so rescans are the watcher's only path.
                 poll_interval=0.2,
                 instance="demo",
@@ -227,7 +232,7 @@ class Demo:
             say(f"  database    {settings.db_dsn}")
             say(f"  CloudStack  simulator at {sim.url}")
             say(f"              zone {sim.zone_id}, this host is VM {sim.local_vm_id}")
-            say(f"  devices     hot-plugged into {sysfs} and {dev}")
+            say(f"  devices     hot-plugged on {self.options.bus} into {sysfs} and {dev}")
             say(f"  logs        {log_path}, {self.state}/nats-server.log")
 
             supervisor = Supervisor(settings, ACTORS)
@@ -290,15 +295,15 @@ class Demo:
             raise DemoFailed("the attach completed without a device")
         name = Path(attached.device_path).name
         block = sysfs / "block" / name
-        for line in _device_lines(attached, block):
+        for line in _device_lines(attached, sysfs, dev, name):
             say(line)
-        mapping = msgspec.json.decode(
-            await client.request(f"{API_PREFIX}.mapping", {"volume_id": volume}), type=Mapping
-        )
+        mapping = await self._proven(client, volume)
         say(
             f"    volume.api.mapping: {mapping.volume_id} is {mapping.device_path} "
             f"on VM {mapping.vm_id}, {mapping.size} bytes"
         )
+        if mapping.proof:
+            say(f"      proof {mapping.proof}: {mapping.proof_reason}")
 
         say("\n3/4 detach it")
         await self._step(
@@ -314,6 +319,19 @@ class Demo:
             client, "delete", {"operation_id": f"demo-{tag}-delete", "volume_id": volume}
         )
         say(f"\nWalk-through done: created, attached as {name}, detached and deleted {volume}.")
+
+    async def _proven(self, client: Bus, volume: str) -> Mapping:
+        """The volume's mapping once the correlator has proven it again (it does so right
+        after the attach), so that it says how; as it is after a few seconds otherwise."""
+        deadline = time.monotonic() + 5
+        while True:
+            mapping = msgspec.json.decode(
+                await client.request(f"{API_PREFIX}.mapping", {"volume_id": volume}),
+                type=Mapping,
+            )
+            if mapping.proof or time.monotonic() > deadline:
+                return mapping
+            await asyncio.sleep(0.1)
 
     async def _healthy(self, client: Bus) -> Health:
         """Wait until health says ok: every actor has started and reported."""
@@ -415,13 +433,16 @@ class Demo:
         say("stopped the actors")
 
 
-def _device_lines(attached: OperationEvent, block: Path) -> list[str]:
-    """What the guest shows of the attached device: its sysfs entry and stable link."""
+def _device_lines(attached: OperationEvent, sysfs: Path, dev: Path, name: str) -> list[str]:
+    """What the guest shows of the attached device: its sysfs entry, its serial where its
+    bus keeps it (read as the watcher reads it), and its stable link."""
+    block = sysfs / "block" / name
     sectors = int((block / "size").read_text())
-    serial = (block / "serial").read_text() if (block / "serial").exists() else "none"
+    info = read_device(str(sysfs), str(dev), name)
+    serial = f"serial {info.serial} ({identity_of(info)})" if info and info.serial else "no serial"
     lines = [
         f"    the attached device is {attached.device_path}",
-        f"      sysfs {block}: {sectors} sectors of {SECTOR} bytes, serial {serial}",
+        f"      sysfs {block}: {sectors} sectors of {SECTOR} bytes, {serial}",
     ]
     if attached.by_id_path:
         target = Path(attached.by_id_path).readlink()
@@ -481,6 +502,14 @@ def _parser() -> argparse.ArgumentParser:
         "--cloudstack-port", type=_port, default=0, metavar="N", help="default: a free port"
     )
     p.add_argument("--once", action="store_true", help="stop after the walk-through")
+    p.add_argument(
+        "--bus",
+        choices=BUSES,
+        default="virtio-blk",
+        help="the bus the simulator hot-plugs the volume on, laid out as the kernel shows it "
+        "(virtio-scsi: sdX with the serial in VPD page 0x80; nvme: nvmeCn1 with the "
+        "controller's serial; xen: xvdX without serial); default virtio-blk",
+    )
     p.add_argument("--log-level", default="INFO", help="of the actors' log file")
     return p
 
@@ -522,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         cloudstack_port=args.cloudstack_port,
         once=args.once,
         log_level=args.log_level,
+        bus=args.bus,
     )
     try:
         return asyncio.run(_main(options))

@@ -6,7 +6,12 @@ to the local VM: the time from the watcher's `added` event for the volume's devi
 the bus to the attach's `completed` event — what the correlator and the executor add once
 the device is visible. Detection itself is measured by bench_detection.
 
-    python -m bench.bench_correlation [--attaches 60] [--concurrency 4]
+    python -m bench.bench_correlation [--attaches 60] [--concurrency 4] [--bus virtio-scsi]
+        [--hotplug-delay 0.5]
+
+``--bus`` hot-plugs the disks on another bus, laid out as the kernel shows it (virtio-scsi:
+the serial in VPD page 0x80; nvme: the controller's serial; xen: none, so attaches take the
+serial-less path, one at a time).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from bench.common import volumed as volumed_process
 from bus import Bus
 from bus.topology import TOPOLOGY, device_subject
 from schemas.common import GIB, serial_of
+from simulator.hotplug import BUSES
 
 
 async def run(args: argparse.Namespace, nats_url: str, sim: dict[str, Any]) -> None:
@@ -95,7 +101,9 @@ async def run(args: argparse.Namespace, nats_url: str, sim: dict[str, Any]) -> N
     # Warm-up: one full round before measuring.
     await one(-1)
     overheads.clear()
+    started = time.perf_counter()
     await asyncio.gather(*(one(n) for n in range(args.attaches)))
+    figure("correlation_wall", time.perf_counter() - started, "s")
     figure("correlation_attaches", len(overheads), "attaches")
     figure("correlation_failed", failures, "attaches")
     figure("correlation_overhead_p50", percentile(overheads, 50), "ms")
@@ -107,6 +115,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attaches", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--bus", choices=BUSES, default="virtio-blk")
+    parser.add_argument("--hotplug-delay", type=float, default=0.0, metavar="S")
     args = parser.parse_args()
     db = database_name()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +125,10 @@ async def main() -> None:
         (dev / "disk" / "by-id").mkdir(parents=True)
         with (
             nats_server() as nats_url,
-            simulator("--seed", "9", "--sysfs", str(sysfs), "--dev", str(dev), "--serials") as sim,
+            simulator(
+                *("--seed", "9", "--sysfs", str(sysfs), "--dev", str(dev), "--serials"),
+                *("--bus", args.bus, "--hotplug-delay", str(args.hotplug_delay)),
+            ) as sim,
         ):
             env = volumed_env(
                 nats_url,
@@ -123,7 +136,7 @@ async def main() -> None:
                 sim,
                 VOLUMED_SYSFS=str(sysfs),
                 VOLUMED_DEV=str(dev),
-                VOLUMED_DEVICES="vd*",
+                VOLUMED_DEVICES="vd*,sd*,nvme*n*,xvd*",
                 VOLUMED_POLL_INTERVAL="0.02",
             )
             try:

@@ -10,12 +10,24 @@ from msgspec import Struct
 # disk, resized, never a new one.
 DeviceEventKind = Literal["added", "removed", "changed", "inventory"]
 
+# Where a disk's bus keeps its serial (contract §6), as the watcher read it: virtio-blk's
+# `serial` file, the unit serial of a SCSI disk's VPD page 0x80 (`device/vpd_pg80`, virtio-scsi
+# included), an NVMe namespace's controller (`device/serial`). Xen disks have none.
+SerialSource = Literal["virtio", "vpd_pg80", "nvme_controller"]
+Bus = Literal["virtio-blk", "scsi", "nvme", "xen"]
+
+_SERIAL_SOURCES: dict[str, str] = {
+    "virtio": "virtio serial",
+    "vpd_pg80": "serial from VPD page 0x80",
+    "nvme_controller": "NVMe controller serial",
+}
+
 
 class DeviceInfo(Struct, kw_only=True, frozen=True):
     name: str  # kernel name, e.g. "vdb"
     path: str  # $VOLUMED_DEV/<name>
     size: int  # bytes (sysfs `size` is in 512-byte sectors)
-    serial: str | None = None  # sysfs `serial`, when the file exists
+    serial: str | None = None  # where the bus keeps it (serial_source), when it has one
     by_id_path: str | None = None  # $VOLUMED_DEV/disk/by-id/<link> that points at this device
     controller: str | None = None  # e.g. "virtio4", from the `device` link
     # When the disk appeared, as an interval on the watcher's host clock (time.time()):
@@ -29,6 +41,18 @@ class DeviceInfo(Struct, kw_only=True, frozen=True):
     # and snapshot of the same watcher, so it also tells an appearance from another.
     appeared_at: float = 0.0
     appeared_after: float | None = None
+    bus: Bus | None = None  # from the kernel name: vd* virtio-blk, sd* scsi, nvme*n* nvme, xvd*
+    serial_source: SerialSource | None = None  # where ``serial`` was read (None: no serial)
+    # An NVMe namespace's own id (sysfs `wwid`, else `nguid` or `eui`): several
+    # namespaces of one controller share its serial, never this.
+    namespace_id: str | None = None
+
+
+def identity_of(info: DeviceInfo) -> str:
+    """In words, which identity of the device its serial is: "serial from VPD page 0x80"."""
+    if info.serial is None:
+        return "no serial"
+    return _SERIAL_SOURCES.get(info.serial_source or "", "serial")
 
 
 class DeviceEvent(Struct, kw_only=True, frozen=True):
@@ -93,7 +117,12 @@ class ProvenMapping(Struct, kw_only=True, frozen=True):
     proof: ProofKind
     device_path: str | None = None  # None when proof is "none"
     by_id_path: str | None = None
-    reason: str = ""  # why nothing could be proven (proof "none")
+    # Why nothing could be proven (proof "none"), else how it was: with proof "serial" which
+    # identity of the device carried it ("serial from VPD page 0x80 of /dev/sdb").
+    reason: str = ""
+    # The identity that proved it: "virtio serial", "serial from VPD page 0x80", "NVMe
+    # controller serial", or "exclusion" (no serial); "" with proof "none".
+    identity: str = ""
 
 
 class MappingProof(Struct, kw_only=True, frozen=True):

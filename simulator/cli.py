@@ -13,6 +13,7 @@ import sys
 import msgspec
 
 from simulator.config import GuestConfig, SimConfig, load_config
+from simulator.hotplug import BUSES
 from simulator.server import Simulator
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="give hot-plugged devices serials (default: on)",
+    )
+    p.add_argument(
+        "--bus",
+        choices=BUSES,
+        help="the bus hot-plugged devices are on, with its sysfs and /dev layout (default "
+        "virtio-blk; virtio-scsi: sdX, serial in VPD page 0x80; nvme: nvmeCn1, the "
+        "controller's serial; xen: xvdX, no serial)",
     )
     p.add_argument("--job-latency", type=float, metavar="S", help="seconds jobs stay pending")
     p.add_argument("--hotplug-delay", type=float, metavar="S")
@@ -70,6 +78,7 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         "sysfs_root": args.sysfs,
         "dev_root": args.dev,
         "serials": args.serials,
+        "bus": args.bus,
         "job_latency": args.job_latency,
         "hotplug_delay": args.hotplug_delay,
         "unplug_delay": args.unplug_delay,

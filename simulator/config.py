@@ -10,6 +10,8 @@ import msgspec
 from msgspec import Meta, Struct
 
 NonNegative = Annotated[float, Meta(ge=0)]
+DiskBus = Literal["virtio-blk", "virtio-scsi", "nvme", "xen"]
+"""The buses a guest's hot-plugged disks can be on (simulator/hotplug.py lays each out)."""
 
 
 class DiskOfferingConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -96,6 +98,10 @@ class SimConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """More guests, each VM with its own tree (several hosts), after the local VM's."""
     serials: bool = True
     """Give hot-plugged devices the volume's serial (KVM) or none (other hypervisors)."""
+    bus: DiskBus = "virtio-blk"
+    """The bus local attaches are hot-plugged on, laid out in sysfs and /dev as the kernel
+    and udev show it (simulator/hotplug.py): vdX with ``serial``; sdX with the serial in
+    ``device/vpd_pg80``; nvme<C>n1 with the controller's ``device/serial``; xvdX without."""
     hotplug_delay: NonNegative = 0.0
     """Seconds between an attach job completing and its device appearing."""
     unplug_delay: NonNegative = 0.0

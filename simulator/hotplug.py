@@ -1,10 +1,26 @@
 """Fake block devices: what a guest kernel and udev show when a volume is hot-plugged.
 
-An attach to the local VM makes ``<sysfs>/block/vdX/{size,serial}`` with ``device`` a relative
-link to its own virtio device ``<sysfs>/devices/pci0000:00/0000:00:NN.0/virtioN``, the node
-``<dev>/vdX`` and, with serials, the link ``<dev>/disk/by-id/virtio-<serial>``. The name is the
-lowest free one, unrelated to CloudStack's deviceid, as in a real guest. Each sysfs directory
-is built aside and renamed into place, so a scanner never sees a device without its ``size``.
+Each bus is laid out as the kernel and udev lay it out (``bus``), the volume's serial where
+QEMU puts CloudStack's ``serial=`` (the volume id without dashes, cut to 20):
+
+- ``virtio-blk``: ``<sysfs>/block/vdX/{size,serial}``, ``device`` a relative link to the
+  disk's own virtio device ``<sysfs>/devices/pci0000:00/0000:00:NN.0/virtioN``; the link
+  ``<dev>/disk/by-id/virtio-<serial>``.
+- ``virtio-scsi``: ``<sysfs>/block/sdX/size`` and no ``serial`` file; ``device`` links to the
+  SCSI device ``.../virtio2/host0/target0:0:0/0:0:0:<lun>`` of the one HBA, which holds
+  ``vpd_pg80`` (the binary VPD page 0x80: a 4-byte header, byte 3 the length, then the
+  serial), ``vendor`` and ``model``; the link ``scsi-0QEMU_QEMU_HARDDISK_<serial>``.
+- ``nvme``: one controller per disk (as QEMU hot-plugs ``-device nvme,serial=``):
+  ``<sysfs>/block/nvme<C>n1/{size,wwid,eui}`` with ``device`` linking to the controller
+  ``.../0000:00:NN.0/nvme/nvme<C>`` and its ``serial`` and ``model`` (space-padded as the
+  kernel prints them); the links ``nvme-QEMU_NVMe_Ctrl_<serial>`` and ``nvme-eui.<eui>``.
+- ``xen``: ``<sysfs>/block/xvdX/size`` from ``xvdb`` (a Xen guest's root disk is ``xvda``),
+  ``device`` linking to ``<sysfs>/devices/vbd-<n>``, the disk's Xen device number (xvdb:
+  51728); no serial and no by-id link.
+
+Every bus has the node ``<dev>/<name>``. The name is the lowest free one, unrelated to
+CloudStack's deviceid, as in a real guest. Each sysfs directory is built aside and renamed
+into place, so a scanner never sees a device without its ``size``.
 """
 
 from __future__ import annotations
@@ -16,7 +32,11 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
+
+from simulator.config import DiskBus
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +45,67 @@ SERIAL_LENGTH = 20
 _WORKDIR = ".simulator"
 _FIRST_VIRTIO = 4
 """virtio0..3 are the guest's NIC, console, balloon and root disk."""
+_FIRST_NVME_SLOT = 0x10
+"""PCI slots of NVMe controllers start here (virtio disks take the low ones)."""
+_SCSI_HBA = os.path.join("devices", "pci0000:00", "0000:00:03.0", "virtio2", "host0")
+"""The virtio-scsi HBA every SCSI disk hangs off (CloudStack's one controller per VM)."""
+_XEN_VBD_BASE = 51712
+"""Xen's device number of xvda (202 << 8); xvdb is 51728, and so on in steps of 16."""
+SCSI_VENDOR = "QEMU"
+SCSI_MODEL = "QEMU HARDDISK"
+NVME_MODEL = "QEMU NVMe Ctrl"
+
+BUSES: tuple[DiskBus, ...] = get_args(DiskBus)
 
 
-def disk_name(index: int) -> str:
-    """The kernel's name of the index-th virtio disk: vda..vdz, vdaa..vdzz, vdaaa..."""
+def _letters(index: int) -> str:
     letters = ""
     while index >= 0:
         letters = chr(ord("a") + index % 26) + letters
         index = index // 26 - 1
-    return f"vd{letters}"
+    return letters
+
+
+def disk_name(index: int, bus: DiskBus = "virtio-blk") -> str:
+    """The kernel's name of the index-th disk of a bus: vda..vdz, vdaa.. (virtio-blk),
+    sda.. (SCSI), xvda.. (Xen), nvme0n1, nvme1n1.. (one namespace per NVMe controller)."""
+    if bus == "nvme":
+        return f"nvme{index}n1"
+    prefix = {"virtio-blk": "vd", "virtio-scsi": "sd", "xen": "xvd"}[bus]
+    return prefix + _letters(index)
+
+
+def vpd_pg80(serial: str) -> bytes:
+    """SCSI VPD page 0x80 as QEMU's scsi-hd answers it and the kernel exposes it in
+    ``device/vpd_pg80``: peripheral type 0 (disk), page code 0x80, a 2-byte page length,
+    then the serial as given (QEMU neither pads it nor cuts a 20-character one)."""
+    data = serial.encode("ascii")
+    return bytes((0x00, 0x80)) + len(data).to_bytes(2, "big") + data
+
+
+def by_id_names(bus: DiskBus, serial: str | None, eui: str | None = None) -> list[str]:
+    """The links udev makes in ``disk/by-id`` for a disk of this bus (none without serial)."""
+    if serial is None:
+        return []
+    if bus == "virtio-blk":
+        return [f"virtio-{serial}"]
+    if bus == "virtio-scsi":
+        # scsi_id's "0" (vendor specific) id: vendor, model, then the VPD 0x80 serial.
+        return [f"scsi-0{SCSI_VENDOR}_{SCSI_MODEL.replace(' ', '_')}_{serial}"]
+    if bus == "nvme":
+        names = [f"nvme-{NVME_MODEL.replace(' ', '_')}_{serial}"]
+        return names + ([f"nvme-eui.{eui}"] if eui else [])
+    return []  # Xen: no serial, no link
+
+
+@dataclass
+class _Plugged:
+    """What one volume's device is made of, beyond its block directory."""
+
+    links: list[str]
+    """Names in <dev>/disk/by-id that point at the device."""
+    remove: Path | None
+    """The device directory under <sysfs>/devices to remove when it goes."""
 
 
 def serial_of(volume_id: str) -> str:
@@ -64,10 +136,13 @@ class Hotplug:
         serials: bool = True,
         hotplug_delay: float = 0.0,
         unplug_delay: float = 0.0,
+        bus: DiskBus = "virtio-blk",
     ) -> None:
         self.sysfs_root = Path(sysfs_root) if sysfs_root is not None else None
         self.dev_root = Path(dev_root) if dev_root is not None else None
-        self.serials = serials
+        self.bus: DiskBus = bus
+        # Xen's blkfront has no serial whatever the hypervisor was told.
+        self.serials = serials and bus != "xen"
         self.hotplug_delay = hotplug_delay
         self.unplug_delay = unplug_delay
         self.devices: dict[str, str] = {}
@@ -75,8 +150,8 @@ class Hotplug:
         self.plugged: list[tuple[str, str]] = []
         """(volume id, device name) of every device made, oldest first: which device a
         volume had, after it has gone (a name is used again once free)."""
-        self._controllers: dict[str, Path] = {}
-        """volume id -> its virtio device directory under <sysfs>/devices."""
+        self._parts: dict[str, _Plugged] = {}
+        """volume id -> its by-id links and device directory."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     @property
@@ -142,15 +217,15 @@ class Hotplug:
                 aside[volume_id] = work / f"reboot.{volume_id}"
                 os.rename(self.sysfs_root / "block" / name, aside[volume_id])
                 (self.dev_root / name).unlink(missing_ok=True)
-                if self.serials:
-                    (by_id / f"virtio-{serial_of(volume_id)}").unlink(missing_ok=True)
+                for link in self._links(volume_id):
+                    (by_id / link).unlink(missing_ok=True)
             self.devices = dict(zip(order, names, strict=True))
             for volume_id, name in self.devices.items():
                 # The scratch directory is as deep as block/: the device link still holds.
                 os.rename(aside[volume_id], self.sysfs_root / "block" / name)
                 (self.dev_root / name).touch()
-                if self.serials:
-                    os.symlink(f"../../{name}", by_id / f"virtio-{serial_of(volume_id)}")
+                for link in self._links(volume_id):
+                    os.symlink(f"../../{name}", by_id / link)
         finally:
             self._tidy()
         return dict(self.devices)
@@ -217,72 +292,117 @@ class Hotplug:
         assert self.dev_root is not None
         return (self.dev_root / name).exists()
 
-    def _free_name(self) -> str:
-        index = 0
-        while self._taken(disk_name(index)):
-            index += 1
-        return disk_name(index)
+    def _links(self, volume_id: str) -> list[str]:
+        parts = self._parts.get(volume_id)
+        return parts.links if parts is not None else []
 
-    def _new_controller(self) -> Path:
-        """A fresh virtio device directory (the lowest free index, as the guest kernel's)."""
-        assert self.sysfs_root is not None
-        index = _FIRST_VIRTIO
-        while True:
-            path = (
-                self.sysfs_root / "devices" / "pci0000:00" / f"0000:00:{index:02x}.0/virtio{index}"
-            )
-            if not path.exists():
-                path.mkdir(parents=True)
-                return path
+    def _free_index(self) -> int:
+        """The lowest free name's index (on Xen from xvdb: a Xen guest's root disk is xvda)."""
+        index = 1 if self.bus == "xen" else 0
+        while self._taken(disk_name(index, self.bus)):
             index += 1
+        return index
+
+    def _lowest_free(self, path_of: Callable[[int], Path], first: int = 0) -> tuple[int, Path]:
+        """The lowest index whose directory does not exist yet, made (as the kernel hands out
+        the lowest free instance number)."""
+        index = first
+        while path_of(index).exists():
+            index += 1
+        path = path_of(index)
+        path.mkdir(parents=True)
+        return index, path
+
+    def _new_device(self, index: int, serial: str | None) -> tuple[Path, Path]:
+        """The disk's device directory under <sysfs>/devices, as its bus makes it: returns the
+        directory its block device's ``device`` link names and the one to remove when the
+        disk goes."""
+        root = self.sysfs_root
+        assert root is not None
+        pci = root / "devices" / "pci0000:00"
+        if self.bus == "virtio-scsi":
+            target = root / _SCSI_HBA / "target0:0:0"
+            _, unit = self._lowest_free(lambda lun: target / f"0:0:0:{lun}")
+            (unit / "vendor").write_text(f"{SCSI_VENDOR:<8}\n")
+            (unit / "model").write_text(f"{SCSI_MODEL:<16}\n")
+            if serial is not None:
+                # QEMU offers page 0x80 only with a serial; without one the kernel makes no file.
+                (unit / "vpd_pg80").write_bytes(vpd_pg80(serial))
+            return unit, unit
+        if self.bus == "nvme":
+            index, slot = self._lowest_free(lambda i: pci / f"0000:00:{_FIRST_NVME_SLOT + i:02x}.0")
+            controller = slot / "nvme" / f"nvme{index}"
+            controller.mkdir(parents=True)
+            # The kernel prints the Identify Controller fields with their space padding.
+            (controller / "serial").write_text(f"{serial or '':<20}\n")
+            (controller / "model").write_text(f"{NVME_MODEL:<40}\n")
+            return controller, slot
+        if self.bus == "xen":
+            # The vbd's number is the disk's (xvdb: 51728), as blkfront names disks by it.
+            vbd = root / "devices" / f"vbd-{_XEN_VBD_BASE + 16 * index}"
+            vbd.mkdir(parents=True)
+            return vbd, vbd
+        _, virtio = self._lowest_free(
+            lambda i: pci / f"0000:00:{i:02x}.0" / f"virtio{i}", _FIRST_VIRTIO
+        )
+        return virtio, virtio.parent
 
     def _plug_now(self, volume_id: str, size: int) -> None:
         serial = serial_of(volume_id) if self.serials else None
-        name = self._free_name()
+        index = self._free_index()
+        name = disk_name(index, self.bus)
+        eui = None
+        if self.bus == "nvme":
+            # QEMU gives each namespace an EUI-64 under its OUI 52:54:00 (nvme-ns eui64-default).
+            eui = f"525400{len(self.plugged) + 1:010x}"
+        parts = _Plugged(links=by_id_names(self.bus, serial, eui), remove=None)
         if self.sysfs_root is not None:
             block = self.sysfs_root / "block"
             block.mkdir(parents=True, exist_ok=True)
-            controller = self._new_controller()
-            self._controllers[volume_id] = controller
+            device, parts.remove = self._new_device(index, serial)
             tmp = self._workdir() / f"{name}.{uuid.uuid4().hex}"
             tmp.mkdir()
             (tmp / "size").write_text(f"{size // SECTOR}\n")
-            if serial is not None:
+            if serial is not None and self.bus == "virtio-blk":
                 (tmp / "serial").write_text(serial)
+            if eui is not None:
+                (tmp / "eui").write_text(" ".join(eui[i : i + 2] for i in range(0, 16, 2)) + "\n")
+                (tmp / "wwid").write_text(f"eui.{eui}\n")
             # The scratch directory is as deep as block/, so the relative link holds there too.
             os.symlink(
-                os.path.join("..", "..", controller.relative_to(self.sysfs_root)), tmp / "device"
+                os.path.join("..", "..", device.relative_to(self.sysfs_root)), tmp / "device"
             )
             os.rename(tmp, block / name)
+        self._parts[volume_id] = parts
         self.devices[volume_id] = name
         self.plugged.append((volume_id, name))
         if self.dev_root is not None:
             self.dev_root.mkdir(parents=True, exist_ok=True)
             (self.dev_root / name).touch()
-            if serial is not None:
-                by_id = self.dev_root / "disk" / "by-id"
+            by_id = self.dev_root / "disk" / "by-id"
+            for link in parts.links:
                 by_id.mkdir(parents=True, exist_ok=True)
-                tmp_link = by_id / f".virtio-{serial}.{uuid.uuid4().hex}"
+                tmp_link = by_id / f".{link}.{uuid.uuid4().hex}"
                 os.symlink(f"../../{name}", tmp_link)
-                os.replace(tmp_link, by_id / f"virtio-{serial}")
-        log.debug("hot-plugged %s for volume %s", name, volume_id)
+                os.replace(tmp_link, by_id / link)
+        log.debug("hot-plugged %s (%s) for volume %s", name, self.bus, volume_id)
 
     def _unplug_now(self, volume_id: str) -> None:
         name = self.devices.pop(volume_id, None)
         if name is None:
             return
+        parts = self._parts.pop(volume_id, _Plugged(links=[], remove=None))
         if self.sysfs_root is not None:
             path = self.sysfs_root / "block" / name
             if path.exists():
                 gone = self._workdir() / f"gone.{name}.{uuid.uuid4().hex}"
                 os.rename(path, gone)
                 shutil.rmtree(gone, ignore_errors=True)
-            controller = self._controllers.pop(volume_id, None)
-            if controller is not None:
-                shutil.rmtree(controller.parent, ignore_errors=True)
+            if parts.remove is not None:
+                shutil.rmtree(parts.remove, ignore_errors=True)
         if self.dev_root is not None:
-            if self.serials:
-                link = self.dev_root / "disk" / "by-id" / f"virtio-{serial_of(volume_id)}"
+            for link_name in parts.links:
+                link = self.dev_root / "disk" / "by-id" / link_name
                 if link.is_symlink() and os.readlink(link) == f"../../{name}":
                     link.unlink()
             (self.dev_root / name).unlink(missing_ok=True)

@@ -99,6 +99,7 @@ class Simulator:
             sysfs_root,
             dev_root,
             serials=self.config.serials,
+            bus=self.config.bus,
             hotplug_delay=self.config.hotplug_delay,
             unplug_delay=self.config.unplug_delay,
         )

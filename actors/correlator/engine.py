@@ -145,8 +145,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
+from msgspec.structs import replace
+
 from schemas.common import GIB, TERMINAL, ErrorCode, epoch_of, serial_of
-from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, ProvenMapping
+from schemas.devices import DeviceEvent, DeviceInfo, MappedVolume, ProvenMapping, identity_of
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     CorrelateRequest,
@@ -515,12 +517,15 @@ class CorrelationEngine:
             )
 
         def on(d: _Device, proof: Literal["serial", "exclusive"]) -> ProvenMapping:
+            identity, reason = _how_proven(d.info, proof)
             return ProvenMapping(
                 volume_id=m.volume_id,
                 operation_id=m.operation_id,
                 proof=proof,
                 device_path=d.info.path,
                 by_id_path=d.info.by_id_path,
+                reason=reason,
+                identity=identity,
             )
 
         same = [d for d in self._devices.values() if d.info.serial == serial]
@@ -940,6 +945,18 @@ class CorrelationEngine:
             self._ended.popitem(last=False)
 
 
+def _how_proven(info: DeviceInfo, proof: Literal["serial", "exclusive"]) -> tuple[str, str]:
+    """Which identity of the device proved a mapping, and that in a sentence (the bus only
+    changes where the serial was read: the match is the same on every bus)."""
+    if proof == "serial":
+        identity = identity_of(info)
+        return identity, f"{info.name} carries the volume's serial {info.serial} ({identity})"
+    return "exclusion", (
+        f"{info.name} has no serial; this correlator proved it by exclusion when the volume "
+        f"was attached, and it is the same appearance"
+    )
+
+
 def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
     """Same appearance, as far as can be told (a watcher restart re-stamps appeared_at);
     without serial, after a gap, that is no proof (see "Inventories")."""
@@ -972,11 +989,9 @@ def _same_appearance(a: DeviceInfo, b: DeviceInfo) -> bool:
 def _merge(old: DeviceInfo, new: DeviceInfo) -> DeviceInfo:
     """Newer details (by-id link, controller); the appearance keeps its first times."""
     first = old if old.appeared_at > 0 else new
-    return DeviceInfo(
-        name=new.name,
-        path=new.path,
-        size=new.size,
-        serial=new.serial,
+    # replace, not a new DeviceInfo: every other field (bus, serial_source...) is the newer.
+    return replace(
+        new,
         by_id_path=new.by_id_path or old.by_id_path,
         controller=new.controller or old.controller,
         appeared_at=first.appeared_at,
