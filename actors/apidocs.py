@@ -352,7 +352,9 @@ def asyncapi() -> dict[str, Any]:
         }
         messages[name]["description"] = (
             f"Unknown fields are ignored; a body over {MAX_COMMAND_BYTES} bytes, or one this "
-            "schema refuses, gets one `rejected` event with `invalid_request`."
+            "schema refuses, gets one `rejected` event with `invalid_request`. An integer is "
+            "written without a fraction or exponent (1073741824, not 1073741824.0), which "
+            "JSON Schema alone would allow."
         )
         channel = f"command_{op_type}"
         channels[channel] = _channel(

@@ -177,6 +177,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_type(value: Any, t: str) -> bool:
+    # "integer" as the decoder has it: 2.0 is a float (JSON Schema would take it; the
+    # AsyncAPI document's command messages say so).
     return {
         "string": isinstance(value, str),
         "integer": isinstance(value, int) and not isinstance(value, bool),
