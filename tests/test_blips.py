@@ -38,7 +38,9 @@ from typing import Any
 
 import pytest
 
+from actors.persistence.read_after import ReadAfter
 from bus import Bus
+from bus.topology import ConsumerSpec, StreamSpec, Topology
 from schemas.common import GIB
 from simulator import SimConfig, Simulator, VMConfig
 from simulator.hotplug import make_guest_tree
@@ -256,6 +258,32 @@ async def test_every_exchange_survives_a_blip(
     print(f"logs: {tmp_path}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+async def test_a_query_waits_out_a_blip_of_its_process(nats_server: NatsServer) -> None:
+    """The read-after bound is for a writer that is behind: a query whose process is cut off
+    past the bound does not answer from the database unproven, but once it can see again."""
+    writer = await Bus.connect(nats_server.url, "writer")
+    stream = StreamSpec(name="RA", subjects=("ra.>",), storage="memory")
+    consumer = ConsumerSpec(stream="RA", durable="writer")
+    await writer.provision(Topology(streams=(stream,), consumers=(consumer,)))
+    async with TcpProxy("127.0.0.1", nats_server.port) as proxy:
+        bus = await Bus.connect(proxy.url, "persistence")
+        read_after = ReadAfter(bus, (consumer,), timeout=1.0)
+        try:
+            await writer.publish("ra.x", b"an event")
+            waiting = asyncio.create_task(read_after.wait())
+            await wait_for(lambda: read_after.rounds >= 2)  # it has seen the writer behind
+            await proxy.cut(3 * read_after.timeout)
+            await asyncio.sleep(2 * read_after.timeout)  # past the bound, still cut off
+            sub = await writer.js.pull_subscribe_bind(consumer.durable, "RA")
+            for m in await sub.fetch(1, timeout=5):
+                await m.ack_sync()  # the writer caught up meanwhile
+            assert await waiting, "answered unproven while it could not read the floors"
+        finally:
+            await read_after.close()
+            await bus.close()
+            await writer.close()
 
 
 def _ready(bus: Bus) -> Any:
