@@ -40,8 +40,10 @@ import pytest
 
 from actors.persistence.read_after import ReadAfter
 from bus import Bus
-from bus.topology import ConsumerSpec, StreamSpec, Topology
+from bus.lease import Leases
+from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology
 from schemas.common import GIB
+from schemas.internal import LeaseHolder
 from simulator import SimConfig, Simulator, VMConfig
 from simulator.hotplug import make_guest_tree
 from simulator.world import VirtualMachine, Volume
@@ -284,6 +286,38 @@ async def test_a_query_waits_out_a_blip_of_its_process(nats_server: NatsServer) 
             await read_after.close()
             await bus.close()
             await writer.close()
+
+
+async def test_a_lease_released_during_a_blip_is_free_before_it_could_expire(
+    nats_server: NatsServer,
+) -> None:
+    """The gate is a lease: a holder cut off long enough for its belief to lapse, that
+    releases it meanwhile, must not leave the key to expire (the next attach would wait a
+    whole ttl), nor revive it with a renewal that was in flight."""
+    ttl = 5.0
+    spec = BucketSpec(name="blip_leases", ttl=ttl)
+    other_bus = await Bus.connect(nats_server.url, "another-process")
+    await other_bus.provision(Topology(buckets=(spec,)))
+    other = Leases(await other_bus.bucket(spec, LeaseHolder), "another", ttl)
+    async with TcpProxy("127.0.0.1", nats_server.port) as proxy:
+        bus = await Bus.connect(proxy.url, "holder")
+        holder = Leases(await bus.bucket(spec, LeaseHolder), "holder", ttl)
+        bus.on_reconnect.append(holder.renew_now)
+        renewing = asyncio.create_task(holder.run())
+        try:
+            lease = await holder.acquire("gate.vm")
+            await proxy.cut(3.0)
+            await wait_for(lambda: not lease.valid, timeout=ttl)  # renewals failed
+            await holder.release(lease)
+            await proxy.healed()
+            # The holder's renewals sent during the cut reach the server after it, so the
+            # server keeps the key until a whole ttl after the heal unless it was released.
+            taken = await other.acquire("gate.vm", timeout=ttl / 2)
+            assert taken.valid
+        finally:
+            renewing.cancel()
+            await bus.close()
+            await other_bus.close()
 
 
 def _ready(bus: Bus) -> Any:
