@@ -72,6 +72,7 @@ class ReadAfter:
         self._late_logged = 0
         self._logged_at = 0.0
         self._blind = False  # the last round could not read the floors
+        self._read_round = 0  # the last round that read them
 
     async def wait(self) -> bool:
         """Return True once every event published before this call is in the database;
@@ -88,19 +89,22 @@ class ReadAfter:
             self._task = asyncio.create_task(self._poll(), name="read-after")
         arrived = loop.time()
         deadline = arrived + self.timeout
-        blind = False
+        blind_after: int | None = None  # a round after this one must read the floors
         try:
             while not (await asyncio.wait({waiter.future}, timeout=deadline - loop.time()))[0]:
                 # The bound is for a writer that is behind, not for a blip of this process's
                 # connection: while the floors cannot be read (nor the answer sent), wait
-                # on, and give the writer the whole bound again once they can.
+                # on, and give the writer the whole bound again once a round begun after
+                # the blip has read them (one in flight through the cut only times out).
                 now = loop.time()
                 if now - arrived > _BLIND_MAX:
                     break
                 if self._blind or not self.bus.connected:
-                    blind, deadline = True, now + _ERROR_PAUSE
-                elif blind:
-                    blind, deadline = False, now + self.timeout
+                    blind_after, deadline = self.rounds, now + _ERROR_PAUSE
+                elif blind_after is not None and self._read_round <= blind_after:
+                    deadline = now + _ERROR_PAUSE
+                elif blind_after is not None:
+                    blind_after, deadline = None, now + self.timeout
                 else:
                     break
             else:
@@ -131,7 +135,7 @@ class ReadAfter:
                 pause = _ERROR_PAUSE
                 self._blind = True
             else:
-                self._blind = False
+                self._blind, self._read_round = False, self.rounds
                 if [p.ack_floor for p in progress] != floors:
                     floors, moved_at = [p.ack_floor for p in progress], time.monotonic()
                 still = time.monotonic() - moved_at > _STILL
