@@ -30,6 +30,8 @@ _NOT_SERVED_TTL = 5.0  # seconds a VM found without correlator is believed so
 _RECHECK = 5.0
 """Seconds between reads of a hand-off's answer from the stream while waiting for it, in
 case a cut went unnoticed (a reconnect wakes the wait at once)."""
+_DEVICE_OF_PATIENCE = 10.0
+"""Seconds a detach asks again for its volume's recorded device while no answer comes."""
 
 log = logging.getLogger("volumed.executor.devices")
 
@@ -167,13 +169,25 @@ class BusDevices:
         return result.gone, result.message
 
     async def device_of(self, volume_id: str) -> str | None:
-        """The device path recorded for the volume (via the persistence query), if any."""
-        try:
-            data = await self.bus.request(
-                "volume.api.mapping", {"volume_id": volume_id}, timeout=2.0
-            )
-        except Exception:
-            return None
+        """The device path recorded for the volume (via the persistence query), if any.
+
+        A query lost to a blip (no answer in time) is asked again for up to
+        ``_DEVICE_OF_PATIENCE`` seconds: without the path, a correlator that restarted
+        cannot tell a serial-less device is the volume's, and would call it gone."""
+        backoff = Backoff(0.2, 2.0)
+        give_up = asyncio.get_running_loop().time() + _DEVICE_OF_PATIENCE
+        while True:
+            try:
+                data = await self.bus.request(
+                    "volume.api.mapping", {"volume_id": volume_id}, timeout=2.0
+                )
+                break
+            except TimeoutError:
+                if asyncio.get_running_loop().time() + backoff.delay > give_up:
+                    return None
+                await backoff.pause()
+            except Exception:  # no persistence running, or no mapping: nothing to wait for
+                return None
         try:
             mapping = msgspec.json.decode(data)
         except msgspec.DecodeError:
