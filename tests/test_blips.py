@@ -2,9 +2,9 @@
 
 Real processes against a real nats-server, the machine's MariaDB and the CloudStack
 simulator: `volumed run executor persistence` and `volumed run watcher correlator` (one host,
-its fake sysfs and /dev, the simulator hot-plugging into them). One of the two talks to NATS
-through a TCP proxy (tests/tcp_proxy.py); the test cuts that connection for ``CUT`` seconds
-at one step of each operation:
+its fake sysfs and /dev, the simulator hot-plugging into them), each talking to NATS through
+its own TCP proxy (tests/tcp_proxy.py); the test cuts one of the two connections for ``CUT``
+seconds at one step of each operation:
 
 - ``command``: as the command is sent (the executor claims it, takes its lease and the
   serial-less gate, announces the attach, and the job runs while it is cut);
@@ -19,9 +19,14 @@ Every attach must complete with the device the simulator made for its volume, no
 detached except by a detach command (simulator call log: no roll-back detachVolume), and
 every detach completes with its device released (no `device_release_warning`).
 
-By default the executor side is cut with serial-less devices (the gate lease is held across
-the cuts) at every step, the correlator side with serials at two; `VOLUMED_BLIPS_FULL=1`
-runs both sides with and without serials at every step.
+By default (serial-less devices, so the gate lease is held across the executor's cuts): the
+executor cut at ``answer`` (the issue's blip: on the old code the attach failed
+`device_timeout` and was detached again) and at ``release``, the correlator cut at
+``answer``. `VOLUMED_BLIPS_FULL=1` runs every step of both sides, with and without serials:
+serial-less, the correlator cut at ``command`` and ``request`` still fails while a reconnect
+of the correlator reloads its devices like a restart (issue 13 item 5).
+
+Also here: the read-after-event wait and a lease released during a blip.
 """
 
 from __future__ import annotations
