@@ -73,6 +73,7 @@ CASES = [
     # serial-less gate's lease is held across the executor's cuts.
     pytest.param(
         False,
+        False,
         (("executor", "answer"), ("executor", "release"), ("correlator", "answer")),
         id="serialless",
     ),
@@ -81,10 +82,12 @@ if FULL:
     CASES = [
         pytest.param(
             serials,
+            remote,
             tuple((side, step) for side in SIDES for step in STEPS),
-            id="serials" if serials else "serialless",
+            id=("serials" if serials else "serialless") + ("-remote" if remote else ""),
         )
         for serials in (False, True)
+        for remote in (False, True)
     ]
 
 
@@ -122,21 +125,25 @@ class Blips:
         self.hooks.resized(volume, vm)
 
 
-@pytest.mark.parametrize(("serials", "plan"), CASES)
+@pytest.mark.parametrize(("serials", "remote", "plan"), CASES)
 async def test_every_exchange_survives_a_blip(
     nats_server: NatsServer,
     database: Database,
     tmp_path: Path,
     serials: bool,
+    remote: bool,
     plan: tuple[tuple[str, str], ...],
 ) -> None:
-    """``plan``: (whose connection is cut, at which step), one operation each."""
+    """``plan``: (whose connection is cut, at which step), one operation each. ``remote``:
+    the executor runs on another host (another VM and clock): every exchange is a hand-off
+    to another host's correlator."""
     vm_id = str(uuid.uuid4())
+    executor_vm = str(uuid.uuid4()) if remote else vm_id
     sysfs, dev = tmp_path / "sys", tmp_path / "dev"
     make_guest_tree(sysfs, dev, root_disk_bytes=8 * GIB)
     config = SimConfig(
         seed=13,
-        vms=(VMConfig(id=vm_id),),
+        vms=(VMConfig(id=vm_id), *((VMConfig(id=executor_vm),) if remote else ())),
         sysfs_root=str(sysfs),
         dev_root=str(dev),
         serials=serials,
@@ -158,7 +165,14 @@ async def test_every_exchange_survives_a_blip(
             "VOLUMED_DETACH_TIMEOUT": "10",
         }
         executor = VolumedProcess(
-            volumed_env(proxies["executor"].url, database.dsn, sim, **common),
+            volumed_env(
+                proxies["executor"].url,
+                database.dsn,
+                sim,
+                **common
+                | {"VOLUMED_VM_ID": executor_vm}
+                | ({"VOLUMED_HOST_ID": "host-b"} if remote else {}),
+            ),
             ("executor", "persistence"),
             log_path=tmp_path / "executor.log",
         )
