@@ -79,6 +79,9 @@ class Leases:
         self.holder = holder
         self.ttl = ttl
         self._held: dict[str, Lease] = {}
+        # Released while the server could not be told: key -> (lease, give up after).
+        self._releasing: dict[str, tuple[Lease, float]] = {}
+        self._now = asyncio.Event()
 
     def held(self, key: str) -> Lease | None:
         return self._held.get(key)
@@ -114,29 +117,67 @@ class Leases:
             await self.release(lease)
 
     async def release(self, lease: Lease) -> None:
-        """Give the lease up now (else it expires by itself one ttl after its renewal)."""
+        """Give the lease up now (else it expires by itself one ttl after its renewal).
+
+        Compare-and-set on its revision (or, after a renewal whose answer was lost, its
+        token), so a lease that lapsed meanwhile is released too if the key is still this
+        one, and never when another process holds the key. A release that a blip kept from
+        the server is tried again by ``run`` (at once after a reconnect): the next holder
+        need not wait for the key to expire."""
         if self._held.get(lease.key) is lease:
             del self._held[lease.key]
-        if not lease.valid:
+        if lease.lost:
             return  # perhaps another's by now: never delete that
+        if not await self._delete(lease):
+            self._releasing[lease.key] = (lease, _now() + 2 * self.ttl)
+
+    async def _delete(self, lease: Lease) -> bool:
+        """Delete the key if it is still ``lease``'s; False when the server did not say."""
         try:
             await self._bucket.delete(lease.key, revision=lease.revision)
         except Conflict:
             # A renewal landed meanwhile: still ours if the token is, one revision on.
-            got = await _quietly_get(self._bucket, lease.key)
-            if got is not None and got[0].token == lease.token:
-                with contextlib.suppress(Exception):
+            try:
+                got = await self._bucket.get(lease.key)
+                if got is not None and got[0].token == lease.token:
                     await self._bucket.delete(lease.key, revision=got[1])
+            except Conflict:
+                return True  # moved on again: another's now
+            except Exception as e:
+                log.debug("lease %s not released yet (%s)", lease.key, e)
+                return False
         except Exception as e:
-            log.debug("lease %s not released (%s); it expires by itself", lease.key, e)
+            log.debug("lease %s not released yet (%s)", lease.key, e)
+            return False
+        return True
+
+    def renew_now(self) -> None:
+        """Renew (and finish releasing) at once, not at the next round: called after a NATS
+        reconnect, when renewals may have failed during the cut (synchronous, for
+        ``Bus.on_reconnect``)."""
+        self._now.set()
 
     async def run(self) -> None:
-        """Renew every held lease, ``RENEWALS_PER_TTL`` times per ttl."""
+        """Renew every held lease, ``RENEWALS_PER_TTL`` times per ttl (and at once when
+        ``renew_now`` is called)."""
         while True:
-            await asyncio.sleep(self.ttl / RENEWALS_PER_TTL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._now.wait(), self.ttl / RENEWALS_PER_TTL)
+            self._now.clear()
             await asyncio.gather(
-                *(self._renew_within(lease) for lease in list(self._held.values()))
+                *(self._renew_within(lease) for lease in list(self._held.values())),
+                *(self._release_again(key) for key in list(self._releasing)),
             )
+
+    async def _release_again(self, key: str) -> None:
+        lease, until = self._releasing[key]
+        # (Past ``until`` the server has long expired it, whatever was lost.)
+        done = _now() > until
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.ttl / RENEWALS_PER_TTL):  # never delays a renewal
+                done = done or await self._delete(lease)
+        if done and self._releasing.get(key, (None,))[0] is lease:
+            del self._releasing[key]
 
     async def _renew_within(self, lease: Lease) -> None:
         """One renewal, given up before the next is due: a slow one never delays the
@@ -146,8 +187,8 @@ class Leases:
                 await self._renew(lease)
 
     async def _renew(self, lease: Lease) -> None:
-        if lease.lost:
-            return
+        if lease.lost or self._held.get(lease.key) is not lease:
+            return  # (released meanwhile: a renewal now would keep the key from the next)
         sent = _now()
         try:
             revision = await self._bucket.update(

@@ -137,6 +137,7 @@ class ExecutorActor:
         self._leases = Leases(
             await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
         )
+        self.bus.on_reconnect.append(self._leases.renew_now)  # renewals missed in a blip
 
     @property
     def owners(self) -> VolumeOwners:

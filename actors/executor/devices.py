@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 
 import msgspec
 
-from bus import Bus
+from bus import Bus, Unavailable
+from bus.tasks import Backoff
 from bus.topology import (
     CORRELATION,
     correlate_request_subject,
@@ -25,6 +27,13 @@ from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, 
 # may not be running at all before it calls the device lost.
 _MARGIN = 10.0
 _NOT_SERVED_TTL = 5.0  # seconds a VM found without correlator is believed so
+_RECHECK = 5.0
+"""Seconds between reads of a hand-off's answer from the stream while waiting for it, in
+case a cut went unnoticed (a reconnect wakes the wait at once)."""
+_DEVICE_OF_PATIENCE = 10.0
+"""Seconds a detach asks again for its volume's recorded device while no answer comes."""
+
+log = logging.getLogger("volumed.executor.devices")
 
 
 class BusDevices:
@@ -48,34 +57,84 @@ class BusDevices:
         return False
 
     async def _exchange(
-        self, request_subject: str, request: object, result_subject: str, timeout: float
+        self,
+        request_subject: str,
+        request: object,
+        msg_id: str,
+        result_subject: str,
+        timeout: float,
     ) -> bytes | None:
-        """Publish ``request`` and wait for the answer on ``result_subject``; an answer
-        already in the stream (given before a restart) is taken without asking again."""
-        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        """Hand ``request`` over and wait for the answer on ``result_subject``; None when
+        none came within ``timeout`` seconds of the stream taking the request.
+
+        Both go through the CORRELATION stream, so a blip of either side (a few seconds'
+        cut of this process's or the correlator's connection) loses neither: the request
+        is published again until the stream acknowledges it (``msg_id`` makes the copies
+        one message), and the answer is read from the stream before asking (one given
+        before a restart is taken without asking again), after every reconnect of this
+        process (the live subscription misses what was published while it was cut), every
+        ``_RECHECK`` seconds, and before giving up: only a read that the server answered
+        says there is none."""
+        loop = asyncio.get_running_loop()
+        answers: list[bytes] = []
+        wake = asyncio.Event()
 
         async def on_result(_subject: str, data: bytes, _reply: str | None) -> None:
-            if not got.done():
-                got.set_result(data)
+            answers.append(data)
+            wake.set()
 
-        unsubscribe = await self.bus.subscribe(result_subject, on_result)
+        self.bus.on_reconnect.append(wake.set)
         try:
-            earlier = await self.bus.last_message(CORRELATION.name, result_subject)
-            if earlier is not None:
-                return earlier
-            await self.bus.publish(request_subject, request)
-            try:
-                return await asyncio.wait_for(got, timeout)
-            except TimeoutError:
-                return None
+            unsubscribe = await self.bus.subscribe(result_subject, on_result)
+        except BaseException:
+            self.bus.on_reconnect.remove(wake.set)
+            raise
+        deadline: float | None = None  # set once the stream holds the request
+        backoff = Backoff(0.2, _RECHECK)
+        try:
+            while True:
+                wake.clear()  # before reading: what comes during the read wakes the wait
+                if answers:
+                    return answers[0]
+                try:
+                    stored = await self.bus.last_message(CORRELATION.name, result_subject)
+                except Exception as e:  # cut, or the server busy: read again shortly
+                    log.info("cannot read the answer on %s yet (%s)", result_subject, e)
+                    stored, known = None, False
+                else:
+                    known = True
+                if stored is not None:
+                    return stored
+                if deadline is None and await self._ask(request_subject, request, msg_id):
+                    deadline = loop.time() + timeout
+                if deadline is not None and loop.time() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), min(_RECHECK, deadline - loop.time()))
+                elif deadline is not None and known:
+                    return None
+                else:  # not asked yet, or the last read failed: again soon (reconnected: now)
+                    await backoff.pause(wake)
         finally:
+            self.bus.on_reconnect.remove(wake.set)
             with contextlib.suppress(Exception):
                 await unsubscribe()
+
+    async def _ask(self, subject: str, request: object, msg_id: str) -> bool:
+        """Whether the stream took the request (a copy of one it has counts)."""
+        try:
+            await self.bus.publish(subject, request, msg_id=msg_id)
+        except Unavailable:
+            raise  # no stream for it: not a blip
+        except Exception as e:
+            log.info("hand-off on %s not acknowledged yet (%s); sending it again", subject, e)
+            return False
+        return True
 
     async def correlate(self, request: CorrelateRequest, timeout: float) -> CorrelateResult:
         data = await self._exchange(
             correlate_request_subject(request.vm_id),
             request,
+            f"{request.operation_id}.attach",
             correlate_result_subject(request.operation_id),
             timeout + _MARGIN,
         )
@@ -100,6 +159,7 @@ class BusDevices:
         data = await self._exchange(
             release_request_subject(vm_id),
             request,
+            f"{request.operation_id}.detach",
             release_result_subject(request.operation_id),
             timeout + _MARGIN,
         )
@@ -109,13 +169,25 @@ class BusDevices:
         return result.gone, result.message
 
     async def device_of(self, volume_id: str) -> str | None:
-        """The device path recorded for the volume (via the persistence query), if any."""
-        try:
-            data = await self.bus.request(
-                "volume.api.mapping", {"volume_id": volume_id}, timeout=2.0
-            )
-        except Exception:
-            return None
+        """The device path recorded for the volume (via the persistence query), if any.
+
+        A query lost to a blip (no answer in time) is asked again for up to
+        ``_DEVICE_OF_PATIENCE`` seconds: without the path, a correlator that restarted
+        cannot tell a serial-less device is the volume's, and would call it gone."""
+        backoff = Backoff(0.2, 2.0)
+        give_up = asyncio.get_running_loop().time() + _DEVICE_OF_PATIENCE
+        while True:
+            try:
+                data = await self.bus.request(
+                    "volume.api.mapping", {"volume_id": volume_id}, timeout=2.0
+                )
+                break
+            except TimeoutError:
+                if asyncio.get_running_loop().time() + backoff.delay > give_up:
+                    return None
+                await backoff.pause()
+            except Exception:  # no persistence running, or no mapping: nothing to wait for
+                return None
         try:
             mapping = msgspec.json.decode(data)
         except msgspec.DecodeError:

@@ -32,6 +32,9 @@ POLL = 0.002  # seconds between rounds while queries wait for the writer (one ba
 _STILL = 0.1
 _POLL_MAX = 0.05
 _ERROR_PAUSE = 0.1  # after a failed round (NATS away, consumer missing): no busy loop
+_BLIND_MAX = 30.0
+"""Seconds a query waits at most while the floors cannot be read (its asker has long given
+up by then)."""
 _LOG_EVERY = 10.0  # seconds: a writer that is behind is reported once per period
 
 
@@ -68,22 +71,44 @@ class ReadAfter:
         self._last_error = ""
         self._late_logged = 0
         self._logged_at = 0.0
+        self._blind = False  # the last round could not read the floors
+        self._read_round = 0  # the last round that read them
 
     async def wait(self) -> bool:
         """Return True once every event published before this call is in the database;
         False when ``timeout`` passed first (the caller answers from the database anyway,
-        and the lag is logged)."""
+        and the lag is logged). Time in which the floors could not be read (a blip of this
+        process's connection) does not count."""
         if self.timeout <= 0 or not self.consumers:
             return True
-        waiter = _Waiter(self.rounds, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(self.rounds, loop.create_future())
         self._waiting.add(waiter)
         self._arrived.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._poll(), name="read-after")
+        arrived = loop.time()
+        deadline = arrived + self.timeout
+        blind_after: int | None = None  # a round after this one must read the floors
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.timeout)
-            return True
-        except TimeoutError:
+            while not (await asyncio.wait({waiter.future}, timeout=deadline - loop.time()))[0]:
+                # The bound is for a writer that is behind, not for a blip of this process's
+                # connection: while the floors cannot be read (nor the answer sent), wait
+                # on, and give the writer the whole bound again once a round begun after
+                # the blip has read them (one in flight through the cut only times out).
+                now = loop.time()
+                if now - arrived > _BLIND_MAX:
+                    break
+                if self._blind or not self.bus.connected:
+                    blind_after, deadline = self.rounds, now + _ERROR_PAUSE
+                elif blind_after is not None and self._read_round <= blind_after:
+                    deadline = now + _ERROR_PAUSE
+                elif blind_after is not None:
+                    blind_after, deadline = None, now + self.timeout
+                else:
+                    break
+            else:
+                return True
             self._report_late()
             return False
         finally:
@@ -108,7 +133,9 @@ class ReadAfter:
                 self._last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 log.debug("reading the consumers' progress failed: %s", self._last_error)
                 pause = _ERROR_PAUSE
+                self._blind = True
             else:
+                self._blind, self._read_round = False, self.rounds
                 if [p.ack_floor for p in progress] != floors:
                     floors, moved_at = [p.ack_floor for p in progress], time.monotonic()
                 still = time.monotonic() - moved_at > _STILL
