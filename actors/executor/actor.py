@@ -47,7 +47,7 @@ from actors.executor.operations import (
     VolumeOwners,
     attachment_after,
 )
-from actors.executor.order import VolumeOrder
+from actors.executor.order import Identity, VolumeOrder
 from actors.executor.records import Records
 from actors.executor.run import OperationRun
 from actors.heartbeat import beat
@@ -209,14 +209,15 @@ class ExecutorActor:
         digest = hashlib.sha256(f"{stream_seq}:".encode() + data).hexdigest()
         return f"op-{digest[:24]}"
 
-    def _identify(self, stored: StoredMessage) -> tuple[str | None, str]:
-        """A command's volume (None if it names none or is invalid) and operation id."""
+    def _identify(self, stored: StoredMessage) -> Identity:
+        """A command's volume (None if it names none or is invalid), operation id and body."""
+        op_type = stored.subject.rsplit(".", 1)[-1]
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
         try:
-            command = decode_command(stored.subject.rsplit(".", 1)[-1], stored.data)
+            command: Command | None = decode_command(op_type, stored.data)
         except InvalidCommand:
-            return None, op_id
-        return volume_of(command), op_id
+            command = None
+        return _identity(op_type, op_id, command)
 
     async def handle(self, d: Delivery) -> None:
         op_type = d.subject.rsplit(".", 1)[-1]
@@ -227,12 +228,13 @@ class ExecutorActor:
             command = decode_command(op_type, d.data)
         except InvalidCommand as e:
             invalid = str(e)
-        self.order.note(d.stream_seq, volume_of(command) if command else None, op_id)
+        identity = _identity(op_type, op_id, command)
+        self.order.note(d.stream_seq, identity)
         if self._inflight.get(op_id) == d.stream_seq:
             raise Abandon(f"{op_id} is still being handled here")
         self._inflight.setdefault(op_id, d.stream_seq)
         try:
-            await self._process(d, op_type, op_id, command, invalid)
+            await self._process(d, op_type, identity, command, invalid)
         except LeaseLost as e:
             # Another process may be running it now: touch nothing, answer nothing.
             raise Abandon(f"{op_id}: {e}") from None
@@ -249,8 +251,17 @@ class ExecutorActor:
         await self._fail_for_good(op_id, reason, d.stream_seq)
 
     async def _process(
-        self, d: Delivery, op_type: str, op_id: str, command: Command | None, invalid: str
+        self, d: Delivery, op_type: str, identity: Identity, command: Command | None, invalid: str
     ) -> None:
+        op_id = identity.operation_id
+        # One id, one operation: its first command in the stream. A later one is a copy,
+        # known before it could claim the id (so a copy delivered first never takes the
+        # operation's place) from the commands not yet acknowledged, or else from the claim.
+        first = await self.order.first(d.stream_seq, op_id)
+        if first is not None:
+            seq, original = first
+            await self._copy(d, op_type, identity, command, seq, original.body, original.volume_id)
+            return
         run = OperationRun(self, op_id)
         record = OpRecord(
             operation_id=op_id,
@@ -277,12 +288,17 @@ class ExecutorActor:
                 raise
             existing = got[0]
             if existing.stream_seq != d.stream_seq:
-                # The same operation id again: nothing new, only its latest event again;
-                # and this command is not acknowledged before its operation has ended.
-                if d.num_delivered == 1:
-                    await self.records.publish_latest(op_id, again=True)
-                with d.parked():
-                    await self.order.ended(op_id)  # (ended: its terminal event is out)
+                # Claimed by a command acknowledged already (or, from an older volumed, by a
+                # later copy): this one is a copy of it.
+                await self._copy(
+                    d,
+                    op_type,
+                    identity,
+                    command,
+                    existing.stream_seq,
+                    _record_body(existing),
+                    existing.volume_id,
+                )
                 return
             log.info(
                 "resuming operation %s (%s, status %s, phase %r)",
@@ -323,6 +339,48 @@ class ExecutorActor:
                 await run.execute(command)
         finally:
             await self.leases.release(lease)
+
+    async def _copy(
+        self,
+        d: Delivery,
+        op_type: str,
+        identity: Identity,
+        command: Command | None,
+        original_seq: int,
+        original_body: str,
+        original_volume: str | None,
+    ) -> None:
+        """A later command with an operation id already taken (by the command at
+        ``original_seq``). The same body: a re-send, answered with the operation's latest
+        event, and acknowledged once the operation has ended (a re-send never ends before
+        its operation). Another body: rejected ``conflict`` at once; it waits for nothing
+        and nothing waits for it."""
+        op_id = identity.operation_id
+        if identity.body == original_body:
+            if d.num_delivered == 1:
+                await self.records.publish_latest(op_id, again=True)
+            with d.parked():
+                await self.order.ended(op_id)  # (ended: its terminal event is out)
+            return
+        log.warning(
+            "command %d re-uses operation id %s of command %d with another body: rejected",
+            d.stream_seq,
+            op_id,
+            original_seq,
+        )
+        where = f" on volume {original_volume}" if original_volume else ""
+        await self.records.reject_copy(
+            op_id,
+            _op_type(op_type),
+            d.stream_seq,
+            identity.volume_id,
+            command.vm_id if isinstance(command, AttachCommand) else None,
+            f"operation id {op_id} already names another operation (the command at stream "
+            f"sequence {original_seq}{where}); this {op_type} command (stream sequence "
+            f"{d.stream_seq}) has another body and was not carried out: send it with an "
+            "operation id of its own",
+            request_of(d.data),
+        )
 
     @contextlib.asynccontextmanager
     async def _gate_for(
@@ -487,6 +545,25 @@ class ExecutorActor:
 
     def note_proof(self, proof: str) -> None:
         self._serials_proven = proof == "serial"
+
+
+def _identity(op_type: str, op_id: str, command: Command | None) -> Identity:
+    """A command's volume, operation id and body key: equal for the same command re-sent,
+    whatever the order or spacing of its fields and wherever its operation id was given."""
+    if command is None:
+        return Identity(None, op_id, f"{op_type}:invalid")
+    fields = msgspec.json.encode(msgspec.structs.replace(command, operation_id=None))
+    body = f"{op_type}:{hashlib.sha256(fields).hexdigest()[:32]}"
+    return Identity(volume_of(command), op_id, body)
+
+
+def _record_body(record: OpRecord) -> str:
+    """The body key of the command that claimed ``record``."""
+    try:
+        command = decode_command(record.type, record.command) if record.command else None
+    except InvalidCommand:
+        command = None
+    return _identity(record.type, record.operation_id, command).body
 
 
 def _op_type(name: str) -> OpType:
