@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from actors.executor import ExecutorActor
-from bus import Bus, Delivery
+from bus import Bus, Consumer, Delivery, Retry
 from bus.topology import EXECUTOR, TOPOLOGY, command_subject
+from schemas.common import GIB
 from schemas.config import Settings
 from simulator import SimConfig, Simulator
 from tests.conftest import NatsServer, wait_for
@@ -176,4 +178,63 @@ async def test_the_same_body_again_is_a_resend_not_a_conflict(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await bus.close()
+
+
+async def test_only_deliveries_that_ran_or_failed_count_towards_give_up(
+    nats_server: NatsServer, sim: Simulator
+) -> None:
+    """A command handed back again and again while it only waited for its turn is not given
+    up (it runs when its turn comes); one that fails before its claim on every delivery ends
+    `failed` with its one event, not silently."""
+    bus = await Bus.connect(nats_server.url, "give-up")
+    events = Events()
+    executor = ExecutorActor(bus, executor_settings(nats_server, sim), "give-up")
+    task: asyncio.Task[None] | None = None
+    spec = replace(EXECUTOR, give_up_after=2, nak_delays=(0.05,))
+
+    async def handler(d: Delivery) -> None:
+        op_id = json.loads(d.data).get("operation_id")
+        if op_id == "b":
+            raise RuntimeError("fails before its claim")
+        if op_id == "w" and d.num_delivered <= 3:
+            # Handed back while it waits for its turn (its process restarted, say).
+            handling = asyncio.create_task(executor.handle(d))
+            await asyncio.sleep(0.3)
+            handling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await handling
+            raise Retry(0.05)
+        await executor.handle(d)
+
+    consumer = Consumer(bus, spec, handler, on_give_up=executor.give_up, counted=executor.counted)
+    try:
+        await bus.provision(TOPOLOGY)
+        await executor.open()
+        await bus.subscribe("volume.events.>", events.on_event)
+        create = {"operation_id": "c", "name": "v", "size": GIB}
+        create |= {"disk_offering_id": sim.disk_offering_ids[0], "zone_id": sim.zone_id}
+        await bus.publish(command_subject("create"), create)
+        task = asyncio.create_task(consumer.run())
+        created = await wait_for(lambda: events.own_terminal("c"), timeout=10)
+        volume_id = created["volume_id"]
+        sim.set_latency(1.5, "attachVolume")
+        vm = next(v for v in sim.vm_ids if v != sim.local_vm_id)
+        await bus.publish(
+            command_subject("attach"), {"operation_id": "a", "volume_id": volume_id, "vm_id": vm}
+        )
+        await wait_for(lambda: "executing" in [e["status"] for e in events.of("a")])
+        await bus.publish(command_subject("detach"), {"operation_id": "w", "volume_id": volume_id})
+        await bus.publish(command_subject("detach"), {"operation_id": "b", "volume_id": "x"})
+        ended = await wait_for(lambda: events.own_terminal("b"), timeout=10)
+        assert ended["status"] == "failed" and ended["error"]["code"] == "internal", ended
+        assert await wait_for(lambda: events.own_terminal("a"), timeout=10)
+        detach = await wait_for(lambda: events.own_terminal("w"), timeout=10)
+        assert detach["status"] == "completed", detach  # not given up: it never failed
+    finally:
+        if task is not None:
+            consumer.stop()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await executor.cloud.close()
         await bus.close()

@@ -171,6 +171,7 @@ class ExecutorActor:
             self.handle,
             concurrency=self.settings.executor_concurrency,
             on_give_up=self.give_up,
+            counted=self.counted,
         )
         self._given_up = Consumer(self.bus, EXECUTOR_GIVEN_UP, self.given_up, concurrency=4)
         background = [
@@ -242,54 +243,75 @@ class ExecutorActor:
             if self._inflight.get(op_id) == d.stream_seq:
                 del self._inflight[op_id]
 
+    async def counted(self, d: Delivery) -> int:
+        """How many deliveries of the command count against give_up_after, this one
+        included: those before its claim (each failed), and those that ran its operation
+        (``OpRecord.runs``); never those that only waited for their turn, nor a copy's."""
+        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
+        got = await self.records.ops.get(op_id)
+        if got is None:
+            return d.num_delivered  # not claimed: every delivery failed before its claim
+        record = got[0]
+        if record.stream_seq != d.stream_seq:
+            return 1  # a copy: it only waits for its operation (or is rejected at once)
+        return record.claimed_on - 1 + record.runs + 1
+
     async def give_up(self, d: Delivery, reason: str) -> None:
         """The consumer gives the command up (its last delivery failed): its operation ends
         with it. Raising leaves the command to the server, which gives it up in turn; the
         given-up path ends it then (also after a restart)."""
-        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
-        log.error("operation %s failed for good: %s", op_id, reason)
-        await self._fail_for_good(op_id, reason, d.stream_seq)
+        stored = StoredMessage(d.subject, d.data, d.headers, d.stream_seq)
+        log.error("command %d failed for good: %s", d.stream_seq, reason)
+        await self._fail_for_good(stored, reason)
 
     async def _process(
         self, d: Delivery, op_type: str, identity: Identity, command: Command | None, invalid: str
     ) -> None:
         op_id = identity.operation_id
-        # One id, one operation: its first command in the stream. A later one is a copy,
-        # known before it could claim the id (so a copy delivered first never takes the
-        # operation's place) from the commands not yet acknowledged, or else from the claim.
-        first = await self.order.first(d.stream_seq, op_id)
-        if first is not None:
-            seq, original = first
-            await self._copy(d, op_type, identity, command, seq, original.body, original.volume_id)
-            return
         run = OperationRun(self, op_id)
-        record = OpRecord(
-            operation_id=op_id,
-            type=_op_type(op_type),
-            status="rejected" if invalid else "pending",
-            stream_seq=d.stream_seq,
-            command=d.data if command else b"",
-            volume_id=volume_of(command) if command else None,
-            vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
-            accepted_at=now_rfc3339(),
-        )
-        record.last_event = run.event_for(
-            record,
-            record.status,
-            request=request_of(d.data),
-            error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
-            target=command.target if isinstance(command, CancelCommand) else None,
-        )
-        try:
-            await run.claim(record)
-        except Conflict:
-            got = await self.records.ops.get(op_id)
-            if got is None:  # deleted in between: treat as new next time
-                raise
+        got = await self.records.ops.get(op_id)
+        if got is None:
+            # One id, one operation: its first command in the stream. Before claiming the
+            # id, look for an earlier command with it that is not claimed yet (delivered
+            # late, or to a slower process): then this one is a copy, and must never take
+            # the operation's place. (A flood of copies of a claimed operation never gets
+            # here: the record tells them.)
+            first = await self.order.first(d.stream_seq, op_id)
+            if first is not None:
+                seq, original = first
+                await self._copy(
+                    d, op_type, identity, command, seq, original.body, original.volume_id
+                )
+                return
+            record = OpRecord(
+                operation_id=op_id,
+                type=_op_type(op_type),
+                status="rejected" if invalid else "pending",
+                stream_seq=d.stream_seq,
+                command=d.data if command else b"",
+                volume_id=volume_of(command) if command else None,
+                vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
+                accepted_at=now_rfc3339(),
+                claimed_on=d.num_delivered,
+            )
+            record.last_event = run.event_for(
+                record,
+                record.status,
+                request=request_of(d.data),
+                error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
+                target=command.target if isinstance(command, CancelCommand) else None,
+            )
+            try:
+                await run.claim(record)
+            except Conflict:  # this very command, redelivered to another process meanwhile
+                got = await self.records.ops.get(op_id)
+                if got is None:  # deleted in between: treat as new next time
+                    raise
+        if got is not None:
             existing = got[0]
             if existing.stream_seq != d.stream_seq:
-                # Claimed by a command acknowledged already (or, from an older volumed, by a
-                # later copy): this one is a copy of it.
+                # Claimed by an earlier command (or, from a volumed before one id named one
+                # operation, by a later copy): this one is a copy of it.
                 await self._copy(
                     d,
                     op_type,
@@ -328,6 +350,11 @@ class ExecutorActor:
             # of one.
             run.use(await self.identity.credentials())
             async with self._gate_for(command, run, d), self._working:
+                # This delivery runs the operation now: it counts against give_up_after
+                # (saved with `executing`, or on its own when resumed).
+                run.record.runs += 1
+                if run.record.status != "pending":
+                    await run.save()
                 if run.record.status == "pending":
                     if isinstance(command, AttachCommand):
                         await run.announce_attach(command)
@@ -424,8 +451,6 @@ class ExecutorActor:
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
         if self._inflight.get(op_id) == stored.stream_seq:
             return  # still being worked on here: it ends by itself
-        if await self.records.ops.get(op_id) is None:
-            return  # never accepted: nothing to end, nothing to report
         reason = f"its command was given up after {advisory.deliveries} deliveries"
         await dead_letter(
             self.bus,
@@ -436,27 +461,57 @@ class ExecutorActor:
             advisory.deliveries,
             reason,
         )
-        await self._fail_for_good(op_id, reason, stored.stream_seq)
+        await self._fail_for_good(stored, reason)
 
-    async def _fail_for_good(self, op_id: str, reason: str, stream_seq: int) -> None:
-        """End the operation with ``internal`` unless it has ended; either way its latest
-        event is published (again) before this returns. Only the operation's own command
-        (``stream_seq``) can end it: a re-sent copy that could not be handled must never
-        fail the operation the original is still running. A process still running it
-        keeps its lease: then this raises, and the given-up path tries again later."""
-        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
-            await self._fail_unless_ended(op_id, reason, stream_seq)
-
-    async def _fail_unless_ended(self, op_id: str, reason: str, stream_seq: int) -> None:
-        run = OperationRun(self, op_id)
-        while (got := await self.records.ops.get(op_id)) is not None:
-            run.record, run.revision = got
-            if run.record.stream_seq != stream_seq:
-                # A copy: it ends with its operation, never before (never failed by it).
-                if run.record.status not in TERMINAL:
-                    raise RuntimeError(f"{op_id} is still running: its copy waits")
-                await self.records.publish_latest(op_id)
+    async def _fail_for_good(self, stored: StoredMessage, reason: str) -> None:
+        """End the command's operation with ``internal`` unless it has ended; either way
+        its latest event is published (again) before this returns. A command that failed
+        before it could claim its id claims it now, as failed: it ends with one event like
+        any other. Only the operation's own command can end it: a copy that could not be
+        handled must never fail the operation its first command runs (it waits for it, or
+        is rejected ``conflict`` if its body differs). A process still running it keeps its
+        lease: then this raises, and the given-up path tries again later."""
+        identity = self._identify(stored)
+        op_id = identity.operation_id
+        first = await self.order.first(stored.stream_seq, op_id)
+        got = await self.records.ops.get(op_id)
+        if first is None and got is not None and got[0].stream_seq != stored.stream_seq:
+            first = (got[0].stream_seq, Identity(got[0].volume_id, op_id, _record_body(got[0])))
+        if first is not None:
+            seq, original = first
+            if original.body != identity.body:
+                op_type = stored.subject.rsplit(".", 1)[-1]
+                await self.records.reject_copy(
+                    op_id,
+                    _op_type(op_type),
+                    stored.stream_seq,
+                    identity.volume_id,
+                    None,
+                    f"operation id {op_id} already names another operation (the command at "
+                    f"stream sequence {seq}); this {op_type} command (stream sequence "
+                    f"{stored.stream_seq}) has another body and was not carried out",
+                    request_of(stored.data),
+                )
                 return
+            # A re-sent copy: it ends with its operation, never before (never failed by it).
+            if got is None or got[0].status not in TERMINAL:
+                raise RuntimeError(f"{op_id} is still running: its copy waits")
+            await self.records.publish_latest(op_id)
+            return
+        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
+            await self._fail_unless_ended(stored, reason)
+
+    async def _fail_unless_ended(self, stored: StoredMessage, reason: str) -> None:
+        op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
+        run = OperationRun(self, op_id)
+        while True:
+            got = await self.records.ops.get(op_id)
+            if got is None:
+                with contextlib.suppress(Conflict):  # claimed meanwhile: look again
+                    await run.claim(self._failed_claim(stored, op_id, reason))
+                    return
+                continue
+            run.record, run.revision = got
             if run.record.status in TERMINAL:
                 break
             with contextlib.suppress(Conflict):  # it moved meanwhile: look again
@@ -470,6 +525,34 @@ class ExecutorActor:
                 )
                 return
         await run.settle()
+
+    def _failed_claim(self, stored: StoredMessage, op_id: str, reason: str) -> OpRecord:
+        """The record of a command that never got to claim its id, ending it ``failed``."""
+        op_type = stored.subject.rsplit(".", 1)[-1]
+        try:
+            command: Command | None = decode_command(op_type, stored.data)
+        except InvalidCommand:
+            command = None
+        record = OpRecord(
+            operation_id=op_id,
+            type=_op_type(op_type),
+            status="failed",
+            stream_seq=stored.stream_seq,
+            command=stored.data if command else b"",
+            volume_id=volume_of(command) if command else None,
+            vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
+            accepted_at=now_rfc3339(),
+        )
+        record.last_event = self.records.event_for(
+            record,
+            "failed",
+            request=request_of(stored.data),
+            error=ErrorInfo(
+                code="internal",
+                message=f"volumed could not process this operation: {reason}",
+            ),
+        )
+        return record
 
     # -- cancel --------------------------------------------------------------------------------
 

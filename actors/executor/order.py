@@ -82,6 +82,13 @@ class VolumeOrder:
         self._consumer = consumer
         self._identify = identify
         self._known: dict[int, Identity] = {}  # stream sequence → its command's identity
+        # Operation id → the first sequence in _known with it: a copy finds its original
+        # without walking the window (a flood of copies costs one look-up each).
+        self._first: dict[str, int] = {}
+        self._read_to = 0  # every command after the floor up to here is in _known
+        # Reads under way, shared: a flood of commands needing the same ones reads each once.
+        self._reads: dict[int, asyncio.Task[None]] = {}
+        self._read_slots = asyncio.Semaphore(_READ_CONCURRENCY)
         self._floor = 0
         self._pruned_at = 0  # the floor below which _known was last emptied
         self._floor_read = -1.0
@@ -93,7 +100,13 @@ class VolumeOrder:
     def note(self, stream_seq: int, identity: Identity) -> None:
         """A command this process has read anyway (saves reading it again)."""
         if stream_seq > self._floor:
-            self._known[stream_seq] = identity
+            self._learn(stream_seq, identity)
+
+    def _learn(self, stream_seq: int, identity: Identity) -> None:
+        self._known[stream_seq] = identity
+        first = self._first.get(identity.operation_id)
+        if first is None or stream_seq < first:
+            self._first[identity.operation_id] = stream_seq
 
     @property
     def known(self) -> int:
@@ -118,11 +131,11 @@ class VolumeOrder:
         """The first command with ``operation_id`` before ``stream_seq`` that is not yet
         acknowledged, if any: then the command at ``stream_seq`` is a copy of it. (One below
         the ack floor was claimed before the floor passed it: its claim tells.)"""
-        window = await self._window(stream_seq)
-        for seq in sorted(window):
-            if window[seq].operation_id == operation_id:
-                return seq, window[seq]
-        return None
+        await self._read(stream_seq)
+        seq = self._first.get(operation_id)
+        if seq is None or seq >= stream_seq or seq <= self._floor:
+            return None
+        return seq, self._known[seq]
 
     async def turn(self, volume_id: str, stream_seq: int, operation_id: str) -> None:
         """Wait until every operation on ``volume_id`` before this one is done. Only first
@@ -198,23 +211,39 @@ class VolumeOrder:
 
     async def _window(self, stream_seq: int) -> dict[int, Identity]:
         """Every command after the ack floor and before ``stream_seq``, by sequence."""
-        floor = await self._ack_floor()
-        if floor > self._pruned_at:  # (only when the floor moved: this runs per operation)
-            self._pruned_at = floor
-            for seq in [s for s in self._known if s <= floor]:
-                del self._known[seq]
-        missing = [s for s in range(floor + 1, stream_seq) if s not in self._known]
-        sem = asyncio.Semaphore(_READ_CONCURRENCY)
-
-        async def read(seq: int) -> None:
-            async with sem:
-                stored = await self._bus.stored(self._consumer.stream, seq)
-            # Gone (aged out, or never there): no operation of it can still be running.
-            self._known[seq] = self._identify(stored) if stored is not None else _GONE
-
-        await asyncio.gather(*(read(s) for s in missing))
+        floor = await self._read(stream_seq)
         # (Entries below a floor that moved meanwhile may be gone: they are done.)
         return {seq: self._known[seq] for seq in range(floor + 1, stream_seq) if seq in self._known}
+
+    async def _read(self, stream_seq: int) -> int:
+        """Know every command after the ack floor and before ``stream_seq``; the floor."""
+        floor = await self._ack_floor()
+        if floor > self._pruned_at:  # (only when the floor moved: this runs per command)
+            self._pruned_at = floor
+            for seq in [s for s in self._known if s <= floor]:
+                op_id = self._known.pop(seq).operation_id
+                if self._first.get(op_id) == seq:
+                    del self._first[op_id]
+        start = max(floor, self._read_to) + 1
+        reads = []
+        for seq in range(start, stream_seq):
+            if seq not in self._known:
+                task = self._reads.get(seq)
+                if task is None:
+                    task = self._reads[seq] = asyncio.create_task(self._read_one(seq))
+                reads.append(asyncio.shield(task))
+        await asyncio.gather(*reads)
+        self._read_to = max(self._read_to, stream_seq - 1)
+        return floor
+
+    async def _read_one(self, seq: int) -> None:
+        try:
+            async with self._read_slots:
+                stored = await self._bus.stored(self._consumer.stream, seq)
+            # Gone (aged out, or never there): no operation of it can still be running.
+            self._learn(seq, self._identify(stored) if stored is not None else _GONE)
+        finally:
+            self._reads.pop(seq, None)
 
     async def _ack_floor(self) -> int:
         if time.monotonic() - self._floor_read > _FLOOR_MAX_AGE:
