@@ -204,7 +204,7 @@ async def test_only_deliveries_that_ran_or_failed_count_towards_give_up(
             handling.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await handling
-            raise Retry(0.05)
+            raise Retry("handed back while it waited", delay=0.05)
         await executor.handle(d)
 
     consumer = Consumer(bus, spec, handler, on_give_up=executor.give_up, counted=executor.counted)
