@@ -79,6 +79,14 @@ class OpRecord(Struct, kw_only=True):
     runs: int = 0
 
 
+class SerialsShown(Struct, kw_only=True):
+    """A VM whose devices carry serials (the serials bucket, key: vm id): the attach that
+    showed it, and when (for people; nothing compares it)."""
+
+    operation_id: str
+    at: str
+
+
 class AttachInFlight(Struct, kw_only=True):
     """Executor → correlator: an attach that may be running in CloudStack (the attaching
     bucket, key: operation id). Written before the attach turns ``executing``, deleted once

@@ -51,7 +51,7 @@ from actors.executor.order import Identity, VolumeOrder
 from actors.executor.records import Records
 from actors.executor.run import OperationRun
 from actors.heartbeat import beat
-from bus import Abandon, Bus, Conflict, Consumer, Delivery, Reject
+from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
 from bus.consumer import dead_letter
 from bus.lease import LeaseLost, Leases
@@ -64,6 +64,7 @@ from bus.topology import (
     EXECUTOR_GIVEN_UP,
     LEASES_BUCKET,
     OPERATIONS_BUCKET,
+    SERIALS_BUCKET,
     VOLUME_OWNERS_BUCKET,
 )
 from schemas.commands import (
@@ -86,6 +87,7 @@ from schemas.internal import (
     GivenUpAdvisory,
     LeaseHolder,
     OpRecord,
+    SerialsShown,
     VolumeOwner,
 )
 
@@ -110,7 +112,10 @@ class ExecutorActor:
         )
         self.devices: Devices = devices or BusDevices(bus)
         self._inflight: dict[str, int] = {}  # operation id → stream sequence being handled
-        self._serials_proven = False
+        # VM id → whether its devices carry serials, as this process last read or wrote it
+        # (the serials bucket is the truth, shared by every process on every host).
+        self._serials: dict[str, bool] = {}
+        self._serials_bucket: Bucket[SerialsShown] | None = None
         self._records: Records | None = None
         self._owners: VolumeOwners | None = None
         self._order: VolumeOrder | None = None
@@ -134,6 +139,7 @@ class ExecutorActor:
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
         self._creates = CreatesInFlight(await self.bus.bucket(CREATING_BUCKET, CreateInFlight))
         self._order = VolumeOrder(self.bus, ops, EXECUTOR, self._identify)
+        self._serials_bucket = await self.bus.bucket(SERIALS_BUCKET, SerialsShown)
         self._leases = Leases(
             await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
         )
@@ -157,6 +163,11 @@ class ExecutorActor:
     def order(self) -> VolumeOrder:
         assert self._order is not None, "open() first"
         return self._order
+
+    @property
+    def serials(self) -> Bucket[SerialsShown]:
+        assert self._serials_bucket is not None, "open() first"
+        return self._serials_bucket
 
     @property
     def leases(self) -> Leases:
@@ -422,9 +433,9 @@ class ExecutorActor:
         neither device by exclusion."""
         if (
             not isinstance(command, AttachCommand)
-            or self._serials_proven
             # Not served, and not this host's (if that is unknown, it may be: gated).
             or not (await run.serves(command.vm_id) or await run.local_vm_id() is None)
+            or await self.serials_shown(command.vm_id)
         ):
             yield
             return
@@ -626,8 +637,35 @@ class ExecutorActor:
 
     # -- for operations ------------------------------------------------------------------------
 
-    def note_proof(self, proof: str) -> None:
-        self._serials_proven = proof == "serial"
+    async def note_proof(self, vm_id: str, proof: str, operation_id: str) -> None:
+        """An attach to ``vm_id`` was proven: by its device's serial, or else (exclusion).
+        Kept per host in the serials bucket, written only when it changes; a failed write
+        only keeps the gate closed longer (or open until the next proof)."""
+        shown = proof == "serial"
+        if self._serials.get(vm_id) == shown:
+            return
+        try:
+            if shown:
+                await self.serials.put(
+                    vm_id, SerialsShown(operation_id=operation_id, at=now_rfc3339())
+                )
+            else:
+                await self.serials.delete(vm_id)
+        except Exception as e:
+            log.warning("could not note how attaches to %s were proven: %s", vm_id, e)
+            return
+        self._serials[vm_id] = shown
+
+    async def serials_shown(self, vm_id: str) -> bool:
+        """Whether the devices of ``vm_id`` have shown serials, in any executor process (an
+        unreadable bucket counts as no: the gate stays closed, which is safe)."""
+        try:
+            shown = await self.serials.get(vm_id) is not None
+        except Exception as e:
+            log.debug("serials of %s unknown (%s): gated", vm_id, e)
+            return False
+        self._serials[vm_id] = shown
+        return shown
 
 
 def _identity(op_type: str, op_id: str, command: Command | None) -> Identity:

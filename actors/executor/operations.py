@@ -218,7 +218,7 @@ class Context(Protocol):
         """Raise bus.lease.LeaseLost unless this process still runs the operation."""
         ...
 
-    def note_proof(self, proof: str) -> None: ...
+    async def note_proof(self, vm_id: str, proof: str) -> None: ...
 
 
 async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -> T:
@@ -569,7 +569,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             ),
         )
     if result_.error is None and result_.device_path:
-        ctx.note_proof(getattr(result_, "proof", ""))
+        await ctx.note_proof(cmd.vm_id, getattr(result_, "proof", ""))
         outcome.device_path = result_.device_path
         outcome.by_id_path = result_.by_id_path
         return outcome

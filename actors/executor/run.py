@@ -113,8 +113,8 @@ class OperationRun:
                 )
         return vm_id
 
-    def note_proof(self, proof: str) -> None:
-        self.executor.note_proof(proof)
+    async def note_proof(self, vm_id: str, proof: str) -> None:
+        await self.executor.note_proof(vm_id, proof, self.operation_id)
 
     def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
         return self.records.event_for(rec, status, **extra)
