@@ -13,7 +13,7 @@ from actors.executor import operations
 from actors.executor.cloudstack import CloudStackError
 from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
 from bus import Conflict
-from bus.lease import Lease
+from bus.lease import Lease, LeaseLost
 from schemas.commands import (
     AttachCommand,
     CancelCommand,
@@ -69,6 +69,15 @@ class OperationRun:
         just before a CloudStack mutation is sent."""
         if self.lease is not None:
             self.lease.check()
+
+    async def still_ours(self) -> None:
+        got = await self.records.ops.get(self.operation_id)
+        if got is None or got[1] != self.revision:
+            raise LeaseLost(
+                f"the record of {self.operation_id} changed while this process sent a "
+                "mutation: another process took it over (it looks the mutation up)"
+            )
+        self.hold()
 
     # operations.Context
     async def save(self) -> None:
