@@ -1322,3 +1322,17 @@ def test_a_timed_out_attach_left_attached_taints_new_devices_until_it_is_detache
     e.device_event(added(device("vdc", GIB, None, 170.5)), 170.5)
     r = only(e.attach(request("c", vc, GIB, 170.0), 171.0))
     assert r.error is None and r.device_path == "/dev/vdc"
+
+
+def test_a_rejected_copy_of_an_attach_id_does_not_end_the_attach() -> None:
+    """Another command that re-used the attach's id is rejected `conflict` on the same
+    subject: its event is not the attach's end (the attach still gets its device)."""
+    e = engine()
+    v, other = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, v), 10.0)
+    copy = op_event("a", "rejected", 10.2, other)
+    copy.rejected_copy = 7
+    e.operation_event(copy, 10.2)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    r = only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    assert r.error is None and r.device_path == "/dev/vdb"

@@ -364,6 +364,8 @@ class CorrelationEngine:
     def operation_event(self, event: OperationEvent, now: float) -> list[Decision]:
         """Follow the executor's attaches to this VM: ``executing`` announces one (it is
         published before the attach is sent), a terminal status ends it."""
+        if event.rejected_copy is not None:
+            return []  # another command's rejection (it re-used the id): not this operation's
         if event.vm_id is not None and event.vm_id != self.vm_id:
             return []
         if event.type != "attach":
