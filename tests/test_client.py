@@ -333,3 +333,6 @@ async def test_the_same_id_for_another_volume_is_rejected_for_its_sender_only(
             await first.result(10)
         assert type(failed.value) is OperationFailed and failed.value.code == "not_found"
         assert failed.value.event.volume_id == here
+    # The database keeps the operation, not the rejection.
+    operation = await client.operation(op_id)
+    assert (operation.status, operation.volume_id) == ("failed", here)
