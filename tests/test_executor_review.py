@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
+
 from actors.executor import ExecutorActor
+from actors.executor.run import OperationRun
 from bus import Bus
+from bus.lease import LeaseLost
 from bus.topology import TOPOLOGY, command_subject
 from schemas.config import Settings
+from schemas.internal import OpRecord
 from simulator import Fault, Simulator
 from tests.conftest import NatsServer, wait_for
 from tests.test_one_id import Events, executor_settings, sim
@@ -79,4 +84,31 @@ async def test_a_repeat_refused_after_another_send_landed_is_looked_up(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await bus.close()
+
+
+async def test_a_sender_whose_record_was_taken_over_stops_after_its_send(
+    nats_server: NatsServer,
+) -> None:
+    """After a mutation is sent, the record is read again: if another process changed it
+    meanwhile (it took the operation over while this one was paused), this one stops
+    (LeaseLost) instead of saving its job over the other's."""
+    bus = await Bus.connect(nats_server.url, "still-ours")
+    try:
+        await bus.provision(TOPOLOGY)
+        executor = ExecutorActor(bus, Settings(nats_url=nats_server.url), "still-ours")
+        await executor.open()
+        run = OperationRun(executor, "op-1")
+        record = OpRecord(operation_id="op-1", type="detach", status="pending", stream_seq=1)
+        record.last_event = run.event_for(record, "pending")
+        await run.claim(record)
+        run.lease = await executor.leases.acquire("op.op-1")
+        await run.still_ours()  # nobody else touched it
+        got = await executor.records.ops.get("op-1")
+        assert got is not None
+        got[0].mutation_sent = 1.0  # the taker's "mutation sent", before its own send
+        await executor.records.ops.update("op-1", got[0], got[1])
+        with pytest.raises(LeaseLost):
+            await run.still_ours()
+    finally:
         await bus.close()
