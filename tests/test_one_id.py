@@ -133,6 +133,7 @@ async def test_one_id_for_two_volumes_the_later_copies_first(
         await bus.publish(command_subject("detach"), {"operation_id": "z", "volume_id": "vol-a"})
         await wait_for(lambda: events.own_terminal("z"), timeout=10)
         assert executor.order.known <= 2, executor.order.known
+        assert len(executor.order._first) <= 2
         assert executor.order.watched == 0
         assert not executor._inflight
     finally:
