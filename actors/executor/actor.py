@@ -3,9 +3,12 @@
 Any number of executor processes share the command stream. For each command message:
 1. Work out its operation id (body, else Nats-Msg-Id, else one derived from the message).
 2. Claim the id in the operations bucket (KV create) and publish `pending` (or `rejected`
-   for an invalid command). A claim that exists is a re-sent command (another stream
-   sequence: publish its latest event again, then wait until the operation has ended) or a
-   redelivery of this very message (same sequence: resume it from its record).
+   for an invalid command). An id names the first command in the stream with it: before
+   claiming, an earlier command with the id not yet acknowledged makes this one a copy
+   (order.py ``first``). A copy, or a command whose id is claimed by another stream
+   sequence, is a re-send if its body is the same (publish the latest event again, then
+   wait until the operation has ended), else rejected `conflict` at once (its own event,
+   ``rejected_copy``). A claim by this very sequence is a redelivery: resume it.
 3. Wait for the volume's turn (order.py): every earlier command on the volume is done,
    whichever process ran it.
 4. Take the operation's lease (bus.lease): it runs in one process at a time, and a dead
