@@ -12,7 +12,9 @@ message runs in its own task, up to ``concurrency`` at once, and its outcome dec
                                  dead-letter and term; if ``on_give_up`` fails, nothing: the
                                  message comes back later and is given up then
 - delivered more than ``spec.give_up_after`` times (its handlers' processes died): given up
-  as above, without running the handler
+  as above, without running the handler. What counts as a delivery is the handler's to say
+  (``counted``): the executor counts only those that ran its operation or failed, never those
+  that only waited for their turn and were handed back (a restart, a nak while parked)
 While a handler runs, the message is kept alive with in_progress() heartbeats, well inside the
 ack wait the server really applies to that delivery (``spec.ack_wait_of``). A handler that
 only waits (``Delivery.parked``) does not count against ``concurrency``.
@@ -57,11 +59,18 @@ class Delivery:
         self.stream_seq: int = meta.sequence.stream
         self.num_delivered: int = meta.num_delivered
         self.published_at: float = meta.timestamp.timestamp() if meta.timestamp else time.time()
+        self._spec = spec
+        self.last = self.spent = False
+        self.count(self.num_delivered)
+
+    def count(self, deliveries: int) -> None:
+        """Decide from ``deliveries`` (this one included) that count against the limit."""
+        spec = self._spec
         # No delivery follows this one: a failure now gives it up (dead letter).
         limit = spec.give_up_after if spec.give_up_after > 0 else spec.max_deliver
-        self.last: bool = 0 < limit <= self.num_delivered
+        self.last = 0 < limit <= deliveries
         # Delivered more often than the consumer allows: given up without running.
-        self.spent: bool = 0 < spec.give_up_after < self.num_delivered
+        self.spent = 0 < spec.give_up_after < deliveries
 
     @contextlib.contextmanager
     def parked(self) -> Iterator[None]:
@@ -84,6 +93,7 @@ class Delivery:
 
 Handler = Callable[[Delivery], Awaitable[None]]
 GiveUp = Callable[[Delivery, str], Awaitable[None]]
+Counted = Callable[[Delivery], Awaitable[int]]
 
 
 class Consumer:
@@ -99,11 +109,13 @@ class Consumer:
         *,
         concurrency: int = 64,
         on_give_up: GiveUp | None = None,
+        counted: Counted | None = None,
     ) -> None:
         self.bus = bus
         self.spec = spec
         self.handler = handler
         self.on_give_up = on_give_up
+        self.counted = counted
         self.concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
         self._credit = 0  # messages requested and not yet received
@@ -224,6 +236,12 @@ class Consumer:
     async def _handle(self, delivery: Delivery, msg: Msg) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
         try:
+            if self.counted is not None and (delivery.last or delivery.spent):
+                try:
+                    delivery.count(await self.counted(delivery))
+                except Exception as e:  # unknown now: never give up on a guess
+                    log.debug("deliveries of seq %d not counted: %s", delivery.stream_seq, e)
+                    delivery.count(1)
             if delivery.spent:
                 await self._give_up(
                     delivery,

@@ -317,6 +317,16 @@ LEASES_BUCKET = BucketSpec(
     description="which process runs each operation, and each host's serial-less attach gate",
 )
 
+# Hosts (VM ids) whose devices have shown serials: an attach to such a VM was proven by its
+# device's serial, in whichever executor process ran it. Until then attaches to the VM start
+# one at a time (its gate lease, above); a proof by exclusion since removes the key. Kept
+# per host, not per process: a process that never ran an attach to it knows too.
+SERIALS_BUCKET = BucketSpec(
+    name="volumed_serials",
+    history=1,
+    description="VMs whose devices carry serials (key: vm id)",
+)
+
 DEVICES_BUCKET = BucketSpec(
     name="volumed_devices",
     history=1,
@@ -334,6 +344,7 @@ TOPOLOGY = Topology(
         VOLUME_OWNERS_BUCKET,
         LEASES_BUCKET,
         CREATING_BUCKET,
+        SERIALS_BUCKET,
     ),
 )
 

@@ -47,6 +47,7 @@ from schemas.commands import (
     DetachCommand,
     ResizeCommand,
     operation_type_of,
+    volume_of,
 )
 from schemas.common import STATUS_RANK, TERMINAL, OpType, Status, is_operation_id
 from schemas.config import Settings
@@ -129,6 +130,21 @@ class Progress(Events):
         self.operation_id = operation_id
         self.last: OperationEvent | None = None
         """The newest event seen so far."""
+        # The command this client sent (its stream sequence, type and volume), if it did:
+        # another command with the same id and another body is rejected `conflict` by an
+        # event of its own (``rejected_copy``), and only that command's sender ends on it.
+        self.stream_seq: int | None = None
+        self.sent: tuple[str, str | None] | None = None
+
+    def _not_ours(self, event: OperationEvent) -> bool:
+        if event.rejected_copy is not None:
+            return event.rejected_copy != self.stream_seq  # another command's rejection
+        if self.stream_seq is None or self.sent is None:
+            return False
+        # The operation this id names, when this client's command was a conflicting copy.
+        op_type, volume_id = self.sent
+        other_volume = volume_id is not None and event.volume_id not in (None, volume_id)
+        return event.type != op_type or other_volume
 
     @property
     def done(self) -> bool:
@@ -137,6 +153,8 @@ class Progress(Events):
     async def _events(self) -> AsyncIterator[OperationEvent]:
         while not self.done:
             event = await self._queue.get()
+            if self._not_ours(event):
+                continue
             if self.last is not None and STATUS_RANK[event.status] <= STATUS_RANK[self.last.status]:
                 continue
             self.last = event
@@ -240,10 +258,12 @@ class Client:
             )
         command = msgspec.structs.replace(command, operation_id=operation_id)
         progress = await self._subscribe(operation_id)
+        op_type = operation_type_of(command)
         try:
-            await self._translated(
-                self.bus.publish(command_subject(operation_type_of(command)), command)
+            progress.stream_seq = await self._translated(
+                self.bus.publish(command_subject(op_type), command)
             )
+            progress.sent = (op_type, volume_of(command))
         except BaseException:
             await progress.close()
             raise

@@ -49,3 +49,8 @@ class OperationEvent(Struct, kw_only=True, omit_defaults=False):
     # Which host's clock ``at`` is on (the executor's Settings.clock): the correlator of
     # another host must never compare it with its own device times.
     clock: str | None = None
+    # Set only on the rejection of a command that re-used this operation id with another body
+    # (the value: that command's stream sequence). It is that command's one event, not a step
+    # of the operation, whose own events go on around it: clients following the operation
+    # skip it, and persistence keeps it out of the operation's row.
+    rejected_copy: int | None = None

@@ -73,6 +73,19 @@ class OpRecord(Struct, kw_only=True):
     results: dict[str, Any] = {}
     last_event: OperationEvent | None = None
     accepted_at: str = ""
+    # Which delivery of the command claimed the id, and how many deliveries started to run
+    # the operation since (past its turn): the deliveries that count against the consumer's
+    # give_up_after; those that only waited for their turn and were handed back do not.
+    claimed_on: int = 1
+    runs: int = 0
+
+
+class SerialsShown(Struct, kw_only=True):
+    """A VM whose devices carry serials (the serials bucket, key: vm id): the attach that
+    showed it, and when (for people; nothing compares it)."""
+
+    operation_id: str
+    at: str
 
 
 class AttachInFlight(Struct, kw_only=True):

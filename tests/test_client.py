@@ -313,3 +313,26 @@ async def test_watching_every_event_counts_the_gaps(
             if event.status == "completed":
                 break
         assert events.gaps == 1
+
+
+async def test_the_same_id_for_another_volume_is_rejected_for_its_sender_only(
+    client: Client,
+    sim: Simulator,  # noqa: F811
+) -> None:
+    """One id sent for two volumes: the second sender gets `conflict`, the first follows its
+    own operation to its end (not the other command's rejection)."""
+    op_id, here, there = f"twice-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), str(uuid.uuid4())
+    async with (
+        await client.send(DetachCommand(operation_id=op_id, volume_id=here)) as first,
+        await client.send(DetachCommand(operation_id=op_id, volume_id=there)) as second,
+    ):
+        with pytest.raises(OperationRejected) as rejected:
+            await second.result(10)
+        assert rejected.value.code == "conflict" and rejected.value.event.volume_id == there
+        with pytest.raises(OperationFailed) as failed:
+            await first.result(10)
+        assert type(failed.value) is OperationFailed and failed.value.code == "not_found"
+        assert failed.value.event.volume_id == here
+    # The database keeps the operation, not the rejection.
+    operation = await client.operation(op_id)
+    assert (operation.status, operation.volume_id) == ("failed", here)

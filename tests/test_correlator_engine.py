@@ -1463,3 +1463,60 @@ def test_the_same_clock_keeps_the_exact_windows() -> None:
     e2.operation_event(op_event("b", "executing", 10.7, vb, clock=HERE), 10.7)
     r = only(e2.attach(request("a", va, GIB, 10.0, HERE), 11.0))
     assert (r.operation_id, r.device_path) == ("a", "/dev/vdb")
+
+
+def test_a_timed_out_attach_left_attached_taints_new_devices_until_it_is_detached() -> None:
+    """An attach that timed out on a host without serials and could not be rolled back (its
+    volume is still attached) may see its device appear any time later: that device is never
+    proven another same-size attach's by exclusion, however late, until the volume's detach
+    ends the doubt."""
+    e = engine()
+    va, vb, vc = new_volume(), new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, va), 10.0)
+    assert e.attach(request("a", va, GIB, 10.0), 11.0) == []
+    r = only(e.tick(11.0 + TIMEOUT))
+    assert r.operation_id == "a" and r.error.code == "device_timeout"
+    failed = op_event("a", "failed", 42.0, va)
+    failed.attached = True  # the roll-back's detach failed: still attached
+    e.operation_event(failed, 42.0)
+    e.tick(100.0)  # long past the linger
+    e.operation_event(op_event("b", "executing", 100.0, vb), 100.0)
+    assert e.attach(request("b", vb, GIB, 100.0), 101.0) == []
+    # va's device appears at last: b must not be handed it.
+    vdb = device("vdb", GIB, None, 101.5)
+    out = e.device_event(added(vdb), 101.5) + e.tick(101.0 + TIMEOUT)
+    assert not any(getattr(d, "device_path", None) == "/dev/vdb" for d in out), out
+    b_failed = op_event("b", "failed", 133.0, vb)
+    b_failed.attached = False
+    e.operation_event(b_failed, 133.0)
+    # Once va is detached, new devices are no longer its.
+    detached = OperationEvent(
+        operation_id="d",
+        type="detach",
+        status="completed",
+        volume_id=va,
+        vm_id=VM,
+        at=iso(150.0),
+        attached=False,
+    )
+    e.operation_event(detached, 150.0)
+    e.device_event(removed(vdb, 150.5), 150.5)
+    e.tick(160.0)
+    e.operation_event(op_event("c", "executing", 170.0, vc), 170.0)
+    e.device_event(added(device("vdc", GIB, None, 170.5)), 170.5)
+    r = only(e.attach(request("c", vc, GIB, 170.0), 171.0))
+    assert r.error is None and r.device_path == "/dev/vdc"
+
+
+def test_a_rejected_copy_of_an_attach_id_does_not_end_the_attach() -> None:
+    """Another command that re-used the attach's id is rejected `conflict` on the same
+    subject: its event is not the attach's end (the attach still gets its device)."""
+    e = engine()
+    v, other = new_volume(), new_volume()
+    e.operation_event(op_event("a", "executing", 10.0, v), 10.0)
+    copy = op_event("a", "rejected", 10.2, other)
+    copy.rejected_copy = 7
+    e.operation_event(copy, 10.2)
+    e.device_event(added(device("vdb", GIB, None, 10.5)), 10.5)
+    r = only(e.attach(request("a", v, GIB, 10.0), 11.0))
+    assert r.error is None and r.device_path == "/dev/vdb"

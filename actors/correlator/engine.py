@@ -408,7 +408,13 @@ class CorrelationEngine:
     def operation_event(self, event: OperationEvent, now: float) -> list[Decision]:
         """Follow the executor's attaches to this VM: ``executing`` announces one (it is
         published before the attach is sent), a terminal status ends it."""
-        if event.type != "attach" or (event.vm_id is not None and event.vm_id != self.vm_id):
+        if event.rejected_copy is not None:
+            return []  # another command's rejection (it re-used the id): not this operation's
+        if event.vm_id is not None and event.vm_id != self.vm_id:
+            return []
+        if event.type != "attach":
+            if event.status in TERMINAL and event.attached is False and event.volume_id:
+                self._detached(event.volume_id, now)
             return []
         op = event.operation_id
         if event.status == "executing":
@@ -430,7 +436,7 @@ class CorrelationEngine:
                 current.window_start = min(current.window_start, window)
             return []
         if event.status in TERMINAL:
-            return self._end(op, now)
+            return self._end(op, now, event.attached)
         return []
 
     def sync_attaches(self, in_flight: Iterable[InFlightAttach], now: float) -> list[Decision]:
@@ -753,19 +759,30 @@ class CorrelationEngine:
         self._remember(self._answers, req.operation_id, result, now)
         return result
 
-    def _end(self, op: str, now: float) -> list[Decision]:
+    def _end(self, op: str, now: float, attached: bool | None = None) -> list[Decision]:
         """An attach's terminal event came: if it got no device, the devices it could own
-        are tainted, and for ``linger`` seconds more so are new ones (the watcher may report
-        a device that came and went during the roll-back only after the failed event)."""
+        are tainted, and so are new ones: for ``linger`` seconds more if its volume is not
+        attached (the watcher may report a device that came and went during the roll-back
+        only after the failed event); as long as it stays attached (its roll-back failed,
+        or the attachment was not this attach's to undo) if it is: its device may appear at
+        any time, and only the volume's detach (``_detached``) ends that doubt."""
         self._ended[op] = now
         c = self._claimants.get(op)
         if c is None or c.kind in ("open", "unknown"):
             return []
         if c.kind == "announced":
             c.kind = "failed"  # it ended without asking for its device
-        c.expires = min(c.expires, now + self.linger)
+        c.expires = _NEVER if attached else min(c.expires, now + self.linger)
         self._taint(c, self._why(c))
         return self._evaluate(now)
+
+    def _detached(self, volume_id: str, now: float) -> None:
+        """The volume was detached (a terminal detach or delete event saying so): a failed
+        attach of it that left it attached taints new devices for ``linger`` seconds more
+        only (its device, if it came, goes now)."""
+        for c in self._claimants.values():
+            if c.kind == "failed" and c.volume_id == volume_id and c.expires == _NEVER:
+                c.expires = now + self.linger
 
     def _expire(self, op: str, now: float) -> list[Decision]:
         """Forget an attach that is over (linger passed) or never reported its end."""

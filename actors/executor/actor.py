@@ -3,9 +3,12 @@
 Any number of executor processes share the command stream. For each command message:
 1. Work out its operation id (body, else Nats-Msg-Id, else one derived from the message).
 2. Claim the id in the operations bucket (KV create) and publish `pending` (or `rejected`
-   for an invalid command). A claim that exists is a re-sent command (another stream
-   sequence: publish its latest event again, then wait until the operation has ended) or a
-   redelivery of this very message (same sequence: resume it from its record).
+   for an invalid command). An id names the first command in the stream with it: before
+   claiming, an earlier command with the id not yet acknowledged makes this one a copy
+   (order.py ``first``). A copy, or a command whose id is claimed by another stream
+   sequence, is a re-send if its body is the same (publish the latest event again, then
+   wait until the operation has ended), else rejected `conflict` at once (its own event,
+   ``rejected_copy``). A claim by this very sequence is a redelivery: resume it.
 3. Wait for the volume's turn (order.py): every earlier command on the volume is done,
    whichever process ran it.
 4. Take the operation's lease (bus.lease): it runs in one process at a time, and a dead
@@ -47,11 +50,11 @@ from actors.executor.operations import (
     VolumeOwners,
     attachment_after,
 )
-from actors.executor.order import VolumeOrder
+from actors.executor.order import Identity, VolumeOrder
 from actors.executor.records import Records
 from actors.executor.run import OperationRun
 from actors.heartbeat import beat
-from bus import Abandon, Bus, Conflict, Consumer, Delivery, Reject
+from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
 from bus.consumer import dead_letter
 from bus.lease import LeaseLost, Leases
@@ -64,6 +67,7 @@ from bus.topology import (
     EXECUTOR_GIVEN_UP,
     LEASES_BUCKET,
     OPERATIONS_BUCKET,
+    SERIALS_BUCKET,
     VOLUME_OWNERS_BUCKET,
 )
 from schemas.commands import (
@@ -86,6 +90,7 @@ from schemas.internal import (
     GivenUpAdvisory,
     LeaseHolder,
     OpRecord,
+    SerialsShown,
     VolumeOwner,
 )
 
@@ -110,7 +115,10 @@ class ExecutorActor:
         )
         self.devices: Devices = devices or BusDevices(bus)
         self._inflight: dict[str, int] = {}  # operation id → stream sequence being handled
-        self._serials_proven = False
+        # VM id → whether its devices carry serials, as this process last read or wrote it
+        # (the serials bucket is the truth, shared by every process on every host).
+        self._serials: dict[str, bool] = {}
+        self._serials_bucket: Bucket[SerialsShown] | None = None
         self._records: Records | None = None
         self._owners: VolumeOwners | None = None
         self._order: VolumeOrder | None = None
@@ -134,6 +142,7 @@ class ExecutorActor:
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
         self._creates = CreatesInFlight(await self.bus.bucket(CREATING_BUCKET, CreateInFlight))
         self._order = VolumeOrder(self.bus, ops, EXECUTOR, self._identify)
+        self._serials_bucket = await self.bus.bucket(SERIALS_BUCKET, SerialsShown)
         self._leases = Leases(
             await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
         )
@@ -160,6 +169,11 @@ class ExecutorActor:
         return self._order
 
     @property
+    def serials(self) -> Bucket[SerialsShown]:
+        assert self._serials_bucket is not None, "open() first"
+        return self._serials_bucket
+
+    @property
     def leases(self) -> Leases:
         assert self._leases is not None, "open() first"
         return self._leases
@@ -172,6 +186,7 @@ class ExecutorActor:
             self.handle,
             concurrency=self.settings.executor_concurrency,
             on_give_up=self.give_up,
+            counted=self.counted,
         )
         self._given_up = Consumer(self.bus, EXECUTOR_GIVEN_UP, self.given_up, concurrency=4)
         background = [
@@ -210,14 +225,15 @@ class ExecutorActor:
         digest = hashlib.sha256(f"{stream_seq}:".encode() + data).hexdigest()
         return f"op-{digest[:24]}"
 
-    def _identify(self, stored: StoredMessage) -> tuple[str | None, str]:
-        """A command's volume (None if it names none or is invalid) and operation id."""
+    def _identify(self, stored: StoredMessage) -> Identity:
+        """A command's volume (None if it names none or is invalid), operation id and body."""
+        op_type = stored.subject.rsplit(".", 1)[-1]
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
         try:
-            command = decode_command(stored.subject.rsplit(".", 1)[-1], stored.data)
+            command: Command | None = decode_command(op_type, stored.data)
         except InvalidCommand:
-            return None, op_id
-        return volume_of(command), op_id
+            command = None
+        return _identity(op_type, op_id, command)
 
     async def handle(self, d: Delivery) -> None:
         op_type = d.subject.rsplit(".", 1)[-1]
@@ -228,12 +244,13 @@ class ExecutorActor:
             command = decode_command(op_type, d.data)
         except InvalidCommand as e:
             invalid = str(e)
-        self.order.note(d.stream_seq, volume_of(command) if command else None, op_id)
+        identity = _identity(op_type, op_id, command)
+        self.order.note(d.stream_seq, identity)
         if self._inflight.get(op_id) == d.stream_seq:
             raise Abandon(f"{op_id} is still being handled here")
         self._inflight.setdefault(op_id, d.stream_seq)
         try:
-            await self._process(d, op_type, op_id, command, invalid)
+            await self._process(d, op_type, identity, command, invalid)
         except LeaseLost as e:
             # Another process may be running it now: touch nothing, answer nothing.
             raise Abandon(f"{op_id}: {e}") from None
@@ -241,49 +258,84 @@ class ExecutorActor:
             if self._inflight.get(op_id) == d.stream_seq:
                 del self._inflight[op_id]
 
+    async def counted(self, d: Delivery) -> int:
+        """How many deliveries of the command count against give_up_after, this one
+        included: those before its claim (each failed), and those that ran its operation
+        (``OpRecord.runs``); never those that only waited for their turn, nor a copy's."""
+        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
+        got = await self.records.ops.get(op_id)
+        if got is None:
+            return d.num_delivered  # not claimed: every delivery failed before its claim
+        record = got[0]
+        if record.stream_seq != d.stream_seq:
+            return 1  # a copy: it only waits for its operation (or is rejected at once)
+        return record.claimed_on - 1 + record.runs + 1
+
     async def give_up(self, d: Delivery, reason: str) -> None:
         """The consumer gives the command up (its last delivery failed): its operation ends
         with it. Raising leaves the command to the server, which gives it up in turn; the
         given-up path ends it then (also after a restart)."""
-        op_id = self.operation_id_of(d.data, d.headers, d.stream_seq)
-        log.error("operation %s failed for good: %s", op_id, reason)
-        await self._fail_for_good(op_id, reason, d.stream_seq)
+        stored = StoredMessage(d.subject, d.data, d.headers, d.stream_seq)
+        log.error("command %d failed for good: %s", d.stream_seq, reason)
+        await self._fail_for_good(stored, reason)
 
     async def _process(
-        self, d: Delivery, op_type: str, op_id: str, command: Command | None, invalid: str
+        self, d: Delivery, op_type: str, identity: Identity, command: Command | None, invalid: str
     ) -> None:
+        op_id = identity.operation_id
         run = OperationRun(self, op_id)
-        record = OpRecord(
-            operation_id=op_id,
-            type=_op_type(op_type),
-            status="rejected" if invalid else "pending",
-            stream_seq=d.stream_seq,
-            command=d.data if command else b"",
-            volume_id=volume_of(command) if command else None,
-            vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
-            accepted_at=now_rfc3339(),
-        )
-        record.last_event = run.event_for(
-            record,
-            record.status,
-            request=request_of(d.data),
-            error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
-            target=command.target if isinstance(command, CancelCommand) else None,
-        )
-        try:
-            await run.claim(record)
-        except Conflict:
-            got = await self.records.ops.get(op_id)
-            if got is None:  # deleted in between: treat as new next time
-                raise
+        got = await self.records.ops.get(op_id)
+        if got is None:
+            # One id, one operation: its first command in the stream. Before claiming the
+            # id, look for an earlier command with it that is not claimed yet (delivered
+            # late, or to a slower process): then this one is a copy, and must never take
+            # the operation's place. (A flood of copies of a claimed operation never gets
+            # here: the record tells them.)
+            first = await self.order.first(d.stream_seq, op_id)
+            if first is not None:
+                seq, original = first
+                await self._copy(
+                    d, op_type, identity, command, seq, original.body, original.volume_id
+                )
+                return
+            record = OpRecord(
+                operation_id=op_id,
+                type=_op_type(op_type),
+                status="rejected" if invalid else "pending",
+                stream_seq=d.stream_seq,
+                command=d.data if command else b"",
+                volume_id=volume_of(command) if command else None,
+                vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
+                accepted_at=now_rfc3339(),
+                claimed_on=d.num_delivered,
+            )
+            record.last_event = run.event_for(
+                record,
+                record.status,
+                request=request_of(d.data),
+                error=ErrorInfo(code="invalid_request", message=invalid) if invalid else None,
+                target=command.target if isinstance(command, CancelCommand) else None,
+            )
+            try:
+                await run.claim(record)
+            except Conflict:  # this very command, redelivered to another process meanwhile
+                got = await self.records.ops.get(op_id)
+                if got is None:  # deleted in between: treat as new next time
+                    raise
+        if got is not None:
             existing = got[0]
             if existing.stream_seq != d.stream_seq:
-                # The same operation id again: nothing new, only its latest event again;
-                # and this command is not acknowledged before its operation has ended.
-                if d.num_delivered == 1:
-                    await self.records.publish_latest(op_id, again=True)
-                with d.parked():
-                    await self.order.ended(op_id)  # (ended: its terminal event is out)
+                # Claimed by an earlier command (or, from a volumed before one id named one
+                # operation, by a later copy): this one is a copy of it.
+                await self._copy(
+                    d,
+                    op_type,
+                    identity,
+                    command,
+                    existing.stream_seq,
+                    _record_body(existing),
+                    existing.volume_id,
+                )
                 return
             log.info(
                 "resuming operation %s (%s, status %s, phase %r)",
@@ -315,6 +367,11 @@ class ExecutorActor:
                 creds = await self.identity.credentials(wait=self.settings.cloudstack_retry_budget)
             run.use(creds)
             async with self._gate_for(command, run, d), self._working:
+                # This delivery runs the operation now: it counts against give_up_after
+                # (saved with `executing`, or on its own when resumed).
+                run.record.runs += 1
+                if run.record.status != "pending":
+                    await run.save()
                 if run.record.status == "pending":
                     if isinstance(command, AttachCommand):
                         await run.announce_attach(command)
@@ -326,6 +383,48 @@ class ExecutorActor:
                 await run.execute(command)
         finally:
             await self.leases.release(lease)
+
+    async def _copy(
+        self,
+        d: Delivery,
+        op_type: str,
+        identity: Identity,
+        command: Command | None,
+        original_seq: int,
+        original_body: str,
+        original_volume: str | None,
+    ) -> None:
+        """A later command with an operation id already taken (by the command at
+        ``original_seq``). The same body: a re-send, answered with the operation's latest
+        event, and acknowledged once the operation has ended (a re-send never ends before
+        its operation). Another body: rejected ``conflict`` at once; it waits for nothing
+        and nothing waits for it."""
+        op_id = identity.operation_id
+        if identity.body == original_body:
+            if d.num_delivered == 1:
+                await self.records.publish_latest(op_id, again=True)
+            with d.parked():
+                await self.order.ended(op_id)  # (ended: its terminal event is out)
+            return
+        log.warning(
+            "command %d re-uses operation id %s of command %d with another body: rejected",
+            d.stream_seq,
+            op_id,
+            original_seq,
+        )
+        where = f" on volume {original_volume}" if original_volume else ""
+        await self.records.reject_copy(
+            op_id,
+            _op_type(op_type),
+            d.stream_seq,
+            identity.volume_id,
+            command.vm_id if isinstance(command, AttachCommand) else None,
+            f"operation id {op_id} already names another operation (the command at stream "
+            f"sequence {original_seq}{where}); this {op_type} command (stream sequence "
+            f"{d.stream_seq}) has another body and was not carried out: send it with an "
+            "operation id of its own",
+            request_of(d.data),
+        )
 
     @contextlib.asynccontextmanager
     async def _gate_for(
@@ -340,9 +439,9 @@ class ExecutorActor:
         neither device by exclusion."""
         if (
             not isinstance(command, AttachCommand)
-            or self._serials_proven
             # Not served, and not this host's (if that is unknown, it may be: gated).
             or not (await run.serves(command.vm_id) or await run.local_vm_id() is None)
+            or await self.serials_shown(command.vm_id)
         ):
             yield
             return
@@ -369,8 +468,6 @@ class ExecutorActor:
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
         if self._inflight.get(op_id) == stored.stream_seq:
             return  # still being worked on here: it ends by itself
-        if await self.records.ops.get(op_id) is None:
-            return  # never accepted: nothing to end, nothing to report
         reason = f"its command was given up after {advisory.deliveries} deliveries"
         await dead_letter(
             self.bus,
@@ -381,27 +478,57 @@ class ExecutorActor:
             advisory.deliveries,
             reason,
         )
-        await self._fail_for_good(op_id, reason, stored.stream_seq)
+        await self._fail_for_good(stored, reason)
 
-    async def _fail_for_good(self, op_id: str, reason: str, stream_seq: int) -> None:
-        """End the operation with ``internal`` unless it has ended; either way its latest
-        event is published (again) before this returns. Only the operation's own command
-        (``stream_seq``) can end it: a re-sent copy that could not be handled must never
-        fail the operation the original is still running. A process still running it
-        keeps its lease: then this raises, and the given-up path tries again later."""
-        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
-            await self._fail_unless_ended(op_id, reason, stream_seq)
-
-    async def _fail_unless_ended(self, op_id: str, reason: str, stream_seq: int) -> None:
-        run = OperationRun(self, op_id)
-        while (got := await self.records.ops.get(op_id)) is not None:
-            run.record, run.revision = got
-            if run.record.stream_seq != stream_seq:
-                # A copy: it ends with its operation, never before (never failed by it).
-                if run.record.status not in TERMINAL:
-                    raise RuntimeError(f"{op_id} is still running: its copy waits")
-                await self.records.publish_latest(op_id)
+    async def _fail_for_good(self, stored: StoredMessage, reason: str) -> None:
+        """End the command's operation with ``internal`` unless it has ended; either way
+        its latest event is published (again) before this returns. A command that failed
+        before it could claim its id claims it now, as failed: it ends with one event like
+        any other. Only the operation's own command can end it: a copy that could not be
+        handled must never fail the operation its first command runs (it waits for it, or
+        is rejected ``conflict`` if its body differs). A process still running it keeps its
+        lease: then this raises, and the given-up path tries again later."""
+        identity = self._identify(stored)
+        op_id = identity.operation_id
+        first = await self.order.first(stored.stream_seq, op_id)
+        got = await self.records.ops.get(op_id)
+        if first is None and got is not None and got[0].stream_seq != stored.stream_seq:
+            first = (got[0].stream_seq, Identity(got[0].volume_id, op_id, _record_body(got[0])))
+        if first is not None:
+            seq, original = first
+            if original.body != identity.body:
+                op_type = stored.subject.rsplit(".", 1)[-1]
+                await self.records.reject_copy(
+                    op_id,
+                    _op_type(op_type),
+                    stored.stream_seq,
+                    identity.volume_id,
+                    None,
+                    f"operation id {op_id} already names another operation (the command at "
+                    f"stream sequence {seq}); this {op_type} command (stream sequence "
+                    f"{stored.stream_seq}) has another body and was not carried out",
+                    request_of(stored.data),
+                )
                 return
+            # A re-sent copy: it ends with its operation, never before (never failed by it).
+            if got is None or got[0].status not in TERMINAL:
+                raise RuntimeError(f"{op_id} is still running: its copy waits")
+            await self.records.publish_latest(op_id)
+            return
+        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
+            await self._fail_unless_ended(stored, reason)
+
+    async def _fail_unless_ended(self, stored: StoredMessage, reason: str) -> None:
+        op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
+        run = OperationRun(self, op_id)
+        while True:
+            got = await self.records.ops.get(op_id)
+            if got is None:
+                with contextlib.suppress(Conflict):  # claimed meanwhile: look again
+                    await run.claim(self._failed_claim(stored, op_id, reason))
+                    return
+                continue
+            run.record, run.revision = got
             if run.record.status in TERMINAL:
                 break
             with contextlib.suppress(Conflict):  # it moved meanwhile: look again
@@ -415,6 +542,34 @@ class ExecutorActor:
                 )
                 return
         await run.settle()
+
+    def _failed_claim(self, stored: StoredMessage, op_id: str, reason: str) -> OpRecord:
+        """The record of a command that never got to claim its id, ending it ``failed``."""
+        op_type = stored.subject.rsplit(".", 1)[-1]
+        try:
+            command: Command | None = decode_command(op_type, stored.data)
+        except InvalidCommand:
+            command = None
+        record = OpRecord(
+            operation_id=op_id,
+            type=_op_type(op_type),
+            status="failed",
+            stream_seq=stored.stream_seq,
+            command=stored.data if command else b"",
+            volume_id=volume_of(command) if command else None,
+            vm_id=command.vm_id if isinstance(command, AttachCommand) else None,
+            accepted_at=now_rfc3339(),
+        )
+        record.last_event = self.records.event_for(
+            record,
+            "failed",
+            request=request_of(stored.data),
+            error=ErrorInfo(
+                code="internal",
+                message=f"volumed could not process this operation: {reason}",
+            ),
+        )
+        return record
 
     # -- cancel --------------------------------------------------------------------------------
 
@@ -488,8 +643,54 @@ class ExecutorActor:
 
     # -- for operations ------------------------------------------------------------------------
 
-    def note_proof(self, proof: str) -> None:
-        self._serials_proven = proof == "serial"
+    async def note_proof(self, vm_id: str, proof: str, operation_id: str) -> None:
+        """An attach to ``vm_id`` was proven: by its device's serial, or else (exclusion).
+        Kept per host in the serials bucket, written only when it changes; a failed write
+        only keeps the gate closed longer (or open until the next proof)."""
+        shown = proof == "serial"
+        if self._serials.get(vm_id) == shown:
+            return
+        try:
+            if shown:
+                await self.serials.put(
+                    vm_id, SerialsShown(operation_id=operation_id, at=now_rfc3339())
+                )
+            else:
+                await self.serials.delete(vm_id)
+        except Exception as e:
+            log.warning("could not note how attaches to %s were proven: %s", vm_id, e)
+            return
+        self._serials[vm_id] = shown
+
+    async def serials_shown(self, vm_id: str) -> bool:
+        """Whether the devices of ``vm_id`` have shown serials, in any executor process (an
+        unreadable bucket counts as no: the gate stays closed, which is safe)."""
+        try:
+            shown = await self.serials.get(vm_id) is not None
+        except Exception as e:
+            log.debug("serials of %s unknown (%s): gated", vm_id, e)
+            return False
+        self._serials[vm_id] = shown
+        return shown
+
+
+def _identity(op_type: str, op_id: str, command: Command | None) -> Identity:
+    """A command's volume, operation id and body key: equal for the same command re-sent,
+    whatever the order or spacing of its fields and wherever its operation id was given."""
+    if command is None:
+        return Identity(None, op_id, f"{op_type}:invalid")
+    fields = msgspec.json.encode(msgspec.structs.replace(command, operation_id=None))
+    body = f"{op_type}:{hashlib.sha256(fields).hexdigest()[:32]}"
+    return Identity(volume_of(command), op_id, body)
+
+
+def _record_body(record: OpRecord) -> str:
+    """The body key of the command that claimed ``record``."""
+    try:
+        command = decode_command(record.type, record.command) if record.command else None
+    except InvalidCommand:
+        command = None
+    return _identity(record.type, record.operation_id, command).body
 
 
 def _op_type(name: str) -> OpType:

@@ -218,7 +218,13 @@ class Context(Protocol):
         """Raise bus.lease.LeaseLost unless this process still runs the operation."""
         ...
 
-    def note_proof(self, proof: str) -> None: ...
+    async def still_ours(self) -> None:
+        """After a mutation was sent: raise bus.lease.LeaseLost if another process has
+        changed the record meanwhile (it took the operation over: it looks the mutation up
+        before sending it again, and this process must stop)."""
+        ...
+
+    async def note_proof(self, vm_id: str, proof: str) -> None: ...
 
 
 async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -> T:
@@ -284,9 +290,17 @@ async def mutate(
                     deadline=time.monotonic() + ctx.settings.cloudstack_job_timeout,
                 )
             except CloudStackError as e:
-                if e.job_failed:  # that attempt is over; a transient one may be sent again
-                    rec.job_id, rec.mutation_sent = None, None
-                    await ctx.save()
+                if not e.job_failed:
+                    raise
+                # This job changed nothing; but another send of the mutation may have: a
+                # process that lost the lease while paused between its check and its send
+                # (then this job failed as a repeat). Look before sending it again.
+                rec.job_id = None
+                found = await _look_up(ctx, already_done, params.get("id"))
+                if found is not None:
+                    return await finished(found)
+                rec.mutation_sent = None  # that attempt is over; a transient one may be sent again
+                await ctx.save()
                 raise
             return await finished(result)
         if rec.mutation_sent is not None:
@@ -299,8 +313,10 @@ async def mutate(
         ctx.hold()  # (the save may have been slow exactly when renewals were)
         if not is_async:
             answer = await ctx.cloud.call(command, **params)
+            await ctx.still_ours()
             return await finished(answer if isinstance(answer, dict) else {"result": answer})
         job: Job = await ctx.cloud.start(command, **params)
+        await ctx.still_ours()
         rec.job_id = job.job_id
         if job.volume_id and not rec.volume_id:
             if learned is not None:
@@ -569,7 +585,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             ),
         )
     if result_.error is None and result_.device_path:
-        ctx.note_proof(getattr(result_, "proof", ""))
+        await ctx.note_proof(cmd.vm_id, getattr(result_, "proof", ""))
         outcome.device_path = result_.device_path
         outcome.by_id_path = result_.by_id_path
         return outcome

@@ -21,7 +21,7 @@ from actors.logs import SECRETS
 from bus import Bucket, Bus, Conflict
 from bus.connection import encode
 from bus.topology import EVENTS, event_subject
-from schemas.common import Status, now_rfc3339
+from schemas.common import OpType, Status, now_rfc3339
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import AttachInFlight, OpRecord
 
@@ -69,6 +69,36 @@ class Records:
             clock=self.clock,
             **extra,
         )
+
+    async def reject_copy(
+        self,
+        op_id: str,
+        op_type: OpType,
+        stream_seq: int,
+        volume_id: str | None,
+        vm_id: str | None,
+        message: str,
+        request: Any,
+    ) -> None:
+        """Publish the one event of a command that re-used ``op_id`` with another body: on
+        the operation's subject (where its sender waits), marked ``rejected_copy`` so that
+        nobody takes it for a step of the operation. Not under the operation's lock and not
+        publish-if-last: it never changes the operation's record or its latest event."""
+        event = self.event_for(
+            OpRecord(
+                operation_id=op_id,
+                type=op_type,
+                status="rejected",
+                stream_seq=stream_seq,
+                volume_id=volume_id,
+                vm_id=vm_id,
+            ),
+            "rejected",
+            error=ErrorInfo(code="conflict", message=message),
+            request=request,
+            rejected_copy=stream_seq,
+        )
+        await self.bus.publish(event_subject(op_id), event, msg_id=f"{op_id}:conflict:{stream_seq}")
 
     async def publish(self, record: OpRecord, *, if_last: int | None = None) -> None:
         """Publish the record's own event (its next step: the caller holds the lock)."""

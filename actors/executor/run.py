@@ -14,7 +14,7 @@ from actors.executor.cloudstack import CloudStackError
 from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
 from actors.executor.resize import DeviceSizes, resize
 from bus import Conflict
-from bus.lease import Lease
+from bus.lease import Lease, LeaseLost
 from schemas.commands import (
     AttachCommand,
     CancelCommand,
@@ -72,6 +72,15 @@ class OperationRun:
         if self.lease is not None:
             self.lease.check()
 
+    async def still_ours(self) -> None:
+        got = await self.records.ops.get(self.operation_id)
+        if got is None or got[1] != self.revision:
+            raise LeaseLost(
+                f"the record of {self.operation_id} changed while this process sent a "
+                "mutation: another process took it over (it looks the mutation up)"
+            )
+        self.hold()
+
     # operations.Context
     async def save(self) -> None:
         self.revision = await self.records.ops.update(self.operation_id, self.record, self.revision)
@@ -115,8 +124,8 @@ class OperationRun:
                 )
         return vm_id
 
-    def note_proof(self, proof: str) -> None:
-        self.executor.note_proof(proof)
+    async def note_proof(self, vm_id: str, proof: str) -> None:
+        await self.executor.note_proof(vm_id, proof, self.operation_id)
 
     def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
         return self.records.event_for(rec, status, **extra)

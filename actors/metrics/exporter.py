@@ -69,8 +69,8 @@ class OperationsSeen:
 
     def event(self, e: OperationEvent) -> None:
         op = e.operation_id
-        if op in self._ended:
-            return
+        if op in self._ended or e.rejected_copy is not None:
+            return  # (a rejected copy's event is another command's, not the operation's end)
         if e.status not in TERMINAL:
             seen = self._open.get(op)
             if seen is None:
