@@ -160,8 +160,6 @@ class PersistenceActor:
             event = decode_event(delivery.subject, delivery.data)
         except InvalidEvent as e:
             raise Reject(str(e)) from None
-        if event.raw.rejected_copy is not None:
-            return  # another command's rejection (a conflicting copy): not the operation's
         batcher = self.batcher
         if batcher is None:
             raise Abandon("not consuming yet")

@@ -216,6 +216,10 @@ class SqlStore:
     # -- writing --------------------------------------------------------------------------
 
     async def apply(self, events: Sequence[Event]) -> None:
+        # A conflicting copy's rejection (another command that re-used the id) is published
+        # on the operation's subject but is not the operation's: its row never sees it (here,
+        # so that the consumer, dead-letter replays and rebuilds all skip it alike).
+        events = [e for e in events if e.raw.rejected_copy is None]
         if events:
             await self._transaction(lambda tx: self._apply(tx, events))
 
