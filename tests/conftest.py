@@ -330,3 +330,12 @@ def volumed_env(nats_url: str, dsn: str, sim: object, **extra: str) -> dict[str,
     }
     env.update(extra)
     return env
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (the test command runs two workers): tests on real loop devices
+    watch every ``loop*`` disk of the machine, so they run one after another in one worker,
+    where no other test's loop device can appear."""
+    for item in items:
+        if item.get_closest_marker("loopdev") is not None:
+            item.add_marker(pytest.mark.xdist_group("loopdev"))
