@@ -332,10 +332,27 @@ def volumed_env(nats_url: str, dsn: str, sim: object, **extra: str) -> dict[str,
     return env
 
 
+# The heaviest tests (many processes, chaos, a fresh clone's install): run one after another
+# in one worker, so that on a 2-core machine two of them never compete for the CPU with their
+# timing; the other worker takes the many light tests meanwhile.
+HEAVY = (
+    "tests/test_crash.py::test_crash_safety_under_chaos",
+    "tests/test_scale_out.py::",
+    "tests/test_cluster.py::",
+    "tests/test_demo.py::test_demo_once_from_a_fresh_clone",
+    "tests/test_promises_executor.py::test_resent_commands_never_send_a_status_backwards",
+    "tests/test_blips.py::test_every_exchange_survives_a_blip",
+    "tests/test_order_clocks.py::",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (the test command runs two workers): tests on real loop devices
-    watch every ``loop*`` disk of the machine, so they run one after another in one worker,
-    where no other test's loop device can appear."""
+    """Under pytest-xdist (the test command runs two workers, ``--dist loadgroup``): tests on
+    real loop devices watch every ``loop*`` disk of the machine, so they run one after another
+    in one worker, where no other test's loop device can appear; the heaviest tests likewise
+    (``HEAVY``)."""
     for item in items:
         if item.get_closest_marker("loopdev") is not None:
             item.add_marker(pytest.mark.xdist_group("loopdev"))
+        elif item.nodeid.startswith(HEAVY):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
