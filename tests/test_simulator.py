@@ -495,6 +495,19 @@ def block_names(sim: Simulator) -> list[str]:
     return sorted(os.listdir(Path(sim.config.sysfs_root) / "block"))
 
 
+async def test_the_guest_tree_has_its_block_directory_before_the_first_disk(
+    tmp_path: Path,
+) -> None:
+    """README, "To try it by hand": the simulator on an empty --sysfs/--dev, then volumed.
+    Without sys/block the watcher's start scan failed until the first disk appeared, and
+    took that disk for one present before it started: a serial-less (xen) attach in
+    flight then timed out instead of being proven."""
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    async with Simulator(SimConfig(seed=6, sysfs_root=str(sysfs), dev_root=str(dev))):
+        assert (sysfs / "block").is_dir() and not os.listdir(sysfs / "block")
+        assert dev.is_dir()
+
+
 async def test_hotplug_with_serials(tmp_path: Path) -> None:
     async with Simulator(hotplug_config(tmp_path)) as sim, client(sim) as cs:
         sysfs, dev = tmp_path / "sys", tmp_path / "dev"
