@@ -663,3 +663,26 @@ async def test_nats_away_is_503(world: World, rest: Rest) -> None:
         return status == 200
 
     await wait_for(healthy, timeout=20, interval=0.1)
+
+
+def test_a_mapping_is_never_updated_before_it_was_created() -> None:
+    """Tried from outside: a proven mapping answered ``updated_at`` (its proof, written a
+    moment before the row) earlier than ``created_at`` (its last write)."""
+    from actors.gateway import shapes
+    from schemas.queries import Mapping
+
+    m = Mapping(
+        volume_id="v-1",
+        vm_id="vm-1",
+        device_path="/dev/vdb",
+        by_id_path=None,
+        size=GIB,
+        last_sync="2026-12-07T03:35:31.808752Z",
+        proof="serial",
+        proven_at="2026-12-07T03:35:31.807361Z",
+    )
+    shown = shapes.mapping(m)
+    assert shown.created_at is not None and shown.updated_at is not None
+    assert shown.updated_at >= shown.created_at
+    later = msgspec.structs.replace(m, proven_at="2026-12-07T03:40:00.000000Z")
+    assert shapes.mapping(later).updated_at == "2026-12-07T03:40:00.000000Z"
