@@ -191,6 +191,11 @@ async def test_resize_and_delete(sim: Simulator, cs: AIOCloudStack) -> None:
         await cs.resizeVolume(id=volume_id, size=1)
     assert raised.value.error["errorcode"] == 431 and "shrinkok" in raised.value.error["errortext"]
     assert (await cs.resizeVolume(id=volume_id, size=1, shrinkok=True))["volume"]["size"] == GIB
+    # Beyond custom.diskoffering.size.max, as createVolume (it resized to 8 EiB before).
+    with pytest.raises(CloudStackApiException) as raised:
+        await cs.resizeVolume(id=volume_id, size=2**33)
+    assert raised.value.error["errorcode"] == 431 and "out of allowed range" in str(raised.value)
+    assert sim.volumes[volume_id].size == GIB
     assert await cs.deleteVolume(id=volume_id) == {"success": True}
     assert volume_id not in sim.volumes
     # CloudStack keeps the row of a deleted volume: listed by id it is simply not there.
