@@ -389,7 +389,7 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
 
 
 async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
-    nats_server: NatsServer, database: Database, tmp_path: Path
+    nats_server: NatsServer, database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     sysfs, dev = fake_tree(tmp_path)
     async with Simulator(hotplugging(sysfs, dev, seed=5, serials=True)) as sim:
@@ -411,6 +411,12 @@ async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
             assert health["status"] == "down"
             detail = health["checks"]["database"]["detail"]  # type: ignore[index]
             assert "`volumed migrate`" in detail and "later generation" in detail
+            # Tried from outside: the log said "retrying every 0 s", and a query answered
+            # 500 "internal error" with a traceback logged for each one.
+            assert "retrying, at most every 10 s" in caplog.text
+            waiting, code = await v.query("operation", {"operation_id": "op-attach-3"})
+            assert code == "503", (code, waiting)
+            assert not any(r.exc_info for r in caplog.records if r.name == "volumed.bus.service")
 
             # Commands still run; their events wait in the stream for the database.
             create = op()
