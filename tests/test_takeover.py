@@ -21,6 +21,7 @@ from actors.persistence.takeover import GoTablesFound, migrate
 from schemas.common import GIB
 from simulator import Simulator
 from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, stop_volumed, wait_for
+from tests.test_cli import volumed_cli
 from tests.test_devices_e2e import fake_tree, hotplugging, start
 from tests.test_lifecycle import create_body, op
 
@@ -416,6 +417,8 @@ async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
             assert "retrying, at most every 10 s" in caplog.text
             waiting, code = await v.query("operation", {"operation_id": "op-attach-3"})
             assert code == "503", (code, waiting)
+            ran = await volumed_cli(nats_server, "status", "op-attach-3", timeout=30)
+            assert ran.code == 3 and "unavailable: " in ran.err, ran
             assert not any(r.exc_info for r in caplog.records if r.name == "volumed.bus.service")
 
             # Commands still run; their events wait in the stream for the database.
