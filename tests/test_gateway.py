@@ -457,6 +457,20 @@ async def test_idempotency_key_makes_one_operation(world: World, rest: Rest) -> 
     assert "Idempotency-Key" in bad.error
 
 
+async def test_a_key_naming_a_rejected_command_of_another_type_is_a_conflict(
+    world: World, rest: Rest
+) -> None:
+    """Tried from outside: an Idempotency-Key that was the operation id of a resize rejected
+    for its size answered a detach 400 "size: expected `int`, got `str`"."""
+    key = f"idem-rej-{uuid.uuid4().hex[:8]}"
+    await world.harness.send("resize", {"operation_id": key, "volume_id": "v-1", "size": "2G"})
+    assert (await world.harness.terminal(key))["status"] == "rejected"
+    conflict = await rest.error(
+        "POST", "/api/v1/volumes/v-1/detach", 409, headers={"Idempotency-Key": key}
+    )
+    assert conflict.code == "conflict" and "expected" not in conflict.error, conflict
+
+
 # -- errors --------------------------------------------------------------------------------
 
 

@@ -281,6 +281,10 @@ class GatewayActor:
         if first is None:
             return shapes.accepted(command, now)
         if first.status == "rejected":
+            if _another_command(command, first, None):
+                # The key names an earlier command of another type or volume, rejected:
+                # its reason is not this request's.
+                raise HttpError(409, "conflict", _key_conflict(command, first))
             error = first.error
             code = error.code if error else "invalid_request"
             message = error.message if error else "the command was rejected"
@@ -294,12 +298,7 @@ class GatewayActor:
             log.info("operation %s: no record yet (%s)", command.operation_id, e)
             record = None
         if _another_command(command, first, record):
-            raise HttpError(
-                409,
-                "conflict",
-                f"operation {command.operation_id} (the Idempotency-Key) is another "
-                f"{first.type} command; a retry must send the same request",
-            )
+            raise HttpError(409, "conflict", _key_conflict(command, first))
         if record is None:
             return shapes.operation_of_event(first, msgspec.to_builtins(command))
         return shapes.operation(record, now)
@@ -470,6 +469,13 @@ def _another_command(command: Command, first: OperationEvent, record: Operation 
     except msgspec.ValidationError:
         return True
     return msgspec.structs.replace(stored, operation_id=command.operation_id) != command
+
+
+def _key_conflict(command: Command, first: OperationEvent) -> str:
+    return (
+        f"operation {command.operation_id} (the Idempotency-Key) is another "
+        f"{first.type} command; a retry must send the same request"
+    )
 
 
 def _not_offered(what: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
