@@ -14,6 +14,7 @@ import aiomysql
 import pytest
 
 from actors.persistence.backends import missing_columns
+from actors.persistence.errors import StoreRefused
 from actors.persistence.records import decode_event
 from actors.persistence.schema import MYSQL
 from actors.persistence.store import open_store
@@ -387,6 +388,18 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
     said.clear()
     assert await migrate(site.db.dsn, dry_run=True, out=said.append) == 0
     assert any("nothing to do" in line for line in said)
+
+
+async def test_migrate_refuses_a_dsn_it_cannot_use() -> None:
+    """Tried from outside: ``VOLUMED_DB_DSN=postgres://... volumed migrate`` said "nothing
+    to do" and exited 0, as it does for SQLite (where no Go table can be)."""
+    said: list[str] = []
+    assert await migrate("sqlite:///nowhere/volumed.db", dry_run=True, out=said.append) == 0
+    assert "nothing to do" in said[0]
+    for dsn in ("postgres://u:secret@db/x", "mysq://root@127.0.0.1/x", "volumed"):
+        with pytest.raises(StoreRefused, match="unsupported database") as refused:
+            await migrate(dsn, dry_run=True, out=said.append)
+        assert "secret" not in str(refused.value)
 
 
 async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
