@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +31,8 @@ from actors.gateway.openapi import document, text
 from actors.metrics.exporter import CannotListen
 from actors.supervisor import ACTORS as SUPERVISED
 from actors.supervisor import Supervisor, default_actors
+from bus import Bus
+from bus.topology import TOPOLOGY
 from schemas.commands import CreateCommand
 from schemas.common import GIB
 from schemas.config import ConfigError, load_settings
@@ -361,6 +365,32 @@ async def test_a_command_not_taken_yet_is_201_pending(world: World, rest: Rest) 
         assert ended.status == "failed" and ended.error, ended
     finally:
         await impatient.close()
+
+
+async def test_a_post_nats_does_not_acknowledge_names_its_operation(
+    world: World, rest: Rest, nats_server: NatsServer
+) -> None:
+    """Tried from outside: with nats-server paused, a POST answered 503 "NATS did not
+    answer", and the create happened once NATS went on: the caller, told nothing more,
+    retried without a key and made a second volume."""
+    bus = await Bus.connect(nats_server.url, "test-paused")
+    gateway = GatewayActor(bus, world.harness.settings, "127.0.0.1:0")  # type: ignore[arg-type]
+    try:
+        await bus.provision(TOPOLOGY)
+        await gateway.start()
+        paused = Rest(rest.session, f"http://127.0.0.1:{gateway.port}")
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            lost = await paused.error(
+                "POST", "/api/v1/volumes/v-paused/detach", 503, headers={"Idempotency-Key": "p-1"}
+            )
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        assert "/api/v1/operations/p-1" in lost.error and "Idempotency-Key: p-1" in lost.error
+    finally:
+        await gateway.close()
+        await bus.close()
 
 
 # -- queries -------------------------------------------------------------------------------

@@ -276,7 +276,19 @@ class GatewayActor:
         """Publish ``command``; the operation once accepted, or the rejection."""
         self._nats()
         now = now_rfc3339()
-        async with await self.client.send(command) as progress:
+        try:
+            sending = await self.client.send(command)
+        except Timeout as e:
+            # No acknowledgement, but the command may be in the stream all the same (NATS
+            # paused, not gone): say which operation to look for, and how to retry safely.
+            raise HttpError(
+                503,
+                "unavailable",
+                f"{e}; the command may have been taken all the same: see GET "
+                f"/api/v1/operations/{command.operation_id}, or retry with the header "
+                f"Idempotency-Key: {command.operation_id}",
+            ) from None
+        async with sending as progress:
             first = await self._first_event(progress)
         if first is None:
             return shapes.accepted(command, now)
