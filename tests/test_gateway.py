@@ -709,7 +709,7 @@ async def test_nats_away_is_503(world: World, rest: Rest) -> None:
     await wait_for(healthy, timeout=20, interval=0.1)
 
 
-def test_a_mapping_is_never_updated_before_it_was_created() -> None:
+async def test_a_mapping_is_never_updated_before_it_was_created() -> None:
     """Tried from outside: a proven mapping answered ``updated_at`` (its proof, written a
     moment before the row) earlier than ``created_at`` (its last write)."""
     from actors.gateway import shapes
