@@ -71,7 +71,8 @@ SERVICE_ERRORS = {
     "400": "a bad request: not JSON, an unknown field, a wrong type or value (the text names "
     "the field)",
     "404": "an unknown id: no such operation, or no mapping (the volume is not attached)",
-    "500": "anything else, the database away included; the text says to see the volumed log",
+    "503": "the database is not open (yet): try again later; volumed health says why",
+    "500": "anything else; the text says to see the volumed log",
 }
 
 

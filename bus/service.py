@@ -31,7 +31,8 @@ async def serve(
     """Register ``endpoints`` ({name: (subject, handler)}) as the micro service ``name``.
 
     A handler takes the request body and returns a Struct or dict (sent as JSON); it raises
-    NotFound (→ 404) or BadRequest (→ 400); anything else answers 500 without details.
+    NotFound (→ 404) or BadRequest (→ 400), a ConnectionError (→ 503: what it needs is away,
+    the database say); anything else answers 500 without details.
     Endpoints share the service's queue group, so several processes split the load.
     Requests are answered concurrently.
     """
@@ -57,6 +58,11 @@ async def serve(
                 await req.respond_error("404", str(e))
             except BadRequest as e:
                 await req.respond_error("400", str(e))
+            except ConnectionError as e:
+                # What the answer needs is away (the database not open yet, say): a state
+                # to wait out, not a bug, so no traceback per query while it lasts.
+                log.warning("endpoint %s: unavailable: %s", req.subject, e)
+                await req.respond_error("503", f"unavailable: {e}; try again later")
             except Exception:
                 log.exception("endpoint %s failed", req.subject)
                 await req.respond_error("500", "internal error; see the volumed log")

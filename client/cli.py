@@ -5,8 +5,8 @@ For a person each command shows its progress live (a spinner, a line per event, 
 at the end); with ``--json`` it prints one JSON object per line instead (each event as it
 arrives, or the query's reply) for scripts. Exit codes: 0 completed (or found, or healthy),
 1 failed, rejected or cancelled (the code is in the output; also an unknown id, an unhealthy
-volumed), 2 a usage error, 3 no server or no volumed there, or a timeout, 4 NATS refused the
-login (user, password, creds file, certificate) or a subject.
+volumed), 2 a usage error, 3 no server or no volumed there (or its database not open), or a
+timeout, 4 NATS refused the login (user, password, creds file, certificate) or a subject.
 
 It reaches NATS as the daemon does, from the same VOLUMED_NATS_* variables (URL, TLS files,
 user and password or creds file, inbox prefix); a flag replaces its variable. The password
@@ -581,6 +581,9 @@ async def _run(args: argparse.Namespace, out: Output) -> int:
         out.error("invalid_request", str(e))
         return USAGE
     except ServiceError as e:
+        if e.code == "503":  # its database away (not open yet): as no server, try again
+            out.error("unavailable", str(e))
+            return UNAVAILABLE
         out.error("internal", str(e))
         return FAILED
 

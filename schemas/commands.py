@@ -30,8 +30,20 @@ EXCERPT_BYTES = 1024
 
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=255)]
 MetadataValue = Annotated[str, Meta(max_length=4096)]
-# A volume's size in bytes: CloudStack sizes volumes in whole GiB.
-VolumeSize = Annotated[int, Meta(gt=0, multiple_of=GIB, description="bytes, a whole number of GiB")]
+# A volume's size in bytes: CloudStack sizes volumes in whole GiB. At most the largest whole
+# GiB below 2**63: a larger size would pass to CloudStack, and its completed event would then
+# not fit the signed 64-bit size of the records and mappings (refused, so the operation's
+# record would stay ``executing``).
+MAX_VOLUME_SIZE = (2**63 - 1) // GIB * GIB
+VolumeSize = Annotated[
+    int,
+    Meta(
+        gt=0,
+        le=MAX_VOLUME_SIZE,
+        multiple_of=GIB,
+        description="bytes, a whole number of GiB (below 2**63)",
+    ),
+]
 
 
 class CreateCommand(Struct, kw_only=True):
@@ -164,8 +176,11 @@ def _humanize(msgspec_error: str) -> str:
     text = explain_validation_error(
         msgspec_error, what="command body", pattern_words=_PATTERN_WORDS
     )
-    if text.startswith("size: ") and ("multiple of" in text or ">" in text):
-        return f"size: must be a positive whole number of GiB, in bytes (a multiple of {GIB})"
+    if text.startswith("size: ") and ("multiple of" in text or ">" in text or "<" in text):
+        return (
+            f"size: must be a positive whole number of GiB, in bytes (a multiple of {GIB}, "
+            f"at most {MAX_VOLUME_SIZE})"
+        )
     return text
 
 

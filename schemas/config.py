@@ -218,7 +218,16 @@ def _name_the_setting(error: str) -> str:
     m = re.search(r" - at `\$\.(\w+)", error)
     if m is None or m[1] not in Settings.__struct_fields__:
         return error
+    if "matching regex" in error and m[1] in _PATTERN_WORDS:
+        # The regex itself tells a person nothing ("localhost" lacks its port).
+        return f"{env_name(m[1])} ({m[1]}): must be {_PATTERN_WORDS[m[1]]}"
     return f"{env_name(m[1])} ({m[1]}): {error}"
+
+
+_LISTEN_WORDS = (
+    "host:port, the port 0 to 65535 (':8090' listens on every address, '[::1]:8090' for IPv6)"
+)
+_PATTERN_WORDS = {"metrics_addr": _LISTEN_WORDS, "http_addr": _LISTEN_WORDS}
 
 
 # A NATS subject without wildcards: tokens of anything but white space, '.', '*' and '>'.

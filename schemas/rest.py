@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from schemas.commands import MetadataKey, MetadataValue
-from schemas.common import GIB, CloudStackId, VolumeName
+from schemas.commands import MetadataKey, MetadataValue, VolumeSize
+from schemas.common import CloudStackId, VolumeName
 
 # A larger body answers 413 (the commands' own limit, contract §2).
 MAX_BODY_BYTES = 64 * 1024
@@ -29,7 +29,7 @@ class CreateVolumeRequest(Struct, kw_only=True):
     the Idempotency-Key header, or is made by the gateway)."""
 
     name: VolumeName
-    size: Annotated[int, Meta(gt=0, multiple_of=GIB, description="bytes, a whole number of GiB")]
+    size: VolumeSize
     disk_offering_id: CloudStackId
     zone_id: CloudStackId
     metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=64)] | None = None

@@ -158,6 +158,17 @@ class Hotplug:
     def enabled(self) -> bool:
         return self.sysfs_root is not None or self.dev_root is not None
 
+    def prepare(self) -> None:
+        """Make the guest's ``block`` directory and /dev, as any machine has them before
+        its first disk: a watcher started on an empty tree (README, "To try it by hand")
+        then scans nothing instead of failing, and counts the first disk hot-plugged as
+        one that appeared while it watched, not as one already there at its start (which
+        a serial-less attach in flight could never be proven to be)."""
+        if self.sysfs_root is not None:
+            (self.sysfs_root / "block").mkdir(parents=True, exist_ok=True)
+        if self.dev_root is not None:
+            self.dev_root.mkdir(parents=True, exist_ok=True)
+
     def pending(self) -> int:
         return len(self._timers)
 

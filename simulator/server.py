@@ -121,6 +121,8 @@ class Simulator:
         app.router.add_post(f"{CONTROL_PATH}/latency", self._post_latency)
         app.router.add_post(f"{CONTROL_PATH}/reset", self._post_reset)
         self._closing.clear()
+        for hotplug in self.hotplugs.values():
+            hotplug.prepare()
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)

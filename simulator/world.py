@@ -658,6 +658,14 @@ class World:
     def _resize_volume(self, params: Params, fail_job: str | None) -> Body:
         volume = self._volume(params)
         size_gb = self._long("resizeVolume", params, "size")
+        if size_gb is not None and size_gb > CUSTOM_DISK_MAX_GB:
+            # CloudStack checks a new size against custom.diskoffering.size.max before it
+            # starts the job, as createVolume does.
+            raise ApiError(
+                PARAM_ERROR,
+                f"Volume size: {size_gb}GB is out of allowed range. "
+                f"Max: {CUSTOM_DISK_MAX_GB} Min:1",
+            )
         shrink_ok = self._bool(params, "shrinkok")
         job = self._submit(
             "resizeVolume",

@@ -306,3 +306,27 @@ def test_a_connect_to_a_down_server_ends_when_cancelled_at_any_moment() -> None:
             assert done, f"still connecting 5 s after a cancel {delay} s into it"
 
     uvloop.run(main())
+
+
+async def test_a_service_whose_database_is_away_answers_503_not_500(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tried from outside: while persistence could not open the database (the Go daemon's
+    tables), every query answered 500 "internal error; see the volumed log" and logged a
+    traceback; the REST gateway passed that text on."""
+    from bus import call
+    from bus.errors import ServiceFailed
+    from bus.service import serve
+
+    async def away(body: bytes) -> dict[str, str]:
+        raise ConnectionError("the database is not connected yet")
+
+    service = await serve(bus, "t503", "0.0.1", "test", {"q": ("t503.q", away)})
+    try:
+        with pytest.raises(ServiceFailed) as failed:
+            await call(bus, "t503.q", {}, timeout=2)
+    finally:
+        await service.stop()
+    assert failed.value.code == "503"
+    assert "the database is not connected yet" in failed.value.text
+    assert not any(r.exc_info for r in caplog.records)

@@ -56,6 +56,16 @@ def test_bad_values_name_the_key_not_the_secret(tmp_path: Path) -> None:
     assert "no_such_key" in str(e.value) and "s3cr3t-value" not in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["localhost", "abc", ":99999", "127.0.0.1:-1", " "])
+def test_a_bad_listen_address_is_explained_in_words(value: str) -> None:
+    """Tried from outside: VOLUMED_HTTP_ADDR=localhost answered with msgspec's regex."""
+    for name in ("VOLUMED_HTTP_ADDR", "VOLUMED_METRICS_ADDR"):
+        with pytest.raises(ConfigError) as bad:
+            load_settings(environ={name: value})
+        assert f"{name} (" in str(bad.value) and "host:port" in str(bad.value)
+        assert "regex" not in str(bad.value)
+
+
 def test_secrets_are_masked_in_repr_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     s = load_settings(
         environ={

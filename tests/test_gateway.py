@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +31,8 @@ from actors.gateway.openapi import document, text
 from actors.metrics.exporter import CannotListen
 from actors.supervisor import ACTORS as SUPERVISED
 from actors.supervisor import Supervisor, default_actors
+from bus import Bus
+from bus.topology import TOPOLOGY
 from schemas.commands import CreateCommand
 from schemas.common import GIB
 from schemas.config import ConfigError, load_settings
@@ -363,6 +367,32 @@ async def test_a_command_not_taken_yet_is_201_pending(world: World, rest: Rest) 
         await impatient.close()
 
 
+async def test_a_post_nats_does_not_acknowledge_names_its_operation(
+    world: World, rest: Rest, nats_server: NatsServer
+) -> None:
+    """Tried from outside: with nats-server paused, a POST answered 503 "NATS did not
+    answer", and the create happened once NATS went on: the caller, told nothing more,
+    retried without a key and made a second volume."""
+    bus = await Bus.connect(nats_server.url, "test-paused")
+    gateway = GatewayActor(bus, world.harness.settings, "127.0.0.1:0")  # type: ignore[arg-type]
+    try:
+        await bus.provision(TOPOLOGY)
+        await gateway.start()
+        paused = Rest(rest.session, f"http://127.0.0.1:{gateway.port}")
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            lost = await paused.error(
+                "POST", "/api/v1/volumes/v-paused/detach", 503, headers={"Idempotency-Key": "p-1"}
+            )
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        assert "/api/v1/operations/p-1" in lost.error and "Idempotency-Key: p-1" in lost.error
+    finally:
+        await gateway.close()
+        await bus.close()
+
+
 # -- queries -------------------------------------------------------------------------------
 
 
@@ -455,6 +485,20 @@ async def test_idempotency_key_makes_one_operation(world: World, rest: Rest) -> 
         "POST", "/api/v1/volumes", 400, {"name": "x"}, headers={"Idempotency-Key": "no spaces"}
     )
     assert "Idempotency-Key" in bad.error
+
+
+async def test_a_key_naming_a_rejected_command_of_another_type_is_a_conflict(
+    world: World, rest: Rest
+) -> None:
+    """Tried from outside: an Idempotency-Key that was the operation id of a resize rejected
+    for its size answered a detach 400 "size: expected `int`, got `str`"."""
+    key = f"idem-rej-{uuid.uuid4().hex[:8]}"
+    await world.harness.send("resize", {"operation_id": key, "volume_id": "v-1", "size": "2G"})
+    assert (await world.harness.terminal(key))["status"] == "rejected"
+    conflict = await rest.error(
+        "POST", "/api/v1/volumes/v-1/detach", 409, headers={"Idempotency-Key": key}
+    )
+    assert conflict.code == "conflict" and "expected" not in conflict.error, conflict
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -663,3 +707,26 @@ async def test_nats_away_is_503(world: World, rest: Rest) -> None:
         return status == 200
 
     await wait_for(healthy, timeout=20, interval=0.1)
+
+
+async def test_a_mapping_is_never_updated_before_it_was_created() -> None:
+    """Tried from outside: a proven mapping answered ``updated_at`` (its proof, written a
+    moment before the row) earlier than ``created_at`` (its last write)."""
+    from actors.gateway import shapes
+    from schemas.queries import Mapping
+
+    m = Mapping(
+        volume_id="v-1",
+        vm_id="vm-1",
+        device_path="/dev/vdb",
+        by_id_path=None,
+        size=GIB,
+        last_sync="2026-12-07T03:35:31.808752Z",
+        proof="serial",
+        proven_at="2026-12-07T03:35:31.807361Z",
+    )
+    shown = shapes.mapping(m)
+    assert shown.created_at is not None and shown.updated_at is not None
+    assert shown.updated_at >= shown.created_at
+    later = msgspec.structs.replace(m, proven_at="2026-12-07T03:40:00.000000Z")
+    assert shapes.mapping(later).updated_at == "2026-12-07T03:40:00.000000Z"

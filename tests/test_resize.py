@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from bus import Bus
 from bus.topology import COMMANDS, OPERATIONS_BUCKET, TOPOLOGY, Topology, command_subject
@@ -399,3 +400,20 @@ async def test_the_mapping_takes_the_size_of_the_newest_resize_in_command_order(
         await wait_for(lambda: rows.op("z-r5"))
         mapping = await request(bus, "mapping", {"volume_id": "vol-z"})
         assert mapping["size"] == 5 * GIB and mapping["operation_id"] == "z-a2", mapping
+
+
+@pytest.mark.parametrize("op_type", ["create", "resize"])
+def test_a_size_beyond_a_signed_64_bit_number_is_rejected_before_cloudstack(op_type: str) -> None:
+    """2**63 bytes is a whole number of GiB, but no record or mapping can hold it: accepted,
+    CloudStack resized to it (the simulator did), and the completed event was dead-lettered,
+    leaving the operation ``executing`` in the database for ever."""
+    from schemas.commands import InvalidCommand, decode_command
+    from schemas.rest import CreateVolumeRequest
+
+    body = {"volume_id": "v-1", "name": "n", "disk_offering_id": "o", "zone_id": "z"}
+    for size in (2**63, 2**64 - GIB):
+        with pytest.raises(InvalidCommand, match="size: must be a positive whole number"):
+            decode_command(op_type, json.dumps({**body, "size": size}).encode())
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert({**body, "size": size}, CreateVolumeRequest)
+    assert decode_command(op_type, json.dumps({**body, "size": 2**63 - GIB}).encode())

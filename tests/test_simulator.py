@@ -191,6 +191,11 @@ async def test_resize_and_delete(sim: Simulator, cs: AIOCloudStack) -> None:
         await cs.resizeVolume(id=volume_id, size=1)
     assert raised.value.error["errorcode"] == 431 and "shrinkok" in raised.value.error["errortext"]
     assert (await cs.resizeVolume(id=volume_id, size=1, shrinkok=True))["volume"]["size"] == GIB
+    # Beyond custom.diskoffering.size.max, as createVolume (it resized to 8 EiB before).
+    with pytest.raises(CloudStackApiException) as raised:
+        await cs.resizeVolume(id=volume_id, size=2**33)
+    assert raised.value.error["errorcode"] == 431 and "out of allowed range" in str(raised.value)
+    assert sim.volumes[volume_id].size == GIB
     assert await cs.deleteVolume(id=volume_id) == {"success": True}
     assert volume_id not in sim.volumes
     # CloudStack keeps the row of a deleted volume: listed by id it is simply not there.
@@ -493,6 +498,19 @@ def hotplug_config(tmp_path: Path, **over: Any) -> SimConfig:
 def block_names(sim: Simulator) -> list[str]:
     assert sim.config.sysfs_root is not None
     return sorted(os.listdir(Path(sim.config.sysfs_root) / "block"))
+
+
+async def test_the_guest_tree_has_its_block_directory_before_the_first_disk(
+    tmp_path: Path,
+) -> None:
+    """README, "To try it by hand": the simulator on an empty --sysfs/--dev, then volumed.
+    Without sys/block the watcher's start scan failed until the first disk appeared, and
+    took that disk for one present before it started: a serial-less (xen) attach in
+    flight then timed out instead of being proven."""
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    async with Simulator(SimConfig(seed=6, sysfs_root=str(sysfs), dev_root=str(dev))):
+        assert (sysfs / "block").is_dir() and not os.listdir(sysfs / "block")
+        assert dev.is_dir()
 
 
 async def test_hotplug_with_serials(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import aiomysql
 import pytest
 
 from actors.persistence.backends import missing_columns
+from actors.persistence.errors import StoreRefused
 from actors.persistence.records import decode_event
 from actors.persistence.schema import MYSQL
 from actors.persistence.store import open_store
@@ -21,6 +22,7 @@ from actors.persistence.takeover import GoTablesFound, migrate
 from schemas.common import GIB
 from simulator import Simulator
 from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, stop_volumed, wait_for
+from tests.test_cli import volumed_cli
 from tests.test_devices_e2e import fake_tree, hotplugging, start
 from tests.test_lifecycle import create_body, op
 
@@ -388,8 +390,20 @@ async def test_migrate_keeps_every_row_and_answers_the_old_operations(site: GoSi
     assert any("nothing to do" in line for line in said)
 
 
+async def test_migrate_refuses_a_dsn_it_cannot_use() -> None:
+    """Tried from outside: ``VOLUMED_DB_DSN=postgres://... volumed migrate`` said "nothing
+    to do" and exited 0, as it does for SQLite (where no Go table can be)."""
+    said: list[str] = []
+    assert await migrate("sqlite:///nowhere/volumed.db", dry_run=True, out=said.append) == 0
+    assert "nothing to do" in said[0]
+    for dsn in ("postgres://u:secret@db/x", "mysq://root@127.0.0.1/x", "volumed"):
+        with pytest.raises(StoreRefused, match="unsupported database") as refused:
+            await migrate(dsn, dry_run=True, out=said.append)
+        assert "secret" not in str(refused.value)
+
+
 async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
-    nats_server: NatsServer, database: Database, tmp_path: Path
+    nats_server: NatsServer, database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     sysfs, dev = fake_tree(tmp_path)
     async with Simulator(hotplugging(sysfs, dev, seed=5, serials=True)) as sim:
@@ -411,6 +425,14 @@ async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
             assert health["status"] == "down"
             detail = health["checks"]["database"]["detail"]  # type: ignore[index]
             assert "`volumed migrate`" in detail and "later generation" in detail
+            # Tried from outside: the log said "retrying every 0 s", and a query answered
+            # 500 "internal error" with a traceback logged for each one.
+            assert "retrying, at most every 10 s" in caplog.text
+            waiting, code = await v.query("operation", {"operation_id": "op-attach-3"})
+            assert code == "503", (code, waiting)
+            ran = await volumed_cli(nats_server, "status", "op-attach-3", timeout=30)
+            assert ran.code == 3 and "unavailable: " in ran.err, ran
+            assert not any(r.exc_info for r in caplog.records if r.name == "volumed.bus.service")
 
             # Commands still run; their events wait in the stream for the database.
             create = op()

@@ -276,11 +276,27 @@ class GatewayActor:
         """Publish ``command``; the operation once accepted, or the rejection."""
         self._nats()
         now = now_rfc3339()
-        async with await self.client.send(command) as progress:
+        try:
+            sending = await self.client.send(command)
+        except Timeout as e:
+            # No acknowledgement, but the command may be in the stream all the same (NATS
+            # paused, not gone): say which operation to look for, and how to retry safely.
+            raise HttpError(
+                503,
+                "unavailable",
+                f"{e}; the command may have been taken all the same: see GET "
+                f"/api/v1/operations/{command.operation_id}, or retry with the header "
+                f"Idempotency-Key: {command.operation_id}",
+            ) from None
+        async with sending as progress:
             first = await self._first_event(progress)
         if first is None:
             return shapes.accepted(command, now)
         if first.status == "rejected":
+            if _another_command(command, first, None):
+                # The key names an earlier command of another type or volume, rejected:
+                # its reason is not this request's.
+                raise HttpError(409, "conflict", _key_conflict(command, first))
             error = first.error
             code = error.code if error else "invalid_request"
             message = error.message if error else "the command was rejected"
@@ -294,12 +310,7 @@ class GatewayActor:
             log.info("operation %s: no record yet (%s)", command.operation_id, e)
             record = None
         if _another_command(command, first, record):
-            raise HttpError(
-                409,
-                "conflict",
-                f"operation {command.operation_id} (the Idempotency-Key) is another "
-                f"{first.type} command; a retry must send the same request",
-            )
+            raise HttpError(409, "conflict", _key_conflict(command, first))
         if record is None:
             return shapes.operation_of_event(first, msgspec.to_builtins(command))
         return shapes.operation(record, now)
@@ -470,6 +481,13 @@ def _another_command(command: Command, first: OperationEvent, record: Operation 
     except msgspec.ValidationError:
         return True
     return msgspec.structs.replace(stored, operation_id=command.operation_id) != command
+
+
+def _key_conflict(command: Command, first: OperationEvent) -> str:
+    return (
+        f"operation {command.operation_id} (the Idempotency-Key) is another "
+        f"{first.type} command; a retry must send the same request"
+    )
 
 
 def _not_offered(what: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -119,7 +119,8 @@ def mapping(m: Mapping) -> RestMapping:
         size=m.size,
         last_sync=m.last_sync,
         created_at=m.last_sync,
-        updated_at=m.proven_at or m.last_sync,
+        # The later of the two: a proof is written with the mapping, a moment before it.
+        updated_at=max(filter(None, (m.last_sync, m.proven_at)), default=None),
         by_id_path=m.by_id_path,
         proof=m.proof,
         proof_reason=m.proof_reason,

@@ -144,9 +144,9 @@ class PersistenceActor:
                 self.store_error = str(e) or type(e).__name__
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning(
-                        "cannot open the database (%s); retrying every %.0f s",
+                        "cannot open the database (%s); retrying, at most every %.0f s",
                         self.store_error,
-                        backoff.delay,
+                        backoff.cap,
                     )
                 await backoff.pause(self._stopping)
                 continue

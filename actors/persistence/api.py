@@ -95,7 +95,7 @@ class Api:
                 await asyncio.wait_for(self._store_open.wait(), self._read_after.timeout)
             store = self._store()
         if store is None:
-            raise StoreUnavailable("the database is not connected yet")
+            raise StoreUnavailable("the database is not connected yet (volumed health says why)")
         if self._read_after is not None:
             await self._read_after.wait()
         return store

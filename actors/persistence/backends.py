@@ -476,7 +476,11 @@ async def open_backend(dsn: str) -> Backend:
         return await MySQLBackend.open(dsn)
     if scheme == "sqlite":
         return await SQLiteBackend.open(dsn)
-    raise StoreRefused(
+    raise unsupported_database(dsn)
+
+
+def unsupported_database(dsn: str) -> StoreRefused:
+    return StoreRefused(
         f"{mask_url_password(dsn)}: unsupported database; "
         "use mysql://user:password@host:port/database or sqlite:///path/file.db"
     )

@@ -358,12 +358,15 @@ async def migrate(dsn: str, *, dry_run: bool, out: Callable[[str], None] = print
     """``volumed migrate``: convert the Go daemon's tables (see the module's text). Returns
     the exit status."""
     # Imported here: backends imports this module for its start-up check.
-    from actors.persistence.backends import MySQLBackend
+    from actors.persistence.backends import MySQLBackend, unsupported_database
 
-    scheme = dsn.split("://", 1)[0].lower()
-    if scheme not in ("mysql", "mariadb"):
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme == "sqlite":
         out(f"-- {mask_url_password(dsn)}: the Go daemon's tables live on MariaDB; nothing to do")
         return 0
+    if scheme not in ("mysql", "mariadb"):
+        # A mistyped DSN is not "nothing to do": the operator would take the site as migrated.
+        raise unsupported_database(dsn)
     backend = await MySQLBackend.open(dsn, prepare=False)
     try:
         async with backend.connection() as conn:
