@@ -533,7 +533,8 @@ class Chaos:
     sim: Simulator
     size: Size
     rng: random.Random
-    proxies: list[tuple[str, TcpProxy]] = field(default_factory=list)  # cut in turn
+    # Cut in turn: a process's name, its proxy, and the VMs whose attaches it takes part in.
+    proxies: list[tuple[str, TcpProxy, set[str]]] = field(default_factory=list)
     kills: int = 0
     nats_restarts: int = 0
     db_outage: float = 0.0
@@ -613,11 +614,12 @@ class Chaos:
         async def cuts() -> None:
             for n, offset in enumerate(cut_at if self.proxies else []):
                 await at(offset)
-                # Just as an attach reaches CloudStack: its device appears during the cut, so
-                # the correlator's answer (or the hand-off, or its event) has to cross it.
-                what = await self.next_mutation(5.0, "attachVolume")
+                name, proxy, vms = self.proxies[(first + n) % len(self.proxies)]
+                # Just as an attach that this process may take part in reaches CloudStack: its
+                # device appears during the cut, so the correlator's answer (or the hand-off,
+                # or its event) has to cross it.
+                what = await self.next_mutation(5.0, "attachVolume", vms=vms)
                 await asyncio.sleep(self.rng.uniform(0.0, 0.3))
-                name, proxy = self.proxies[(first + n) % len(self.proxies)]
                 seconds = self.rng.uniform(*CUT_SECONDS)
                 await proxy.cut(seconds)
                 self.cuts[name] += 1
@@ -626,16 +628,19 @@ class Chaos:
         await asyncio.gather(kills(), nats_restarts(), db_outage(), faults(), cuts())
         self.done = True
 
-    async def next_mutation(self, timeout: float, *commands: str) -> str:
-        """Wait for the next mutation call (of ``commands``, or any) to reach the simulator;
-        say which."""
+    async def next_mutation(
+        self, timeout: float, *commands: str, vms: set[str] | None = None
+    ) -> str:
+        """Wait for the next mutation call (of ``commands``, or any; to one of ``vms``, or
+        any) to reach the simulator; say which."""
         calls = self.sim.call_log
         since = max((c.seq for c in calls), default=0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for call in calls.select(None, since):
-                if call.command in (commands or MUTATIONS):
-                    return f"{call.command} just sent"
+                vm = call.params.get("virtualmachineid")
+                if call.command in (commands or MUTATIONS) and (vms is None or vm in vms):
+                    return f"{call.command} just sent" + (f" (VM {vm})" if vm else "")
             await asyncio.sleep(0.002)
         return f"no {'/'.join(commands) or 'mutation'} came"
 
@@ -948,7 +953,13 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
             assert await until(lambda: _all_running(user_bus), 60), "a process never started"
 
             workload = Workload(user, sim, hosts, size, rng)
-            chaos = Chaos(workload, volumed, nats, db, sim, size, rng, list(proxies.items()))
+            takes_part = {
+                "volumed": {host_a.vm_id},  # its executor, or host A's correlator
+                "host-b executor": {host_a.vm_id, host_b.vm_id},
+                "host-b watcher+correlator": {host_b.vm_id},
+            }
+            cut = [(name, p, takes_part[name]) for name, p in proxies.items()]
+            chaos = Chaos(workload, volumed, nats, db, sim, size, rng, cut)
             started = time.monotonic()
             await asyncio.gather(chaos.run(), workload.run(lambda: not chaos.done))
             sim.clear_faults()
