@@ -618,7 +618,7 @@ class Chaos:
                 # Just as an attach that this process may take part in reaches CloudStack: its
                 # device appears during the cut, so the correlator's answer (or the hand-off,
                 # or its event) has to cross it.
-                what = await self.next_mutation(5.0, "attachVolume", vms=vms)
+                what = await self.next_mutation(10.0, "attachVolume", vms=vms)
                 await asyncio.sleep(self.rng.uniform(0.0, 0.3))
                 seconds = self.rng.uniform(*CUT_SECONDS)
                 await proxy.cut(seconds)
