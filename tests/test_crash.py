@@ -615,11 +615,16 @@ class Chaos:
             for n, offset in enumerate(cut_at if self.proxies else []):
                 await at(offset)
                 name, proxy, vms = self.proxies[(first + n) % len(self.proxies)]
-                # Just as an attach that this process may take part in reaches CloudStack: its
-                # device appears during the cut, so the correlator's answer (or the hand-off,
-                # or its event) has to cross it.
-                what = await self.next_mutation(10.0, "attachVolume", vms=vms)
-                await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+                # At an attach this process may take part in. Every other cut: just as its
+                # device appears (the hand-off is out, the correlator's answer on its way);
+                # else as it reaches CloudStack (its device appears during the cut). Either
+                # way the answer, the hand-off or its event has to cross the cut.
+                if n % 2 == 0:
+                    what = await self.next_device(10.0, vms)
+                    await asyncio.sleep(self.rng.uniform(0.0, 0.05))
+                else:
+                    what = await self.next_mutation(10.0, "attachVolume", vms=vms)
+                    await asyncio.sleep(self.rng.uniform(0.0, 0.3))
                 seconds = self.rng.uniform(*CUT_SECONDS)
                 await proxy.cut(seconds)
                 self.cuts[name] += 1
@@ -643,6 +648,26 @@ class Chaos:
                     return f"{call.command} just sent" + (f" (VM {vm})" if vm else "")
             await asyncio.sleep(0.002)
         return f"no {'/'.join(commands) or 'mutation'} came"
+
+    async def next_device(self, timeout: float, vms: set[str]) -> str:
+        """Wait for the next attach to one of ``vms`` to reach the simulator, then for its
+        device to appear in that VM; say which."""
+        calls = self.sim.call_log
+        since = max((c.seq for c in calls), default=0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for call in calls.select("attachVolume", since):
+                since = max(since, call.seq)
+                vm, volume_id = call.params.get("virtualmachineid"), call.params.get("id")
+                if vm not in vms or volume_id is None:
+                    continue
+                end = time.monotonic() + 5.0
+                while time.monotonic() < end:
+                    if volume_id in self.sim.devices_of(vm):
+                        return f"the device of an attach appeared (VM {vm})"
+                    await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)
+        return "no attach's device appeared"
 
     def random_fault(self) -> Fault:
         kind = self.rng.choice(["http", "http", "job", "drop", "accept_then_drop", "hang"])
