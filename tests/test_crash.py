@@ -30,8 +30,9 @@ is, as on two real hosts: both name their first data disk `/dev/.../vdb` (device
 unique per VM, not across VMs). Lifecycles attach to either host's VM; every completed attach
 must name its own host's device for that volume, and device_mappings must be right for both.
 Each of the three processes reaches NATS through its own TCP proxy (tests/tcp_proxy.py), and
-the chaos cuts one of them for 3-6 s just as an attach reaches CloudStack (its device appears
-during the cut), taking the three in turn: no attach may be detached again for it.
+the chaos cuts one of them for 3-6 s (the three in turn) at an attach it takes part in: just
+as its device appears, or as it reaches CloudStack. No attach may be detached again
+(`attaches_rolled_back`), every one names its own host's device.
 
 Small by default (CI, about a minute); ``VOLUMED_CRASH_FULL=1`` runs the full size (at least
 200 operations, 12 kills, two NATS restarts, MariaDB away for 35 s, 9 connection cuts;
@@ -103,7 +104,7 @@ class Size:
     chains: int  # volume lifecycles in flight at once
     think: float  # mean seconds a user waits between the steps of a lifecycle
     cuts: int  # connection cuts of one process (taking the three in turn)
-    skews: tuple[str, ...]  # the second executor's clock offset (faketime), one picked
+    skews: tuple[str, ...]  # host B's clock offset (faketime), one picked
 
 
 SMALL = Size(
@@ -856,7 +857,7 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
     make_guest_tree(b_root / "sys", b_root / "dev", root_disk_bytes=20 * GIB)
     # Host B sees its /dev where host A sees its own (as two machines do), when it can.
     bind = can_bind_mount()
-    host_b = Host("host-b", vm_ids[1], b_root / "sys", b_root / "dev", dev if bind else b_root)
+    host_b = Host("host-b", vm_ids[1], b_root / "sys", b_root / "dev", dev)
     if not bind:
         host_b.seen_dev = host_b.dev
         print("host-b: no mount namespace (not root), its /dev has a path of its own")
