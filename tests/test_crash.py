@@ -21,8 +21,22 @@ and takes MariaDB away (SIGKILL, restarted after the outage). Afterwards:
   in its event and its row, and device_mappings matches what is attached at the end;
 - nothing is left for redelivery: the durable consumers have no backlog, no dead letters.
 
+Two hosts and two clocks (issue 13): beside `volumed` (host A: all four actors, its VM's fake
+trees) runs host B, its wall clock 40 s ahead (hours ahead or behind in FULL; Debian's
+faketime): `volumed run executor`, so that executors on two clocks run the same volumes'
+operations, and `volumed run watcher correlator` for a second VM with its own trees and host
+id. Host B's watcher runs in a mount namespace of its own with its /dev bound where host A's
+is, as on two real hosts: both name their first data disk `/dev/.../vdb` (device paths are
+unique per VM, not across VMs). Lifecycles attach to either host's VM; every completed attach
+must name its own host's device for that volume, and device_mappings must be right for both.
+Each of the three processes reaches NATS through its own TCP proxy (tests/tcp_proxy.py), and
+the chaos cuts one of them for 3-6 s (the three in turn) at an attach it takes part in: just
+as its device appears, or as it reaches CloudStack. No attach may be detached again
+(`attaches_rolled_back`), every one names its own host's device.
+
 Small by default (CI, about a minute); ``VOLUMED_CRASH_FULL=1`` runs the full size (at least
-200 operations, 12 kills, two NATS restarts, MariaDB away for 35 s; about three minutes).
+200 operations, 12 kills, two NATS restarts, MariaDB away for 35 s, 9 connection cuts;
+about three minutes).
 ``VOLUMED_CRASH_SEED`` repeats a schedule. The counts are printed as `name: value` lines
 (pytest -s) and asserted; calls.jsonl, chaos.log and volumed.log stay in the test's tmp dir.
 Without mariadbd the database outage is skipped (SQLite), saying so.
@@ -34,10 +48,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import random
+import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -51,8 +70,9 @@ import pytest
 
 from bus import Bus
 from schemas.common import GIB, serial_of
-from simulator import Fault, SimConfig, Simulator
+from simulator import Fault, GuestConfig, SimConfig, Simulator, VMConfig
 from simulator.faults import JOB_ERRORTEXT
+from simulator.hotplug import make_guest_tree
 from tests.conftest import (
     Database,
     NatsServer,
@@ -62,6 +82,7 @@ from tests.conftest import (
     volumed_env,
 )
 from tests.mariadb import PrivateMariaDB, mariadb_binaries
+from tests.tcp_proxy import TcpProxy
 from tests.test_devices_e2e import fake_tree
 from tests.test_lifecycle import create_body, create_volume, remote_vm, settings_for
 from tests.test_lifecycle import op as new_op_id
@@ -82,14 +103,91 @@ class Size:
     span: float  # seconds over which the chaos happens (the workload runs through it)
     chains: int  # volume lifecycles in flight at once
     think: float  # mean seconds a user waits between the steps of a lifecycle
+    cuts: int  # connection cuts of one process (taking the three in turn)
+    skews: tuple[str, ...]  # host B's clock offset (faketime), one picked
 
 
 SMALL = Size(
-    operations=60, kills=4, nats_restarts=1, db_outage=10.0, span=40.0, chains=4, think=1.5
+    operations=60,
+    kills=4,
+    nats_restarts=1,
+    db_outage=10.0,
+    span=40.0,
+    chains=4,
+    think=1.5,
+    cuts=3,
+    skews=("+40s",),
 )
 FULL = Size(
-    operations=200, kills=12, nats_restarts=2, db_outage=35.0, span=150.0, chains=6, think=1.5
+    operations=200,
+    kills=12,
+    nats_restarts=2,
+    db_outage=35.0,
+    span=150.0,
+    chains=6,
+    think=1.5,
+    cuts=9,
+    skews=("+3h", "-3h"),
 )
+CUT_SECONDS = (3.0, 6.0)
+
+
+def libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("libfaketime is missing: apt-get install faketime (scripts/test does)")
+    return found[0]
+
+
+@dataclass
+class Host:
+    """A simulated host serving one VM: its fake trees as the simulator writes them, and its
+    /dev as its volumed sees it (where the device paths in events and rows point)."""
+
+    name: str
+    vm_id: str
+    sysfs: Path
+    dev: Path
+    seen_dev: Path
+
+
+@dataclass
+class HostProcess(VolumedProcess):
+    """`volumed run ACTORS`, with ``bind`` (real dir, where): in a mount namespace of its
+    own in which the real dir is bound over ``where``, as another machine's /dev would be."""
+
+    bind: tuple[Path, Path] | None = None
+
+    async def start(self, *, signals_blocked: bool = False) -> None:
+        if self.bind is None:
+            await super().start(signals_blocked=signals_blocked)
+            return
+        real, where = self.bind
+        # unshare and sh exec: the pid is python's, so kill -9 and SIGTERM reach volumed.
+        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        command = [sys.executable, "-m", "actors.cli", "run", *self.actors]
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = await asyncio.create_subprocess_exec(
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(real),
+            str(where),
+            *command,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+
+
+def can_bind_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
 # -- the user's side ----------------------------------------------------------------------
@@ -105,7 +203,7 @@ class Op:
     sends: int = 0  # publishes that may have reached the stream
     resent: bool = False  # sent more than once (deliberately, or a publish retried)
     terminal: dict[str, Any] | None = None
-    expected_device: str | None = None  # completed local attach: the device it must name
+    expected_device: str | None = None  # completed attach to a host's VM: its device
 
 
 class User:
@@ -193,11 +291,11 @@ def transitions(before: VolState, after: VolState) -> int:
 
 class Workload:
     def __init__(
-        self, user: User, sim: Simulator, dev: Path, size: Size, rng: random.Random
+        self, user: User, sim: Simulator, hosts: list[Host], size: Size, rng: random.Random
     ) -> None:
         self.user = user
         self.sim = sim
-        self.dev = dev
+        self.hosts = {h.vm_id: h for h in hosts}
         self.size = size
         self.rng = rng
         self.ops: dict[str, Op] = {}
@@ -209,11 +307,12 @@ class Workload:
         self.deliberate_dups = 0
         self.half_done: list[str] = []
         self.local_attaches = 0
+        self.host_attaches: Counter[str] = Counter()  # completed attaches per host
+        self.rolled_back: list[str] = []  # attaches that failed and detached the volume again
         self.mapping_errors = 0
         self.in_flight: set[str] = set()  # sent, terminal event not seen yet
         self._seq = 0
-        self.local_vm = str(sim.local_vm_id)
-        self.remote_vms = [v for v in sim.vm_ids if v != sim.local_vm_id]
+        self.remote_vms = [v for v in sim.vm_ids if v not in self.hosts]
         self.op_timeout = 300.0
 
     def new(self, op_type: str, body: dict[str, Any], chain: int) -> Op:
@@ -263,6 +362,8 @@ class Workload:
         status = event["status"]
         message = str((event.get("error") or {}).get("message", ""))
         hidden = 2 if op_type == "attach" and ROLLED_BACK in message else 0
+        if hidden:
+            self.rolled_back.append(f"{op.id} to {body['vm_id']}: {message}")
         self.expected[volume_id] += transitions(before, after) + hidden
         # A delete detaches first; when the delete itself then fails, the volume stays
         # detached, as documented: that is not half done.
@@ -279,17 +380,19 @@ class Workload:
             vm = op.body["vm_id"]
             if after.vm_id != vm:
                 self.problems.append(f"{op.id}: attach completed but {volume_id} is on {after}")
-            if vm == self.local_vm:
+            host = self.hosts.get(vm)
+            if host is not None:
                 self.local_attaches += 1
-                name = self.sim.devices.get(volume_id)
-                want = str(self.dev / name) if name else None
+                self.host_attaches[host.name] += 1
+                name = self.sim.devices_of(vm).get(volume_id)
+                want = str(host.seen_dev / name) if name else None
                 op.expected_device = want
-                by_id = str(self.dev / "disk" / "by-id" / f"virtio-{serial_of(volume_id)}")
+                by_id = str(host.seen_dev / "disk" / "by-id" / f"virtio-{serial_of(volume_id)}")
                 if want is None or event.get("device_path") != want:
                     self.mapping_errors += 1
                     self.problems.append(
                         f"{op.id}: device_path {event.get('device_path')} but the simulator "
-                        f"plugged {want}"
+                        f"plugged {want} into {host.name}"
                     )
                 if event.get("by_id_path") != by_id:
                     self.mapping_errors += 1
@@ -363,6 +466,10 @@ class Workload:
         a, d, c = (str(e["status"]) for e in events if e is not None)
         after = state_of(self.sim, volume_id)
         hidden = 2 if a == "completed" and d == "completed" else 0
+        message = str(((events[0] or {}).get("error") or {}).get("message", ""))
+        if ROLLED_BACK in message:
+            hidden += 2
+            self.rolled_back.append(f"{attach.id} to {vm_id}: {message}")
         self.expected[volume_id] += transitions(before, after) + hidden
         if (d == "cancelled") != (c == "completed"):
             self.problems.append(f"{cancel.id} {c} but its target {detach.id} is {d}")
@@ -382,6 +489,7 @@ class Workload:
         ending = chain % 6  # 0: stays on the local VM, 1: stays on a remote VM, 2: deleted
         # while attached (delete detaches first), else: detached, then deleted
         remote = self.rng.choice(self.remote_vms)
+        served = self.rng.choice(sorted(self.hosts))  # the VM of a host (A or B)
         await self.think()
         if self.rng.random() < 0.35:
             await self.attach_then_cancel_detach(chain, volume_id, remote)
@@ -392,7 +500,7 @@ class Workload:
         if not await self.reach(chain, volume_id, None):
             return
         await self.think()
-        if not await self.reach(chain, volume_id, self.local_vm) or ending == 0:
+        if not await self.reach(chain, volume_id, served) or ending == 0:
             return
         await self.think()
         if ending != 2 and not await self.reach(chain, volume_id, None):
@@ -426,9 +534,12 @@ class Chaos:
     sim: Simulator
     size: Size
     rng: random.Random
+    # Cut in turn: a process's name, its proxy, and the VMs whose attaches it takes part in.
+    proxies: list[tuple[str, TcpProxy, set[str]]] = field(default_factory=list)
     kills: int = 0
     nats_restarts: int = 0
     db_outage: float = 0.0
+    cuts: Counter[str] = field(default_factory=Counter)  # per process
     faults: Counter[str] = field(default_factory=Counter)
     done: bool = False
     log: list[str] = field(default_factory=list)
@@ -498,20 +609,66 @@ class Chaos:
                 self.sim.inject(fault)
                 self.faults[fault.kind] += 1
 
-        await asyncio.gather(kills(), nats_restarts(), db_outage(), faults())
+        cut_at = sorted(self.rng.uniform(3.0, span - 3.0) for _ in range(self.size.cuts))
+        first = self.rng.randrange(len(self.proxies)) if self.proxies else 0
+
+        async def cuts() -> None:
+            for n, offset in enumerate(cut_at if self.proxies else []):
+                await at(offset)
+                name, proxy, vms = self.proxies[(first + n) % len(self.proxies)]
+                # At an attach this process may take part in. Every other cut: just as its
+                # device appears (the hand-off is out, the correlator's answer on its way);
+                # else as it reaches CloudStack (its device appears during the cut). Either
+                # way the answer, the hand-off or its event has to cross the cut.
+                if n % 2 == 0:
+                    what = await self.next_device(10.0, vms)
+                    await asyncio.sleep(self.rng.uniform(0.0, 0.05))
+                else:
+                    what = await self.next_mutation(10.0, "attachVolume", vms=vms)
+                    await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+                seconds = self.rng.uniform(*CUT_SECONDS)
+                await proxy.cut(seconds)
+                self.cuts[name] += 1
+                self.note(t0, f"connection of {name} cut for {seconds:.1f} s: {what}")
+
+        await asyncio.gather(kills(), nats_restarts(), db_outage(), faults(), cuts())
         self.done = True
 
-    async def next_mutation(self, timeout: float) -> str:
-        """Wait for the next mutation call to reach the simulator; say which."""
+    async def next_mutation(
+        self, timeout: float, *commands: str, vms: set[str] | None = None
+    ) -> str:
+        """Wait for the next mutation call (of ``commands``, or any; to one of ``vms``, or
+        any) to reach the simulator; say which."""
         calls = self.sim.call_log
         since = max((c.seq for c in calls), default=0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for call in calls.select(None, since):
-                if call.command in MUTATIONS:
-                    return f"{call.command} just sent"
+                vm = call.params.get("virtualmachineid")
+                if call.command in (commands or MUTATIONS) and (vms is None or vm in vms):
+                    return f"{call.command} just sent" + (f" (VM {vm})" if vm else "")
             await asyncio.sleep(0.002)
-        return "no mutation came"
+        return f"no {'/'.join(commands) or 'mutation'} came"
+
+    async def next_device(self, timeout: float, vms: set[str]) -> str:
+        """Wait for the next attach to one of ``vms`` to reach the simulator, then for its
+        device to appear in that VM; say which."""
+        calls = self.sim.call_log
+        since = max((c.seq for c in calls), default=0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for call in calls.select("attachVolume", since):
+                since = max(since, call.seq)
+                vm, volume_id = call.params.get("virtualmachineid"), call.params.get("id")
+                if vm not in vms or volume_id is None:
+                    continue
+                end = time.monotonic() + 5.0
+                while time.monotonic() < end:
+                    if volume_id in self.sim.devices_of(vm):
+                        return f"the device of an attach appeared (VM {vm})"
+                    await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)
+        return "no attach's device appeared"
 
     def random_fault(self) -> Fault:
         kind = self.rng.choice(["http", "http", "job", "drop", "accept_then_drop", "hang"])
@@ -694,6 +851,18 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
     rng = random.Random(seed)
     print(f"\nseed: {seed} (VOLUMED_CRASH_SEED={seed} repeats this schedule)")
     sysfs, dev = fake_tree(tmp_path)
+    vm_ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(4)]
+    host_a = Host("host-a", vm_ids[0], sysfs, dev, dev)
+    b_root = tmp_path / "host-b"
+    make_guest_tree(b_root / "sys", b_root / "dev", root_disk_bytes=20 * GIB)
+    # Host B sees its /dev where host A sees its own (as two machines do), when it can.
+    bind = can_bind_mount()
+    host_b = Host("host-b", vm_ids[1], b_root / "sys", b_root / "dev", dev)
+    if not bind:
+        host_b.seen_dev = host_b.dev
+        print("host-b: no mount namespace (not root), its /dev has a path of its own")
+    hosts = [host_a, host_b]
+    skew = rng.choice(size.skews)
     nats = NatsServer(store_dir=tmp_path / "jetstream")
     await asyncio.to_thread(nats.start)
 
@@ -716,8 +885,14 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
 
     config = SimConfig(
         seed=seed,
+        # Host A's VM, host B's, and two VMs no host serves (remote attaches).
+        vms=tuple(VMConfig(id=v) for v in vm_ids),
+        local_vm_id=host_a.vm_id,
         sysfs_root=str(sysfs),
         dev_root=str(dev),
+        guests=(
+            GuestConfig(vm_id=host_b.vm_id, sysfs_root=str(host_b.sysfs), dev_root=str(host_b.dev)),
+        ),
         serials=True,
         max_data_disks=64,
         job_latency=0.3,
@@ -727,18 +902,31 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
     )
     user_bus: Bus | None = None
     volumed: VolumedProcess | None = None
+    others: list[VolumedProcess] = []  # host B's executor, its watcher and correlator
+    proxies = {
+        name: TcpProxy("127.0.0.1", nats.port)
+        for name in ("volumed", "host-b executor", "host-b watcher+correlator")
+    }
     log_path = tmp_path / "volumed.log"
     try:
+        for proxy in proxies.values():
+            await proxy.start()
         async with Simulator(config) as sim:
+            watching = {
+                "VOLUMED_DEVICES": "vd*",
+                "VOLUMED_POLL_INTERVAL": "0.1",
+                "VOLUMED_LOG_LEVEL": "INFO",
+                "VOLUMED_HEARTBEAT_INTERVAL": "1",
+            }
             env = volumed_env(
-                nats.url,
+                proxies["volumed"].url,
                 dsn,
                 sim,
+                VOLUMED_VM_ID=host_a.vm_id,
+                VOLUMED_HOST_ID=host_a.name,
                 VOLUMED_SYSFS=str(sysfs),
                 VOLUMED_DEV=str(dev),
-                VOLUMED_DEVICES="vd*",
-                VOLUMED_POLL_INTERVAL="0.1",
-                VOLUMED_LOG_LEVEL="INFO",
+                **watching,
             )
             volumed = VolumedProcess(env, (), log_path=log_path)
             await volumed.start()
@@ -747,9 +935,57 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
             await user.start()
             # The streams exist once volumed has provisioned them.
             assert await until(lambda: _stream_exists(user_bus), 60), "volumed never provisioned"
+            # Host B, its wall clock off (faketime moves every wall-clock read of a process;
+            # the monotonic clock ticks as on any host): an executor, and its VM's watcher and
+            # correlator, each a process of its own.
+            host_b_env = {
+                "VOLUMED_VM_ID": host_b.vm_id,
+                "VOLUMED_HOST_ID": host_b.name,
+                "LD_PRELOAD": libfaketime(),
+                "FAKETIME": skew,
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
+            skewed = VolumedProcess(
+                volumed_env(
+                    proxies["host-b executor"].url,
+                    dsn,
+                    sim,
+                    VOLUMED_LOG_LEVEL="INFO",
+                    VOLUMED_HEARTBEAT_INTERVAL="1",
+                    **host_b_env,
+                ),
+                ("executor",),
+                log_path=tmp_path / "host-b-executor.log",
+            )
+            second = HostProcess(
+                volumed_env(
+                    proxies["host-b watcher+correlator"].url,
+                    dsn,
+                    sim,
+                    VOLUMED_SYSFS=str(host_b.sysfs),
+                    VOLUMED_DEV=str(host_b.seen_dev),
+                    **watching,
+                    **host_b_env,
+                ),
+                ("watcher", "correlator"),
+                log_path=tmp_path / "host-b.log",
+                bind=(host_b.dev, host_b.seen_dev) if bind else None,
+            )
+            others = [skewed, second]
+            for process in others:
+                await process.start()
+            # Attaches to B's VM are correlated once B's correlator runs; the commands are
+            # shared once the second executor runs.
+            assert await until(lambda: _all_running(user_bus), 60), "a process never started"
 
-            workload = Workload(user, sim, dev, size, rng)
-            chaos = Chaos(workload, volumed, nats, db, sim, size, rng)
+            workload = Workload(user, sim, hosts, size, rng)
+            takes_part = {
+                "volumed": {host_a.vm_id},  # its executor, or host A's correlator
+                "host-b executor": {host_a.vm_id, host_b.vm_id},
+                "host-b watcher+correlator": {host_b.vm_id},
+            }
+            cut = [(name, p, takes_part[name]) for name, p in proxies.items()]
+            chaos = Chaos(workload, volumed, nats, db, sim, size, rng, cut)
             started = time.monotonic()
             await asyncio.gather(chaos.run(), workload.run(lambda: not chaos.done))
             sim.clear_faults()
@@ -768,9 +1004,11 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
                 return sent <= done
 
             await until(rows_final, 90)
-            await until(lambda: _mappings_match(query, sim, dev), 30)
+            await until(lambda: _mappings_match(query, sim, hosts), 30)
             code = await volumed.stop()
             volumed = None
+            codes = [await p.stop() for p in others]
+            others = []
 
             # For whoever reads a failure: every CloudStack call and the chaos, in order.
             with open(tmp_path / "calls.jsonl", "w") as f:
@@ -780,10 +1018,16 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
             problems = list(workload.problems)
             if code != 0:
                 problems.append(f"volumed exited {code} on SIGTERM")
-            counts = await _check(workload, sim, dev, user_bus, query, problems)
+            if any(codes):
+                problems.append(f"host B's executor and watcher exited {codes} on SIGTERM")
+            counts = await _check(workload, sim, hosts, user_bus, query, problems)
     finally:
         if volumed is not None:
             await volumed.kill()
+        for process in others:
+            await process.kill()
+        for proxy in proxies.values():
+            await proxy.close()
         if user_bus is not None:
             with contextlib.suppress(Exception):
                 await user_bus.close()
@@ -802,6 +1046,11 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
         "nats_restarts": chaos.nats_restarts,
         "mariadb_outage_seconds": round(chaos.db_outage, 1),
         "cloudstack_faults": sum(chaos.faults.values()),
+        "hosts": len(hosts),
+        "host_b_dev_same_path_as_a": bind,
+        "host_b_clock": skew,
+        "connection_cuts": sum(chaos.cuts.values()),
+        **{"cuts_" + re.sub(r"\W+", "_", name): n for name, n in sorted(chaos.cuts.items())},
         "run_seconds": round(run_time, 1),
         "operations_resumed_after_kill": log_path.read_text(errors="replace").count(
             "resuming operation"
@@ -815,6 +1064,7 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
     assert len(workload.ops) >= size.operations
     assert chaos.kills >= size.kills
     assert chaos.nats_restarts >= size.nats_restarts
+    assert sum(chaos.cuts.values()) >= size.cuts
     if db is not None:
         assert chaos.db_outage >= size.db_outage
     assert counts["terminal_states"] == len(workload.ops)
@@ -832,24 +1082,34 @@ async def _no_backlog(bus: Bus) -> bool:
     return bool(backlog) and all(p == 0 and a == 0 for p, a in backlog.values())
 
 
-def _expected_mappings(sim: Simulator, dev: Path) -> dict[str, tuple[str, str | None]]:
-    """volume id → (vm id, device path) for every data volume attached now."""
+async def _all_running(bus: Bus) -> bool:
+    """Two executors, and both hosts' watcher and correlator, have sent a heartbeat."""
+    keys = await (await bus.js.key_value("volumed_health")).keys()
+    kinds = Counter(k.split(".", 1)[0] for k in keys)
+    return kinds["executor"] >= 2 and kinds["watcher"] >= 2 and kinds["correlator"] >= 2
+
+
+def _expected_mappings(sim: Simulator, hosts: list[Host]) -> dict[str, tuple[str, str | None]]:
+    """volume id → (vm id, device path) for every data volume attached now: on a host's VM,
+    the device the simulator plugged there, as that host names it."""
+    served = {h.vm_id: h for h in hosts}
     out = {}
     for volume in sim.world.volumes.values():
         if volume.type == "DATADISK" and volume.vm_id is not None:
-            name = sim.devices.get(volume.id) if volume.vm_id == sim.local_vm_id else None
-            out[volume.id] = (volume.vm_id, str(dev / name) if name else None)
+            host = served.get(volume.vm_id)
+            name = sim.devices_of(volume.vm_id).get(volume.id) if host is not None else None
+            out[volume.id] = (volume.vm_id, str(host.seen_dev / name) if host and name else None)
     return out
 
 
-async def _mappings_match(query: Query, sim: Simulator, dev: Path) -> bool:
+async def _mappings_match(query: Query, sim: Simulator, hosts: list[Host]) -> bool:
     rows = await query("SELECT volume_id, vm_id, device_path FROM device_mappings")
     found = {r["volume_id"]: (r["vm_id"], r["device_path"]) for r in rows}
-    return found == _expected_mappings(sim, dev)
+    return found == _expected_mappings(sim, hosts)
 
 
 async def _check(
-    w: Workload, sim: Simulator, dev: Path, bus: Bus, query: Query, problems: list[str]
+    w: Workload, sim: Simulator, hosts: list[Host], bus: Bus, query: Query, problems: list[str]
 ) -> dict[str, int]:
     # Terminal events, from the stream.
     events = await all_events(bus)
@@ -925,13 +1185,22 @@ async def _check(
     # Device mappings now.
     map_rows = await query("SELECT volume_id, vm_id, device_path FROM device_mappings")
     found_maps = {r["volume_id"]: (r["vm_id"], r["device_path"]) for r in map_rows}
-    want_maps = _expected_mappings(sim, dev)
-    mapping_errors = sum(
-        1 for v in set(found_maps) | set(want_maps) if found_maps.get(v) != want_maps.get(v)
-    )
-    if mapping_errors:
-        problems.append(f"device_mappings {found_maps} != attached volumes {want_maps}")
-    mapping_errors += w.mapping_errors
+    want_maps = _expected_mappings(sim, hosts)
+    wrong_maps = [
+        v for v in sorted(set(found_maps) | set(want_maps)) if found_maps.get(v) != want_maps.get(v)
+    ]
+    for v in wrong_maps:
+        problems.append(
+            f"device_mappings of {v}: {found_maps.get(v)}, attached: {want_maps.get(v)}"
+        )
+    mapping_errors = len(wrong_maps) + w.mapping_errors
+    # One path on both hosts' VMs (each its own disk), as on two real machines.
+    paths_by_vm: dict[str, set[str]] = {}
+    for vm_id, path in found_maps.values():
+        if path is not None:
+            paths_by_vm.setdefault(vm_id, set()).add(path)
+    a_paths, b_paths = (paths_by_vm.get(h.vm_id, set()) for h in hosts)
+    problems.extend(f"attach {r}" for r in w.rolled_back)
 
     dead = (await bus.js.stream_info("VOLUMED_DEAD_LETTERS")).state.messages
     if dead:
@@ -957,7 +1226,13 @@ async def _check(
         "volumes_left": len(data_volumes),
         "orphan_volumes": len(orphans),
         "lost_volumes": len(lost),
-        "local_attaches_completed": w.local_attaches,
+        "host_attaches_completed": w.local_attaches,
+        **{
+            f"attaches_completed_{h.name.replace('-', '_')}": w.host_attaches[h.name] for h in hosts
+        },
+        "attaches_rolled_back": len(w.rolled_back),
+        "mapping_rows_at_end": len(found_maps),
+        "device_paths_on_both_hosts_at_end": len(a_paths & b_paths),
         "mapping_errors": mapping_errors,
         "half_done_failures": len(w.half_done),
         "duplicates_found": mutation_mismatch + len(repeats),
