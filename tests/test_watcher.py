@@ -162,6 +162,17 @@ def test_by_id_preference() -> None:
     assert pick_by_id([], "SER") is None
 
 
+def test_a_link_being_made_is_no_by_id_link(tmp_path: Path) -> None:
+    """udev (and the simulator) write ``.<link>.<random>`` and then rename it: caught in
+    between, the temporary name is never reported as the device's by-id path."""
+    by_id = tmp_path / "disk" / "by-id"
+    by_id.mkdir(parents=True)
+    os.symlink("../../vdb", by_id / ".virtio-SER.x1y2")
+    assert sysfs.by_id_links(str(tmp_path)) == {}
+    os.symlink("../../vdb", by_id / "virtio-SER")
+    assert sysfs.by_id_links(str(tmp_path)) == {"vdb": [str(by_id / "virtio-SER")]}
+
+
 def test_parse_uevent() -> None:
     raw = (
         b"change@/devices/virtual/block/loop3\0ACTION=change\0DEVPATH=/devices/virtual/block/"

@@ -173,6 +173,10 @@ def by_id_links(dev_root: str) -> dict[str, list[str]]:
     dev = os.path.normpath(dev_root)
     found: dict[str, list[str]] = {}
     for entry in entries:
+        if entry.startswith("."):
+            # A link being made (udev, like the simulator, writes ".<name>.<random>" and then
+            # renames it): not a name anyone can rely on, and gone in a moment.
+            continue
         link = os.path.join(directory, entry)
         try:
             target = os.path.normpath(os.path.join(directory, os.readlink(link)))
