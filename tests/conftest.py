@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -259,6 +260,15 @@ async def stop_volumed(harness: Harness, task: asyncio.Task[None]) -> None:
         await asyncio.wait_for(task, 30)
     finally:
         await harness.bus.close()  # type: ignore[attr-defined]
+
+
+def libfaketime() -> str:
+    """Debian's libfaketime (scripts/test installs it): a process started with it in
+    LD_PRELOAD and FAKETIME set runs on a skewed wall clock, as on a host whose clock is off."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("libfaketime is missing: apt-get install faketime (scripts/test does)")
+    return found[0]
 
 
 # -- volumed as a real process ------------------------------------------------------------

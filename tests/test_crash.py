@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import random
@@ -77,6 +76,7 @@ from tests.conftest import (
     Database,
     NatsServer,
     VolumedProcess,
+    libfaketime,
     start_volumed,
     stop_volumed,
     volumed_env,
@@ -130,13 +130,6 @@ FULL = Size(
     skews=("+3h", "-3h"),
 )
 CUT_SECONDS = (3.0, 6.0)
-
-
-def libfaketime() -> str:
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not found:
-        pytest.fail("libfaketime is missing: apt-get install faketime (scripts/test does)")
-    return found[0]
 
 
 @dataclass

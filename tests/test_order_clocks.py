@@ -16,30 +16,20 @@ with no test hook in volumed. scripts/test installs it when it is missing.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bus import Bus
 from schemas.common import GIB
 from simulator import SimConfig, Simulator, VMConfig
 from simulator.hotplug import make_guest_tree
-from tests.conftest import Database, NatsServer, VolumedProcess, volumed_env, wait_for
+from tests.conftest import Database, NatsServer, VolumedProcess, libfaketime, volumed_env, wait_for
 
 VOLUMES = 6
 SKEW = "+40s"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
-
-
-def libfaketime() -> str:
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not found:
-        pytest.fail("libfaketime is missing: apt-get install faketime (scripts/test does)")
-    return found[0]
 
 
 async def test_an_executor_whose_clock_runs_ahead_leaves_every_row_right(
