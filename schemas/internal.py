@@ -63,8 +63,9 @@ class OpRecord(Struct, kw_only=True):
     job_id: str | None = None
     # Which step the operation is in: job_id and mutation_sent belong to this step.
     phase: Phase = Phase.NONE
-    # Set (to time.time()) just before a CloudStack mutation is sent, so that a restart or a
-    # lost answer knows it may have happened and looks before sending it again.
+    # Set (to CloudStack's time, as its answers tell it) just before a CloudStack mutation is
+    # sent, so that a restart or a lost answer knows it may have happened and looks before
+    # sending it again.
     mutation_sent: float | None = None
     attach_started_at: float | None = None
     attach_clock: str | None = None  # whose clock attach_started_at is on (Settings.clock)

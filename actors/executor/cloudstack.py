@@ -12,6 +12,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -59,6 +62,43 @@ class Job:
 
 CredentialsSource = Callable[[], Awaitable[CloudStackCredentials]]
 
+# How long a signed request stays valid, counted on CloudStack's clock (cs's default).
+SIGNATURE_LIFETIME = 600.0
+
+
+class CloudClock:
+    """CloudStack's clock, as the ``Date`` header of its answers tells it.
+
+    This host's clock may differ from CloudStack's by any amount: every time compared with
+    CloudStack's (a signature's ``expires``, a volume's ``created``) is read from here. The
+    offset is the latest answer's (1 s resolution); until one is seen, this host's clock."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None  # CloudStack's time - ours, at the latest answer
+
+    def now(self) -> float:
+        return time.time() + (self.offset or 0.0)
+
+    def observe(self, date: str | None) -> None:
+        try:
+            at = parsedate_to_datetime(date).timestamp() if date else None
+        except (TypeError, ValueError):
+            at = None  # a proxy's odd header: keep what was known
+        if at is not None:
+            self.offset = at - time.time()
+
+    def trace(self) -> aiohttp.TraceConfig:
+        """Hooks an HTTP session so that each of its answers sets the clock."""
+
+        async def on_request_end(
+            _session: aiohttp.ClientSession, _ctx: SimpleNamespace, params: Any
+        ) -> None:
+            self.observe(params.response.headers.get("Date"))
+
+        config = aiohttp.TraceConfig()
+        config.on_request_end.append(on_request_end)
+        return config
+
 
 class CloudStack:
     """A CloudStack endpoint reached through `cs`'s async client, sharing one HTTP pool."""
@@ -68,6 +108,7 @@ class CloudStack:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._owner: CloudStack | None = None
+        self.clock = CloudClock()
 
     def with_credentials(self, credentials: CloudStackCredentials) -> CloudStack:
         """A view that uses these credentials for every call (one operation's), sharing
@@ -75,6 +116,7 @@ class CloudStack:
         view = CloudStack(_constant(credentials), timeout=self._timeout)
         view._session = self._http()
         view._owner = self
+        view.clock = self.clock  # the shared session's answers set it
         return view
 
     async def close(self) -> None:
@@ -89,6 +131,7 @@ class CloudStack:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 connector=aiohttp.TCPConnector(limit=64),
+                trace_configs=[self.clock.trace()],
             )
         return self._session
 
@@ -116,7 +159,21 @@ class CloudStack:
         CLOUDSTACK_CALLS.labels(command).inc()
         started = time.perf_counter()
         try:
-            return await _send(client, creds, command, params)
+            expires = self.clock.now() + SIGNATURE_LIFETIME
+            try:
+                return await _send(client, creds, command, _expiring(params, expires))
+            except CloudStackError as e:
+                # CloudStack answers an expired signature as any bad one (401, "unable to
+                # verify user credentials and/or request signature"): this one had expired
+                # by the clock its very refusal taught us (the first request, before any
+                # answer had).
+                if e.code != "unauthorized" or expires >= self.clock.now():
+                    raise
+            # Sent again once: a request refused for its signature never ran (a read or a
+            # mutation alike), so sending it again cannot repeat it.
+            log.info("%s: signature expired on CloudStack's clock; signing it again", command)
+            expires = self.clock.now() + SIGNATURE_LIFETIME
+            return await _send(client, creds, command, _expiring(params, expires))
         except CloudStackError as e:
             CLOUDSTACK_ERRORS.labels(command, e.code).inc()
             raise
@@ -245,6 +302,13 @@ async def _send(
             transient=True,
             maybe_applied=_is_mutation(command),
         ) from None
+
+
+def _expiring(params: dict[str, Any], expires: float) -> dict[str, Any]:
+    """``params`` signed to expire at ``expires`` (CloudStack's clock); cs then adds no
+    ``expires`` of its own, which it would count from this host's clock."""
+    at = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    return {**params, "signatureVersion": "3", "expires": at}
 
 
 def _constant(credentials: CloudStackCredentials) -> CredentialsSource:

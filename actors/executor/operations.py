@@ -39,7 +39,8 @@ log = logging.getLogger("volumed.executor")
 T = TypeVar("T")
 
 # A create whose answer was lost is recognised by its exact name among the volumes created
-# around the time it was sent; CloudStack's clock may differ from ours by this much.
+# around the time it was sent, both read on CloudStack's clock (learned from its answers);
+# this much apart at most (a slow request, the learned clock's 1 s resolution).
 CREATE_LOOKUP_SKEW = 300.0
 
 
@@ -308,7 +309,9 @@ async def mutate(
             if found is not None:
                 return await finished(found)
         ctx.hold()  # never sent by a process that may no longer be the only one running it
-        rec.mutation_sent = time.time()
+        # On CloudStack's clock: it is compared with the `created` of the volumes it made,
+        # perhaps by another host whose clock differs from this one's.
+        rec.mutation_sent = ctx.cloud.clock.now()
         await ctx.save()
         ctx.hold()  # (the save may have been slow exactly when renewals were)
         if not is_async:
@@ -420,7 +423,9 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
                     return {"volume": found}
                 # That volume is gone: its job failed and CloudStack dropped it. A later
                 # attempt whose answer was lost is only found by name (else an orphan).
-            return await _find_created(ctx, cmd, key, rec.mutation_sent or time.time(), this)
+            return await _find_created(
+                ctx, cmd, key, rec.mutation_sent or ctx.cloud.clock.now(), this
+            )
 
         params = {
             "name": cmd.name,
@@ -447,7 +452,10 @@ async def _find_created(
     """The volume a createVolume whose answer was lost made, or None if it made none.
 
     A volume is this create's only if it has its name, size, zone and offering, was created
-    around the time the request was sent, and this create wins its claim: a volume another
+    around the time the request was sent (``sent`` and ``created`` both on CloudStack's
+    clock, never this host's: hosts' clocks may differ from it by any amount; a send made
+    before any answer had taught the clock is on this host's, as before), and this create
+    wins its claim: a volume another
     operation holds is never taken. A matching volume that no one holds yet may still be
     another create's in this process that has not learned its id: those are waited for, and
     where volumed still cannot tell, the create fails without taking or deleting anything."""
