@@ -263,12 +263,21 @@ async def stop_volumed(harness: Harness, task: asyncio.Task[None]) -> None:
 
 
 def libfaketime() -> str:
-    """Debian's libfaketime (scripts/test installs it): a process started with it in
-    LD_PRELOAD and FAKETIME set runs on a skewed wall clock, as on a host whose clock is off."""
+    """Debian's libfaketime (scripts/test installs it)."""
     found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
     if not found:
         pytest.fail("libfaketime is missing: apt-get install faketime (scripts/test does)")
     return found[0]
+
+
+def skewed_clock(skew: str) -> dict[str, str]:
+    """The environment of a process whose wall clock is off by ``skew`` (faketime's "+40s",
+    "-3h"), as on a host whose clock is wrong; its monotonic clock ticks as on any host."""
+    return {
+        "LD_PRELOAD": libfaketime(),
+        "FAKETIME": skew,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 # -- volumed as a real process ------------------------------------------------------------

@@ -21,8 +21,8 @@ import pytest
 from bus import Bus
 from schemas.common import GIB
 from simulator import Fault, SimConfig, Simulator
-from tests.conftest import Database, NatsServer, VolumedProcess, volumed_env, wait_for
-from tests.test_order_clocks import _executors_beat, libfaketime
+from tests.conftest import Database, NatsServer, VolumedProcess, skewed_clock, volumed_env, wait_for
+from tests.test_order_clocks import _executors_beat
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
 
@@ -37,9 +37,7 @@ async def test_an_executor_hours_off_cloudstack_creates_once(
                 nats_server.url,
                 database.dsn,
                 sim,
-                LD_PRELOAD=libfaketime(),
-                FAKETIME=skew,
-                FAKETIME_DONT_FAKE_MONOTONIC="1",
+                **skewed_clock(skew),
                 VOLUMED_HEARTBEAT_INTERVAL="0.5",
             ),
             ("executor",),

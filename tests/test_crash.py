@@ -76,7 +76,7 @@ from tests.conftest import (
     Database,
     NatsServer,
     VolumedProcess,
-    libfaketime,
+    skewed_clock,
     start_volumed,
     stop_volumed,
     volumed_env,
@@ -934,9 +934,7 @@ async def test_crash_safety_under_chaos(tmp_path: Path) -> None:
             host_b_env = {
                 "VOLUMED_VM_ID": host_b.vm_id,
                 "VOLUMED_HOST_ID": host_b.name,
-                "LD_PRELOAD": libfaketime(),
-                "FAKETIME": skew,
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                **skewed_clock(skew),
             }
             skewed = VolumedProcess(
                 volumed_env(

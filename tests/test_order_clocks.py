@@ -25,7 +25,7 @@ from bus import Bus
 from schemas.common import GIB
 from simulator import SimConfig, Simulator, VMConfig
 from simulator.hotplug import make_guest_tree
-from tests.conftest import Database, NatsServer, VolumedProcess, libfaketime, volumed_env, wait_for
+from tests.conftest import Database, NatsServer, VolumedProcess, skewed_clock, volumed_env, wait_for
 
 VOLUMES = 6
 SKEW = "+40s"
@@ -73,10 +73,7 @@ async def test_an_executor_whose_clock_runs_ahead_leaves_every_row_right(
                 sim,
                 VOLUMED_VM_ID=vm_b,
                 VOLUMED_HOST_ID="host-b",
-                LD_PRELOAD=libfaketime(),
-                FAKETIME=SKEW,
-                # Only the wall clock is off; the monotonic clock ticks as on any host.
-                FAKETIME_DONT_FAKE_MONOTONIC="1",
+                **skewed_clock(SKEW),
                 **common,
             ),
             ("executor",),
