@@ -44,6 +44,11 @@ async def _rebuild(bus: Bus, dsn: str) -> int:
     print(
         f"rebuilt {mask_url_password(dsn)}: {done.events} events and {done.proofs} mapping "
         f"proofs applied, {done.skipped} undecodable messages skipped"
+        + (
+            f"; events before sequence {done.first_event} had aged out and are missing"
+            if done.first_event > 1
+            else ""
+        )
     )
     return 0
 

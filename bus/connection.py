@@ -529,6 +529,12 @@ class Bus:
         info = await self.js.stream_info(stream)
         return info.state.last_seq
 
+    async def first_sequence(self, stream: str) -> int:
+        """The sequence of the oldest message still in ``stream`` (those before it aged out or
+        were removed); past the last one when it holds none."""
+        info = await self.js.stream_info(stream)
+        return info.state.first_seq
+
     async def bucket(self, spec: BucketSpec, value_type: type[T]) -> Bucket[T]:
         kv = await self.js.key_value(spec.name)
         return Bucket(self.js, spec.name, kv, value_type, refusals=self.refusals)

@@ -20,6 +20,7 @@ from bus import Bus
 from bus.consumer import dead_letter
 from bus.topology import (
     DEAD_LETTERS,
+    EVENTS,
     EXECUTOR,
     PERSISTENCE,
     PERSISTENCE_PROOFS,
@@ -63,7 +64,7 @@ async def table(db: Database, name: str) -> dict[str, dict[str, Any]]:
 
 
 async def test_a_rebuild_from_the_streams_gives_the_same_rows(
-    nats_server: NatsServer, database: Database, second: Database, sim: Simulator
+    nats_server: NatsServer, database: Database, second: Database, sim: Simulator, tmp_path: Path
 ) -> None:
     v, task = await start_volumed(
         settings_for(nats_server, database, sim), ["persistence", "executor"], sim
@@ -131,6 +132,13 @@ async def test_a_rebuild_from_the_streams_gives_the_same_rows(
         # device_mappings: volumes[0] (attached again) and volumes[2] (its detach failed).
         with pytest.raises(NotEmpty, match="volume_operations has"):
             await rebuild(bus, second.dsn)
+        assert done.first_event == 1
+        # The oldest event aged out: the rebuild says where the stream now starts.
+        await bus.delete_stored(EVENTS.name, await bus.first_sequence(EVENTS.name))
+        notes: list[str] = []
+        partial = await rebuild(bus, f"sqlite:///{tmp_path / 'partial.db'}", progress=notes.append)
+        assert partial.first_event > 1 and partial.events == done.events - 1
+        assert any("the events before it are gone" in n for n in notes), notes
     finally:
         await bus.close()
 

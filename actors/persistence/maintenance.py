@@ -133,6 +133,8 @@ class Rebuilt:
     proofs: int = 0
     skipped: int = 0
     """Messages that decoding refuses (each is, or was, a dead letter)."""
+    first_event: int = 1
+    """The events stream's oldest sequence: above 1, older events had aged out."""
 
 
 async def rebuild(bus: Bus, dsn: str, *, progress: Callable[[str], None] | None = None) -> Rebuilt:
@@ -151,6 +153,14 @@ async def rebuild(bus: Bus, dsn: str, *, progress: Callable[[str], None] | None 
                         "a rebuild needs empty tables"
                     )
         done = Rebuilt()
+        done.first_event = await bus.first_sequence(EVENTS.name)
+        if done.first_event > 1 and progress is not None:
+            # Older events aged out (the stream's max age) or were removed: their operations
+            # are not in the rebuilt tables, and a mapping they alone made is missing.
+            progress(
+                f"{EVENTS.name} starts at sequence {done.first_event}: the events before it "
+                "are gone (retention), so the operations they alone describe are not rebuilt"
+            )
         batch: list[Event] = []
         async for msg in bus.messages(EVENTS.name):
             try:
