@@ -21,11 +21,12 @@ from typing import Any, get_args
 import msgspec
 
 from bus.topology import (
-    API_PREFIX,
     CONFIG_SUBJECT,
     DEAD_LETTER_PREFIX,
     REPROVE_SUBJECT,
     TOPOLOGY,
+    ApiQuery,
+    api_subject,
     command_subject,
     correlate_request_subject,
     correlate_result_subject,
@@ -80,7 +81,7 @@ SERVICE_ERRORS = {
 class Query:
     """One endpoint of the ``volumed`` micro service (actors.persistence.api.Api)."""
 
-    name: str
+    name: ApiQuery
     request: type
     reply: type
     errors: tuple[str, ...]
@@ -400,7 +401,7 @@ def asyncapi() -> dict[str, Any]:
         errors = [f"ServiceError{code}" for code in q.errors]
         channel = f"api_{q.name}"
         channels[channel] = _channel(
-            f"{API_PREFIX}.{q.name}",
+            api_subject(q.name),
             {request: request},
             f"{q.summary} (micro service `volumed`, endpoint {q.name})",
             internal=False,

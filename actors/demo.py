@@ -41,7 +41,7 @@ from actors.logs import SECRETS, setup_logging
 from actors.supervisor import ACTORS, Supervisor
 from actors.watcher.sysfs import read_device
 from bus import Bus
-from bus.topology import API_PREFIX, EVENTS_PREFIX, command_subject
+from bus.topology import EVENTS_PREFIX, api_subject, command_subject
 from schemas.common import GIB
 from schemas.config import Settings
 from schemas.devices import identity_of
@@ -326,7 +326,7 @@ class Demo:
         deadline = time.monotonic() + 5
         while True:
             mapping = msgspec.json.decode(
-                await client.request(f"{API_PREFIX}.mapping", {"volume_id": volume}),
+                await client.request(api_subject("mapping"), {"volume_id": volume}),
                 type=Mapping,
             )
             if mapping.proof or time.monotonic() > deadline:
@@ -339,7 +339,7 @@ class Demo:
         health: Health | None = None
         while True:
             with contextlib.suppress(Exception):  # the service may not be registered yet
-                reply = await client.request(f"{API_PREFIX}.health", {}, timeout=2.0)
+                reply = await client.request(api_subject("health"), {}, timeout=2.0)
                 health = msgspec.json.decode(reply, type=Health)
                 if health.status == "ok":
                     return health

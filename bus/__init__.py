@@ -10,6 +10,9 @@ from bus.consumer import Consumer, Delivery
 from bus.errors import (
     Abandon,
     BadRequest,
+    BusError,
+    Conflict,
+    LeaseLost,
     NotFound,
     Refused,
     Reject,
@@ -17,7 +20,7 @@ from bus.errors import (
     ServiceFailed,
     Unavailable,
 )
-from bus.kv import Bucket, Conflict
+from bus.kv import Bucket
 from bus.service import call, serve
 
 __all__ = [
@@ -25,9 +28,11 @@ __all__ = [
     "BadRequest",
     "Bucket",
     "Bus",
+    "BusError",
     "Conflict",
     "Consumer",
     "Delivery",
+    "LeaseLost",
     "NotFound",
     "Refused",
     "Reject",

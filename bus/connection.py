@@ -30,8 +30,8 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
-from bus.errors import Refused, Unavailable
-from bus.kv import Bucket, Conflict, is_wrong_last_sequence
+from bus.errors import Conflict, Refused, Unavailable
+from bus.kv import Bucket, is_wrong_last_sequence
 from bus.refusals import StoreRefusal, StoreRefusals
 from bus.tasks import Backoff
 from bus.topology import BucketSpec, ConsumerSpec, StreamSpec, Topology

@@ -11,6 +11,14 @@ class BusError(Exception):
     """Root of the bus's own errors."""
 
 
+class Conflict(BusError):
+    """A create found the key present, or an update found it changed since it was read."""
+
+
+class LeaseLost(BusError):
+    """The lease expired or another process holds it now: stop, do nothing more."""
+
+
 class Retry(BusError):
     """Transient failure: redeliver this message after ``delay`` seconds (nak with delay)."""
 

@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from bus.errors import Conflict as Conflict  # defined with the other bus errors
 from bus.refusals import StoreRefusals
 
 T = TypeVar("T")
@@ -36,10 +37,6 @@ class _SubjectsPage(NamedTuple):
 
 _info_decoder = msgspec.json.Decoder(_StreamInfo)
 _encode_json = msgspec.json.Encoder().encode
-
-
-class Conflict(Exception):
-    """A create found the key present, or an update found it changed since it was read."""
 
 
 class Bucket(Generic[T]):

@@ -23,7 +23,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from bus.kv import Bucket, Conflict
+from bus.errors import Conflict
+from bus.errors import LeaseLost as LeaseLost  # defined with the other bus errors
+from bus.kv import Bucket
 from bus.tasks import Backoff
 from schemas.internal import LeaseHolder
 
@@ -41,10 +43,6 @@ def _now() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
     except (AttributeError, OSError):  # not Linux
         return time.monotonic()
-
-
-class LeaseLost(Exception):
-    """The lease expired or another process holds it now: stop, do nothing more."""
 
 
 class Lease:

@@ -18,6 +18,10 @@ COMMAND_PREFIX = "volume.cmd"
 COMMAND_TYPES: tuple[str, ...] = get_args(OpType)  # one subject per operation type
 EVENTS_PREFIX = "volume.events"
 API_PREFIX = "volume.api"
+# The queries of the ``volumed`` micro service (contract §4), one subject each:
+# volume.api.<query>. Served by actors.persistence.api.Api; documented by actors.apidocs.
+ApiQuery = Literal["operation", "operations", "mapping", "vm_volumes", "health"]
+API_QUERIES: tuple[ApiQuery, ...] = get_args(ApiQuery)
 
 # Internal subjects: "volumed." so that they never collide with the public "volume." space.
 DEVICE_PREFIX = "volumed.device"  # volumed.device.<vm_id>
@@ -39,6 +43,10 @@ DEAD_LETTER_PREFIX = "volumed.dead"  # .<stream>.<consumer>
 
 def command_subject(op_type: str) -> str:
     return f"{COMMAND_PREFIX}.{op_type}"
+
+
+def api_subject(query: ApiQuery) -> str:
+    return f"{API_PREFIX}.{query}"
 
 
 def event_subject(operation_id: str) -> str:

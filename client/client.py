@@ -28,7 +28,14 @@ from bus import BadRequest as BusBadRequest
 from bus import Bus, Refused, ServiceFailed, call
 from bus import NotFound as BusNotFound
 from bus import Unavailable as BusUnavailable
-from bus.topology import API_PREFIX, EVENTS, EVENTS_PREFIX, command_subject, event_subject
+from bus.topology import (
+    EVENTS,
+    EVENTS_PREFIX,
+    ApiQuery,
+    api_subject,
+    command_subject,
+    event_subject,
+)
 from client.errors import (
     BadRequest,
     NotFound,
@@ -468,9 +475,9 @@ class Client:
     async def health(self) -> Health:
         return await self._query("health", HealthQuery(), Health)
 
-    async def _query(self, endpoint: str, query: Any, reply_type: type[T]) -> T:
+    async def _query(self, endpoint: ApiQuery, query: Any, reply_type: type[T]) -> T:
         data = await self._translated(
-            call(self.bus, f"{API_PREFIX}.{endpoint}", query, self.request_timeout)
+            call(self.bus, api_subject(endpoint), query, self.request_timeout)
         )
         return msgspec.json.decode(data, type=reply_type)
 

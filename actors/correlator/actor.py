@@ -39,12 +39,12 @@ from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
 from bus import Bus, Consumer, Delivery, Reject, Retry
 from bus.tasks import Backoff
 from bus.topology import (
-    API_PREFIX,
     ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
     REPROVE_SUBJECT,
     Topology,
+    api_subject,
     correlate_result_subject,
     correlator_consumer,
     device_subject,
@@ -453,7 +453,7 @@ class CorrelatorActor:
 
     async def _publish_proof(self) -> None:
         data = await self.bus.request(
-            f"{API_PREFIX}.vm_volumes", {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
+            api_subject("vm_volumes"), {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
         )
         if not data.strip():
             # A micro-service error carries its reason in headers only.

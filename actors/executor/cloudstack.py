@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from cs import AIOCloudStack, CloudStackApiException, CloudStackException
 
+from actors.executor.errors import OperationError
 from actors.metrics import CLOUDSTACK_CALLS, CLOUDSTACK_ERRORS, CLOUDSTACK_SECONDS
 from schemas.common import ErrorCode
 from schemas.config import url_host
@@ -31,7 +32,7 @@ log = logging.getLogger("volumed.executor.cloudstack")
 JOB_PENDING, JOB_SUCCEEDED, JOB_FAILED = 0, 1, 2
 
 
-class CloudStackError(Exception):
+class CloudStackError(OperationError):
     """A CloudStack failure in the contract's terms. ``transient`` ones may be retried."""
 
     def __init__(
@@ -43,9 +44,7 @@ class CloudStackError(Exception):
         maybe_applied: bool = False,
         job_failed: bool = False,
     ) -> None:
-        super().__init__(message)
-        self.code: ErrorCode = code
-        self.message = message
+        super().__init__(code, message)
         self.transient = transient
         # An async job ran and failed: nothing of this attempt is running any more.
         self.job_failed = job_failed

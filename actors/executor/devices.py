@@ -10,10 +10,11 @@ import time
 
 import msgspec
 
-from bus import Bus, Unavailable
+from bus import Bus, Unavailable, call
 from bus.tasks import Backoff
 from bus.topology import (
     CORRELATION,
+    api_subject,
     correlate_request_subject,
     correlate_result_subject,
     correlator_consumer,
@@ -22,6 +23,7 @@ from bus.topology import (
 )
 from schemas.events import ErrorInfo
 from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, ReleaseResult
+from schemas.queries import Mapping, MappingQuery
 
 # Beyond the correlator's own timeout: how long the executor waits for a correlator that
 # may not be running at all before it calls the device lost.
@@ -32,6 +34,7 @@ _RECHECK = 5.0
 case a cut went unnoticed (a reconnect wakes the wait at once)."""
 _DEVICE_OF_PATIENCE = 10.0
 """Seconds a detach asks again for its volume's recorded device while no answer comes."""
+_mapping_decoder = msgspec.json.Decoder(Mapping)  # volume.api.mapping's reply
 
 log = logging.getLogger("volumed.executor.devices")
 
@@ -178,8 +181,8 @@ class BusDevices:
         give_up = asyncio.get_running_loop().time() + _DEVICE_OF_PATIENCE
         while True:
             try:
-                data = await self.bus.request(
-                    "volume.api.mapping", {"volume_id": volume_id}, timeout=2.0
+                data = await call(
+                    self.bus, api_subject("mapping"), MappingQuery(volume_id=volume_id), 2.0
                 )
                 break
             except TimeoutError:
@@ -189,7 +192,6 @@ class BusDevices:
             except Exception:  # no persistence running, or no mapping: nothing to wait for
                 return None
         try:
-            mapping = msgspec.json.decode(data)
-        except msgspec.DecodeError:
+            return _mapping_decoder.decode(data).device_path
+        except msgspec.DecodeError:  # a reply of another shape (a ValidationError is one)
             return None
-        return mapping.get("device_path") if isinstance(mapping, dict) else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from actors.executor.cloudstack import CloudStack, CloudStackError, Job
+from actors.executor.errors import OperationError
 from actors.logs import bind
 from actors.metrics import RETRIES, RETRIES_EXHAUSTED
 from bus import Bucket, Conflict
@@ -44,7 +45,10 @@ T = TypeVar("T")
 CREATE_LOOKUP_SKEW = 300.0
 
 
-class OperationFailed(Exception):
+class OperationFailed(OperationError):
+    """An operation failed for a reason of its own (not a CloudStack call's error), with
+    where it left the volume."""
+
     def __init__(
         self,
         code: ErrorCode,
@@ -54,9 +58,7 @@ class OperationFailed(Exception):
         vm_id: str | None = None,
         attached: bool | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code: ErrorCode = code
-        self.message = message
+        super().__init__(code, message)
         self.volume_id = volume_id
         self.vm_id = vm_id
         # The volume's attachment to vm_id after this failed operation, when the operation
@@ -614,7 +616,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             )
             message += "; the volume was detached again"
             attached = False
-        except (CloudStackError, OperationFailed) as e:
+        except OperationError as e:
             message += f"; detaching it again FAILED, it is still attached: {e.message}"
     raise OperationFailed(
         code, message, volume_id=cmd.volume_id, vm_id=cmd.vm_id, attached=attached
@@ -705,7 +707,7 @@ async def delete(ctx: Context, cmd: DeleteCommand) -> Outcome:
         result = await mutate(
             ctx, Phase.DELETE, "deleteVolume", {"id": cmd.volume_id}, already_done, is_async=False
         )
-    except (CloudStackError, OperationFailed) as e:
+    except OperationError as e:
         if Phase.DETACH_FIRST not in rec.results:
             raise
         # The detach took effect: say so, and let the mapping follow (attached False).

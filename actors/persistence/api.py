@@ -15,7 +15,7 @@ from actors.persistence.read_after import ReadAfter
 from actors.persistence.store import Store
 from bus import BadRequest, NotFound
 from bus.service import EndpointHandler
-from bus.topology import API_PREFIX
+from bus.topology import ApiQuery, api_subject
 from schemas.common import explain_validation_error
 from schemas.queries import (
     PATTERN_WORDS,
@@ -57,14 +57,14 @@ class Api:
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
     def endpoints(self) -> dict[str, tuple[str, EndpointHandler]]:
-        handlers: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+        handlers: dict[ApiQuery, Callable[[bytes], Awaitable[Any]]] = {
             "operation": self.operation,
             "operations": self.operations,
             "mapping": self.mapping,
             "vm_volumes": self.vm_volumes,
             "health": self.health,
         }
-        return {name: (f"{API_PREFIX}.{name}", h) for name, h in handlers.items()}
+        return {name: (api_subject(name), h) for name, h in handlers.items()}
 
     def _decode(self, body: bytes, kind: type[T], *, empty: bool = False) -> T:
         if not body.strip():
