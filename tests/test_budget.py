@@ -10,9 +10,9 @@ its delivery to persistence and persistence's ack (12); the record's claim and f
 compare-and-set writes (executing, mutation sent, job id, completed: 10); the lease taken and
 let go (3: the release is not waited for); the creating entry put and deleted (4); the
 volume's owner claimed (2); the record read again after createVolume was sent (2): 35. A
-delete: the same without the job id's write, the creating entry and the owner claim: 27. The issue's goal is 24 for each; what is left above it is the events'
-own round trips and the writes that keep each mutation exactly-once across processes (see
-bench/README.md).
+delete: the same without the job id's write, the creating entry and the owner claim: 27.
+The issue's goal is 24 for each; what is left above it is the events' own round trips and
+the writes that keep each mutation exactly-once across processes (see bench/README.md).
 """
 
 from __future__ import annotations

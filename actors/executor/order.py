@@ -69,9 +69,9 @@ _GONE = Identity(None, "", "")  # aged out of the stream (or never there)
 Identify = Callable[[StoredMessage], Identity]
 
 _FLOOR_MAX_AGE = 0.5  # seconds an ack floor read is reused
-# Commands after the ack floor as last read that this process may know of without reading the
-# floor again (``_read``): what it keeps in mind stays bounded by this, plus those unacked.
-_KNOWN_WITHOUT_FLOOR = 64
+# Commands this process may keep in mind without reading the ack floor again (``_read``):
+# beyond this many, every read prunes what the floor has passed.
+_KNOWN_WITHOUT_FLOOR = 8
 _READ_CONCURRENCY = 32
 _POLL = 0.1  # seconds between looks at operations that other processes run
 
@@ -225,13 +225,14 @@ class VolumeOrder:
         last read, if every command after it is known already).
 
         The floor is not read again while every command between the floor as last read and
-        ``stream_seq`` is known here (a few at most: ``_KNOWN_WITHOUT_FLOOR``), which spares
-        a consumer-info request and its reply for most commands when they come one by one.
+        ``stream_seq`` is known here and this process keeps few in mind (at most
+        ``_KNOWN_WITHOUT_FLOOR``), which spares a consumer-info request and its reply for most
+        commands when they come one by one.
         That is safe because the floor only rises: a window from an older floor holds every
         command of the newer one, and its extra ones are acknowledged, so they are found
         done as they are looked at (``_command_done`` reads the floor), or, found as the
         original of a copy, are checked against the floor read again (``first``)."""
-        if stream_seq - self._floor - 1 <= _KNOWN_WITHOUT_FLOOR and all(
+        if len(self._known) <= _KNOWN_WITHOUT_FLOOR and all(
             seq in self._known for seq in range(self._floor + 1, stream_seq)
         ):
             return self._floor
