@@ -139,3 +139,37 @@ def volumed_env(nats_url: str, db: str, sim: dict[str, Any], **extra: str) -> di
     }
     env.update(extra)
     return env
+
+
+class Monitor:
+    """nats-server's HTTP monitoring (the server started with ``-m PORT``): how many messages
+    went through it. ``/varz``'s ``in_msgs`` (published to the server) + ``out_msgs``
+    (delivered by it) count every message once per hop, JetStream's API requests, replies,
+    acks and KV reads and writes included; ``/connz`` has the same per connection, so that
+    the measuring client's own traffic can be taken out."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def _get(self, path: str) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def messages(self, *, leaving_out: tuple[str, ...] = ()) -> int:
+        """Messages through the server so far, less those of the client connections named
+        in ``leaving_out`` (their publishes and what was delivered to them)."""
+        varz = self._get("/varz")
+        total = int(varz["in_msgs"]) + int(varz["out_msgs"])
+        if leaving_out:
+            for conn in self._get("/connz?limit=1024").get("connections") or []:
+                if conn.get("name") in leaving_out:
+                    total -= int(conn.get("in_msgs", 0)) + int(conn.get("out_msgs", 0))
+        return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

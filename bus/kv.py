@@ -86,6 +86,14 @@ class Bucket(Generic[T]):
         ``revision``, only if it is still at that revision (else Conflict)."""
         await self._write(key, _compare_and_set(key, self._kv.delete(key, last=revision)))
 
+    async def delete_unconfirmed(self, key: str, revision: int) -> None:
+        """Remove ``key`` if it is still at ``revision``, without waiting for the server's
+        answer: one message instead of a request and its reply. Only for a key whose removal
+        nobody waits for, and whose staying (the request lost, or the key moved on) is
+        harmless, e.g. one that expires by itself (a released lease)."""
+        headers = {"KV-Operation": "DEL", "Nats-Expected-Last-Subject-Sequence": str(revision)}
+        await self._js._nc.publish(f"{self._kv._pre}{key}", b"", headers=headers)
+
     async def _write(self, key: str, write: Awaitable[R]) -> R:
         """A write, with the refusals for want of room noted (for health)."""
         place = f"$KV.{self._name}"

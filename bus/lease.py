@@ -114,18 +114,28 @@ class Leases:
         finally:
             await self.release(lease)
 
-    async def release(self, lease: Lease) -> None:
+    async def release(self, lease: Lease, *, confirmed: bool = True) -> None:
         """Give the lease up now (else it expires by itself one ttl after its renewal).
 
         Compare-and-set on its revision (or, after a renewal whose answer was lost, its
         token), so a lease that lapsed meanwhile is released too if the key is still this
         one, and never when another process holds the key. A release that a blip kept from
         the server is tried again by ``run`` (at once after a reconnect): the next holder
-        need not wait for the key to expire."""
+        need not wait for the key to expire.
+
+        ``confirmed=False``: one delete on the revision, its answer not waited for (one bus
+        message instead of two) and never tried again: for a lease that nobody is expected
+        to want soon (an operation that has ended). If that delete is lost, or a renewal's
+        answer was lost (another revision), the key just expires one ttl later; it is never
+        another holder's key that goes (compare-and-set on this lease's revision)."""
         if self._held.get(lease.key) is lease:
             del self._held[lease.key]
         if lease.lost:
             return  # perhaps another's by now: never delete that
+        if not confirmed:
+            with contextlib.suppress(Exception):  # (it expires by itself)
+                await self._bucket.delete_unconfirmed(lease.key, lease.revision)
+            return
         if not await self._delete(lease):
             self._releasing[lease.key] = (lease, _now() + 2 * self.ttl)
 

@@ -284,14 +284,25 @@ class ExecutorActor:
     ) -> None:
         op_id = identity.operation_id
         run = OperationRun(self, op_id)
-        got = await self.records.ops.get(op_id)
+        # A first delivery is nearly always a new command: it claims its id without reading
+        # the record first (the claim is a KV create: one that finds the record reads it
+        # then, below), which saves a request and its reply per operation. A redelivery
+        # reads the record first, as it is most likely claimed already.
+        fresh = d.num_delivered == 1
+        got = None if fresh else await self.records.ops.get(op_id)
+        claimed = False  # the record was created by this very handling
+        first: tuple[int, Identity] | None = None
         if got is None:
             # One id, one operation: its first command in the stream. Before claiming the
             # id, look for an earlier command with it that is not claimed yet (delivered
             # late, or to a slower process): then this one is a copy, and must never take
-            # the operation's place. (A flood of copies of a claimed operation never gets
-            # here: the record tells them.)
+            # the operation's place. (A redelivered copy of a claimed operation never gets
+            # here: the record tells it.)
             first = await self.order.first(d.stream_seq, op_id)
+            if first is not None and fresh:
+                # A copy, unless the record says otherwise: it decides, as for a redelivery.
+                got = await self.records.ops.get(op_id)
+        if got is None:
             if first is not None:
                 seq, original = first
                 await self._copy(
@@ -318,7 +329,9 @@ class ExecutorActor:
             )
             try:
                 await run.claim(record)
-            except Conflict:  # this very command, redelivered to another process meanwhile
+                claimed = True
+            except Conflict:  # claimed already (a copy, or this very command redelivered
+                # to another process meanwhile): the record tells which
                 got = await self.records.ops.get(op_id)
                 if got is None:  # deleted in between: treat as new next time
                     raise
@@ -357,8 +370,16 @@ class ExecutorActor:
         with d.parked():
             lease = await self.leases.acquire(f"op.{op_id}")
         try:
+            if claimed and not isinstance(command, AttachCommand):
+                # Claimed here, so the record and its revision are known without reading
+                # them again. If it changed meanwhile (a cancel, or another process that
+                # ran it while this one stalled), the first write below is a compare-and-set
+                # on that revision and finds out (``start``: cancelled, or started
+                # elsewhere) before anything is sent. (An attach reads it: it writes the
+                # attaching bucket before its first record write.)
+                run.lease = lease
             # Read again: another process may have run it meanwhile (and lost its lease).
-            if not await run.load(lease):
+            elif not await run.load(lease):
                 return  # it ended meanwhile: its latest event is out
             # Credentials (and the local VM id) are read once per operation, when its turn
             # comes: a changed ossea_configs row applies to the next operation, never to half
@@ -382,7 +403,11 @@ class ExecutorActor:
                         return
                 await run.execute(command)
         finally:
-            await self.leases.release(lease)
+            # An operation that ended here needs its lease no more (a redelivered command
+            # finds its record terminal and takes no lease): released without waiting for
+            # the answer, one message instead of two; if that is lost the key expires.
+            ended = run.record.status in TERMINAL
+            await self.leases.release(lease, confirmed=not ended)
 
     async def _copy(
         self,

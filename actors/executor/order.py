@@ -69,6 +69,9 @@ _GONE = Identity(None, "", "")  # aged out of the stream (or never there)
 Identify = Callable[[StoredMessage], Identity]
 
 _FLOOR_MAX_AGE = 0.5  # seconds an ack floor read is reused
+# Commands this process may keep in mind without reading the ack floor again (``_read``):
+# beyond this many, every read prunes what the floor has passed.
+_KNOWN_WITHOUT_FLOOR = 8
 _READ_CONCURRENCY = 32
 _POLL = 0.1  # seconds between looks at operations that other processes run
 
@@ -134,6 +137,8 @@ class VolumeOrder:
         await self._read(stream_seq)
         seq = self._first.get(operation_id)
         if seq is None or seq >= stream_seq or seq <= self._floor:
+            return None
+        if seq <= await self._ack_floor():  # (``_read`` may have used an older floor)
             return None
         return seq, self._known[seq]
 
@@ -216,7 +221,21 @@ class VolumeOrder:
         return {seq: self._known[seq] for seq in range(floor + 1, stream_seq) if seq in self._known}
 
     async def _read(self, stream_seq: int) -> int:
-        """Know every command after the ack floor and before ``stream_seq``; the floor."""
+        """Know every command after the ack floor and before ``stream_seq``; the floor (as
+        last read, if every command after it is known already).
+
+        The floor is not read again while every command between the floor as last read and
+        ``stream_seq`` is known here and this process keeps few in mind (at most
+        ``_KNOWN_WITHOUT_FLOOR``), which spares a consumer-info request and its reply for most
+        commands when they come one by one.
+        That is safe because the floor only rises: a window from an older floor holds every
+        command of the newer one, and its extra ones are acknowledged, so they are found
+        done as they are looked at (``_command_done`` reads the floor), or, found as the
+        original of a copy, are checked against the floor read again (``first``)."""
+        if len(self._known) <= _KNOWN_WITHOUT_FLOOR and all(
+            seq in self._known for seq in range(self._floor + 1, stream_seq)
+        ):
+            return self._floor
         floor = await self._ack_floor()
         if floor > self._pruned_at:  # (only when the floor moved: this runs per command)
             self._pruned_at = floor
