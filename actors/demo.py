@@ -33,15 +33,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from actors.logs import SECRETS, setup_logging
 from actors.supervisor import ACTORS, Supervisor
 from actors.watcher.sysfs import read_device
-from bus import Bus
-from bus.topology import EVENTS_PREFIX, api_subject, command_subject
+from bus.topology import command_subject, event_subject
+from client import Client, Events
+from schemas.commands import (
+    AttachCommand,
+    Command,
+    CreateCommand,
+    DeleteCommand,
+    DetachCommand,
+    operation_type_of,
+)
 from schemas.common import GIB
 from schemas.config import Settings
 from schemas.devices import identity_of
@@ -61,10 +68,6 @@ MARKER = "volumed-demo"
 empty one) is reused, so that --state-dir cannot make the demo write into anything else."""
 STEP_TIMEOUT = 60.0
 """Seconds one step of the walk-through may take (the correlation timeout is 30 s)."""
-TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
-
-
-_events = msgspec.json.Decoder(OperationEvent)
 
 
 class DemoFailed(Exception):
@@ -171,7 +174,6 @@ class Demo:
 
     options: Options
     state: Path = field(init=False)
-    _waiting: dict[str, asyncio.Future[OperationEvent]] = field(default_factory=dict)
 
     async def run(self) -> None:
         """Start everything, walk through, stay up (unless --once); cleans up when it ends,
@@ -245,9 +247,9 @@ class Demo:
                 running.result()
                 raise DemoFailed(f"volumed stopped at start; see {log_path}")
 
-            client = await Bus.connect(nats.url, name="volumed-demo-client")
+            # The walk-through is a user of volumed like any other: through client.Client.
+            client = await Client.connect(nats.url, name="volumed-demo-client")
             stack.push_async_callback(client.close)
-            await client.subscribe(f"{EVENTS_PREFIX}.>", self._on_event)
 
             walk = asyncio.create_task(self._walk_through(client, sim, sysfs, dev))
             stack.callback(walk.cancel)  # Ctrl-C in the middle of it
@@ -259,13 +261,17 @@ class Demo:
             if self.options.once:
                 say("\n--once: stopping.")
                 return
+            events = await client.events()
+            stack.push_async_callback(events.close)
+            printing = asyncio.create_task(_print_events(events))
+            stack.callback(printing.cancel)
             self._print_try_it(nats.url, sim)
             await running  # until Ctrl-C cancels us, or volumed fails
             raise DemoFailed(f"volumed stopped; see {log_path}")
 
     # -- the walk-through ----------------------------------------------------------------
 
-    async def _walk_through(self, client: Bus, sim: Simulator, sysfs: Path, dev: Path) -> None:
+    async def _walk_through(self, client: Client, sim: Simulator, sysfs: Path, dev: Path) -> None:
         health = await self._healthy(client)
         say(f"\nvolumed is up: health {health.status} ({', '.join(health.checks)})")
         tag = secrets.token_hex(3)
@@ -274,22 +280,20 @@ class Demo:
         say("\n1/4 create a 1 GiB volume")
         created = await self._step(
             client,
-            "create",
-            {
-                "operation_id": f"demo-{tag}-create",
-                "name": f"demo-{tag}",
-                "size": GIB,
-                "disk_offering_id": sim.disk_offering_ids[0],
-                "zone_id": sim.zone_id,
-            },
+            CreateCommand(
+                operation_id=f"demo-{tag}-create",
+                name=f"demo-{tag}",
+                size=GIB,
+                disk_offering_id=sim.disk_offering_ids[0],
+                zone_id=sim.zone_id,
+            ),
         )
         volume = str(created.volume_id)
 
         say(f"\n2/4 attach it to the VM this host is ({local_vm})")
         attached = await self._step(
             client,
-            "attach",
-            {"operation_id": f"demo-{tag}-attach", "volume_id": volume, "vm_id": local_vm},
+            AttachCommand(operation_id=f"demo-{tag}-attach", volume_id=volume, vm_id=local_vm),
         )
         if not attached.device_path:
             raise DemoFailed("the attach completed without a device")
@@ -306,41 +310,33 @@ class Demo:
             say(f"      proof {mapping.proof}: {mapping.proof_reason}")
 
         say("\n3/4 detach it")
-        await self._step(
-            client, "detach", {"operation_id": f"demo-{tag}-detach", "volume_id": volume}
-        )
+        await self._step(client, DetachCommand(operation_id=f"demo-{tag}-detach", volume_id=volume))
         gone = not (dev / name).exists() and not block.exists()
         say(f"    {attached.device_path} is {'gone' if gone else 'still there'}")
         if not gone:
             raise DemoFailed(f"{attached.device_path} is still there after the detach")
 
         say("\n4/4 delete it")
-        await self._step(
-            client, "delete", {"operation_id": f"demo-{tag}-delete", "volume_id": volume}
-        )
+        await self._step(client, DeleteCommand(operation_id=f"demo-{tag}-delete", volume_id=volume))
         say(f"\nWalk-through done: created, attached as {name}, detached and deleted {volume}.")
 
-    async def _proven(self, client: Bus, volume: str) -> Mapping:
+    async def _proven(self, client: Client, volume: str) -> Mapping:
         """The volume's mapping once the correlator has proven it again (it does so right
         after the attach), so that it says how; as it is after a few seconds otherwise."""
         deadline = time.monotonic() + 5
         while True:
-            mapping = msgspec.json.decode(
-                await client.request(api_subject("mapping"), {"volume_id": volume}),
-                type=Mapping,
-            )
+            mapping = await client.mapping(volume_id=volume)
             if mapping.proof or time.monotonic() > deadline:
                 return mapping
             await asyncio.sleep(0.1)
 
-    async def _healthy(self, client: Bus) -> Health:
+    async def _healthy(self, client: Client) -> Health:
         """Wait until health says ok: every actor has started and reported."""
         deadline = time.monotonic() + STEP_TIMEOUT
         health: Health | None = None
         while True:
             with contextlib.suppress(Exception):  # the service may not be registered yet
-                reply = await client.request(api_subject("health"), {}, timeout=2.0)
-                health = msgspec.json.decode(reply, type=Health)
+                health = await client.health()
                 if health.status == "ok":
                     return health
             if time.monotonic() > deadline:
@@ -349,33 +345,28 @@ class Demo:
                 raise DemoFailed(f"volumed did not become healthy: {detail or 'no answer'}")
             await asyncio.sleep(0.2)
 
-    async def _step(self, client: Bus, op_type: str, body: dict[str, Any]) -> OperationEvent:
-        """Send one command as a user would and wait for its terminal event."""
-        operation_id = body["operation_id"]
+    async def _step(self, client: Client, command: Command) -> OperationEvent:
+        """Send one command as a user would (printed as the nats CLI would send it), print
+        its events as they arrive, and return its terminal event."""
+        op_type = operation_type_of(command)
+        # The fields it sets, as a person would type them (no nulls, no default false).
+        body = {k: v for k, v in msgspec.to_builtins(command).items() if v not in (None, False)}
         say(f"    nats req {command_subject(op_type)} '{json.dumps(body, separators=(',', ':'))}'")
-        done = self._waiting[operation_id] = asyncio.get_running_loop().create_future()
-        await client.publish(command_subject(op_type), body)
-        try:
-            event = await asyncio.wait_for(done, STEP_TIMEOUT)
-        except TimeoutError:
-            raise DemoFailed(
-                f"{op_type} {operation_id}: no outcome in {STEP_TIMEOUT:.0f} s"
-            ) from None
-        if event.status != "completed":
-            error = f"{event.error.code}: {event.error.message}" if event.error else "no error"
-            raise DemoFailed(f"{op_type} {operation_id} {event.status} ({error})")
-        return event
-
-    async def _on_event(self, subject: str, data: bytes, reply: str | None) -> None:
-        try:
-            event = _events.decode(data)
-        except msgspec.DecodeError:
-            say(f"    {subject}: {data[:200]!r}")
-            return
-        say(f"    {_clock()}  {subject}  {_describe(event)}")
-        waiting = self._waiting.get(event.operation_id)
-        if waiting is not None and not waiting.done() and event.status in TERMINAL:
-            waiting.set_result(event)
+        async with await client.send(command) as progress:
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    async for event in progress:
+                        _print_event(event)
+            except TimeoutError:
+                raise DemoFailed(
+                    f"{op_type} {progress.operation_id}: no outcome in {STEP_TIMEOUT:.0f} s"
+                ) from None
+        last = progress.last
+        assert last is not None  # the iteration ends on the terminal event
+        if last.status != "completed":
+            error = f"{last.error.code}: {last.error.message}" if last.error else "no error"
+            raise DemoFailed(f"{op_type} {progress.operation_id} {last.status} ({error})")
+        return last
 
     def _print_try_it(self, nats_url: str, sim: Simulator) -> None:
         create = {
@@ -448,6 +439,16 @@ def _device_lines(attached: OperationEvent, sysfs: Path, dev: Path, name: str) -
         target = Path(attached.by_id_path).readlink()
         lines.append(f"      stable link {attached.by_id_path} -> {target}")
     return lines
+
+
+def _print_event(event: OperationEvent) -> None:
+    say(f"    {_clock()}  {event_subject(event.operation_id)}  {_describe(event)}")
+
+
+async def _print_events(events: Events) -> None:
+    """Once the demo stays up: every operation's events, as a ``nats sub`` would show them."""
+    async for event in events:
+        _print_event(event)
 
 
 def _clock() -> str:

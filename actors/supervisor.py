@@ -18,7 +18,7 @@ import msgspec
 from actors.logs import bind
 from actors.metrics import ACTOR_UP
 from bus import Bus
-from bus.tasks import Backoff, finish
+from bus.tasks import GRACE, UNWIND, Backoff, finish
 from bus.topology import CONFIG_SUBJECT, topology_for
 from schemas.config import Settings
 from schemas.internal import CloudStackCredentials
@@ -34,11 +34,15 @@ ACTORS = ("persistence", "executor", "correlator", "watcher")
 # VOLUMED_HTTP_ADDR asks (default_actors), or `volumed run gateway`.
 GATEWAY = "gateway"
 RUNNABLE = (*ACTORS, GATEWAY)
-GRACE = 10.0
 
 
 class Actor(Protocol):
+    """What the supervisor runs: ``run`` until ``stop`` (or a failure); after ``stop`` it
+    takes no new work, finishes what it holds within bus.tasks.GRACE and returns."""
+
     async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 async def resolve_vm_id(bus: Bus, settings: Settings) -> str:
@@ -190,17 +194,17 @@ class Supervisor:
             up.set(0)
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        """Two phases: ask actors that can to stop taking work and wait, then cancel."""
+        """Two phases: ask the actors to stop and wait GRACE, then cancel the rest."""
         # The gateway first: no new request starts a command while the others stop.
         for name in (GATEWAY, "executor", "correlator", "watcher", "persistence"):
-            actor: Any = self.actors.get(name)
+            actor = self.actors.get(name)
             if name not in tasks:
                 continue
-            if actor is not None and hasattr(actor, "stop"):
+            if actor is not None:
                 actor.stop()  # finishes in-flight work, takes no more
             else:
-                tasks[name].cancel()  # holds no work worth finishing (or is not built yet)
-        await finish(tasks.values(), GRACE, then=5.0)
+                tasks[name].cancel()  # not built yet (waiting for its VM id): holds nothing
+        await finish(tasks.values(), GRACE, then=UNWIND)
 
 
 async def run_until_signalled(

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 
 from bus.connection import Bus
 from bus.errors import Abandon, Reject, Retry
-from bus.tasks import finish
+from bus.tasks import GRACE, UNWIND, finish
 from bus.topology import DEAD_LETTER_PREFIX, ConsumerSpec
 
 log = logging.getLogger("volumed.bus.consumer")
@@ -130,7 +130,7 @@ class Consumer:
         self._stopping.set()
         self._queue.put_nowait(None)
 
-    async def run(self, grace: float = 10.0) -> None:
+    async def run(self, grace: float = GRACE - UNWIND) -> None:
         nc = self.bus.nc
         inbox = nc.new_inbox()
         wake = self._wake
@@ -196,7 +196,7 @@ class Consumer:
     async def _finish(self, grace: float) -> None:
         """Let in-flight handlers end within ``grace`` seconds, then cancel the rest: their
         messages stay unacknowledged and are redelivered."""
-        await finish(set(self._tasks), grace, then=2.0)
+        await finish(set(self._tasks), grace, then=UNWIND)
 
     async def _top_up(self, pull_subject: str, inbox: str) -> None:
         # Waiting handlers get slots of their own, up to PARKED_SHARE times as many as the

@@ -8,6 +8,16 @@ import asyncio
 import contextlib
 from collections.abc import Collection
 
+# The one shutdown grace of volumed, flowing from the supervisor down. After ``stop()`` the
+# supervisor lets its actors end by themselves within GRACE seconds, then cancels those still
+# running and gives them UNWIND seconds more. Every wait inside an actor nests in that and is
+# never longer: a consumer gives its in-flight handlers GRACE - UNWIND seconds and the ones
+# it then cancels UNWIND, so it has ended when the supervisor's grace is up; an actor that
+# the supervisor cancels waits at most UNWIND for its own tasks. Nothing is left running when
+# the supervisor closes the connection, and what was cancelled stays unacknowledged.
+GRACE = 10.0
+UNWIND = 2.0
+
 
 class Backoff:
     """Doubling pauses between tries, from ``first`` up to ``cap`` seconds; ``reset`` after

@@ -17,7 +17,7 @@ from actors.persistence.read_after import ReadAfter
 from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
-from bus.tasks import Backoff, finish
+from bus.tasks import UNWIND, Backoff, finish
 from bus.topology import CONFIG_SUBJECT, PERSISTENCE, PERSISTENCE_PROOFS
 from schemas.config import Settings, mask_url_password, url_secrets
 from schemas.internal import CloudStackCredentials
@@ -121,14 +121,15 @@ class PersistenceActor:
     async def _consume(self, consumer: Consumer) -> None:
         """Run the consumer until it stops; on cancellation stop it and let its in-flight
         handlers finish (they wait for the batcher, which is closed only after)."""
-        task = asyncio.create_task(consumer.run(grace=10.0), name="persistence-consumer")
+        task = asyncio.create_task(consumer.run(), name="persistence-consumer")
         try:
             # Not awaited directly: a cancellation delivered into the consumer's own
             # wait_for can be swallowed on Python 3.11, so it is told to stop instead.
             await asyncio.wait({task})
         except asyncio.CancelledError:
             consumer.stop()
-            await finish([task], 15.0, then=2.0)
+            # Cancelled by the supervisor once its grace is up: no longer than its UNWIND.
+            await finish([task], UNWIND / 2, then=UNWIND / 2)
             raise
         task.result()
 

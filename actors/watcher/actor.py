@@ -31,7 +31,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from msgspec.structs import replace
 
@@ -112,11 +112,16 @@ class WatcherActor:
         self._held: dict[str, list[DeviceEvent]] = {}
         self._link_waits: set[asyncio.Task[None]] = set()
         self._msg_prefix = f"{instance}-{uuid.uuid4().hex[:8]}"
+        self._stopped = False
+        self._running: asyncio.Task[Any] | None = None
 
     # -- running ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Watch until cancelled."""
+        """Watch until stopped or cancelled."""
+        if self._stopped:
+            return
+        self._running = asyncio.current_task()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._heartbeat_loop())
@@ -126,9 +131,17 @@ class WatcherActor:
                 await self._initial_scan()
                 tg.create_task(self._rescan_loop())
         finally:
+            self._running = None
             self._close_uevents()
             for task in list(self._link_waits):
                 task.cancel()
+
+    def stop(self) -> None:
+        """Stop watching. The watcher holds no work worth finishing (what it has not published
+        yet, the next start's scan finds again), so ``run`` is cancelled."""
+        self._stopped = True
+        if self._running is not None:
+            self._running.cancel()
 
     def _open_uevents(self) -> None:
         if not self.use_uevents:
