@@ -58,7 +58,7 @@ from bus import Abandon, Bucket, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
 from bus.consumer import dead_letter
 from bus.lease import LeaseLost, Leases
-from bus.tasks import finish
+from bus.tasks import UNWIND, finish
 from bus.topology import (
     ATTACHING_BUCKET,
     COMMANDS,
@@ -200,7 +200,8 @@ class ExecutorActor:
             self._given_up.stop()
             background[0].cancel()
             background[1].cancel()
-            await finish(background, 5.0, then=1.0)
+            # Within the supervisor's grace: the consumer took GRACE - UNWIND at most.
+            await finish(background, UNWIND / 2, then=UNWIND / 2)
             self.order.close()
             await self.cloud.close()
 
