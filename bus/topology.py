@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-from schemas.common import OpType
+from schemas.common import OP_TYPES, OpType
 from schemas.config import Settings
 
 # Public subjects (contract §2-§4).
 COMMAND_PREFIX = "volume.cmd"
-COMMAND_TYPES: tuple[str, ...] = get_args(OpType)  # one subject per operation type
+COMMAND_TYPES: tuple[OpType, ...] = OP_TYPES  # one subject per operation type
 EVENTS_PREFIX = "volume.events"
 API_PREFIX = "volume.api"
 # The queries of the ``volumed`` micro service (contract §4), one subject each:
