@@ -320,8 +320,8 @@ async def dead_letter(
         "Volumed-Stream-Seq": str(stream_seq),
         "Volumed-Deliveries": str(deliveries),
     }
-    # The same message dead-lettered twice (the consumer and the given-up path both saw
-    # it) is stored once.
+    # The same message dead-lettered twice (given up again after its first give-up's term
+    # was lost) is stored once.
     headers["Nats-Msg-Id"] = f"{spec.stream}.{spec.durable}.{stream_seq}"
     try:
         await bus.js.publish(

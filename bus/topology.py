@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-from schemas.common import OpType
+from schemas.common import OP_TYPES, OpType
 from schemas.config import Settings
 
 # Public subjects (contract §2-§4).
 COMMAND_PREFIX = "volume.cmd"
-COMMAND_TYPES: tuple[str, ...] = get_args(OpType)  # one subject per operation type
+COMMAND_TYPES: tuple[OpType, ...] = OP_TYPES  # one subject per operation type
 EVENTS_PREFIX = "volume.events"
 API_PREFIX = "volume.api"
 # The queries of the ``volumed`` micro service (contract §4), one subject each:
@@ -201,23 +201,14 @@ EXECUTOR = ConsumerSpec(
     nak_delays=(1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
     description="executors share the command stream",
 )
-# The server announces a command whose deliveries ran out (the executor died during its last
-# one) with an advisory; this stream keeps those, so that an executor ends the operation
-# even if none was connected at that moment.
-GIVEN_UP = StreamSpec(
-    name="VOLUMED_GIVEN_UP",
-    subjects=(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{COMMANDS.name}.{EXECUTOR.durable}",),
-    max_age=30 * DAY,
-    description="advisories of commands whose deliveries ran out",
-)
-EXECUTOR_GIVEN_UP = ConsumerSpec(
-    stream=GIVEN_UP.name,
-    durable="executor_given_up",
-    ack_wait=30.0,
-    max_deliver=8,
-    backoff=(1.0, 5.0, 30.0),
-    description="executors end the operations of given-up commands",
-)
+# A command is given up one way: by the executor's consumer (give_up_after, its on_give_up
+# ends the operation). Retired: the stream VOLUMED_GIVEN_UP and its consumer
+# executor_given_up kept the server's MAX_DELIVERIES advisories, dead since max_deliver is -1.
+# Provisioning does not delete them where an older volumed made them: the role users that
+# provision at start may not delete streams (only admin may), a process of the older volumed
+# still running in a rolling upgrade would lose its consumer, and an advisory still in it
+# would be dropped unhandled. Nothing is captured in it any more (no max_deliver, no
+# advisory) and what it holds ages out (30 days); docs/operations.md says how to remove it.
 PERSISTENCE = ConsumerSpec(
     stream=EVENTS.name,
     durable="persistence",
@@ -342,8 +333,8 @@ DEVICES_BUCKET = BucketSpec(
 )
 
 TOPOLOGY = Topology(
-    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, MAPPING_PROOFS, DEAD_LETTERS, GIVEN_UP),
-    consumers=(EXECUTOR, EXECUTOR_GIVEN_UP, PERSISTENCE, PERSISTENCE_PROOFS),
+    streams=(COMMANDS, EVENTS, DEVICES, CORRELATION, MAPPING_PROOFS, DEAD_LETTERS),
+    consumers=(EXECUTOR, PERSISTENCE, PERSISTENCE_PROOFS),
     buckets=(
         OPERATIONS_BUCKET,
         HEALTH_BUCKET,

@@ -23,7 +23,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from collections.abc import Mapping as StrMapping
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 from rich.console import Console
@@ -47,7 +47,7 @@ from schemas.commands import (
     DetachCommand,
     ResizeCommand,
 )
-from schemas.common import GIB, TERMINAL, OpType
+from schemas.common import GIB, OP_TYPES, TERMINAL
 from schemas.config import ConfigError, Settings, env_name, load_nats_settings
 from schemas.events import OperationEvent
 from schemas.queries import Health, Mapping, Operation
@@ -56,12 +56,7 @@ OK, FAILED, USAGE, UNAVAILABLE, UNAUTHORIZED = 0, 1, 2, 3, 4
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 COMMANDS = (
-    "create",
-    "attach",
-    "detach",
-    "delete",
-    "cancel",
-    "resize",
+    *OP_TYPES,  # one sub-command per operation type
     "status",
     "list",
     "mapping",
@@ -523,7 +518,7 @@ def add_commands(sub: Any) -> None:
         "operation_id", metavar="OPERATION"
     )
     listing = command("list", list_operations, "list operations, newest first", common)
-    listing.add_argument("--type", choices=get_args(OpType))
+    listing.add_argument("--type", choices=OP_TYPES)
     listing.add_argument(
         "--status",
         choices=["pending", "executing", "completed", "failed", "cancelled", "rejected"],

@@ -13,6 +13,7 @@ from msgspec import Meta, Struct
 
 from schemas.common import (
     GIB,
+    OP_TYPES,
     CloudStackId,
     OperationId,
     OpType,
@@ -90,7 +91,7 @@ Command = (
     CreateCommand | AttachCommand | DetachCommand | DeleteCommand | CancelCommand | ResizeCommand
 )
 
-COMMAND_TYPES: dict[str, type[Command]] = {
+COMMAND_TYPES: dict[OpType, type[Command]] = {
     "create": CreateCommand,
     "attach": AttachCommand,
     "detach": DetachCommand,
@@ -98,6 +99,9 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     "cancel": CancelCommand,
     "resize": ResizeCommand,
 }
+# One command type per operation type, in OpType's order (subjects, docs, the CLI follow it).
+if tuple(COMMAND_TYPES) != OP_TYPES:
+    raise TypeError("COMMAND_TYPES must name the operation types of schemas.common.OpType")
 
 # One decoder per command type, built once.
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
@@ -187,7 +191,7 @@ def _humanize(msgspec_error: str) -> str:
 def operation_type_of(command: Command) -> OpType:
     for name, cls in COMMAND_TYPES.items():
         if isinstance(command, cls):
-            return name  # type: ignore[return-value]
+            return name
     raise TypeError(type(command))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from msgspec import Meta
 
@@ -22,6 +22,16 @@ ErrorCode = Literal[
     "not_cancellable",
     "internal",
 ]
+
+OP_TYPES: tuple[OpType, ...] = get_args(OpType)  # every list of operation types is this
+
+
+def op_type_of(name: str) -> OpType:
+    """``name`` as an operation type; ValueError if it names none."""
+    if name not in OP_TYPES:
+        raise ValueError(f"unknown operation type {name!r}")
+    return name
+
 
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
 

@@ -198,10 +198,3 @@ class CloudStackCredentials(Struct, kw_only=True):
 
     def __repr__(self) -> str:  # never let the secret reach a log line
         return f"CloudStackCredentials(endpoint={self.endpoint!r}, key={self.key!r}, secret=***)"
-
-
-class GivenUpAdvisory(Struct):
-    """What volumed reads of the server's MAX_DELIVERIES advisory for a consumer."""
-
-    stream_seq: int
-    deliveries: int = 0

@@ -129,43 +129,6 @@ async def test_consumer_carries_on_after_a_server_restart(nats_server: NatsServe
         await bus.close()
 
 
-async def test_a_given_up_command_is_announced_in_a_stream(bus: Bus) -> None:
-    """What the executor relies on to end operations nobody will finish: the server's
-    max-deliveries advisory for the executor's consumer is kept in VOLUMED_GIVEN_UP."""
-    from dataclasses import replace
-
-    import msgspec
-
-    from bus import Abandon
-    from bus.topology import GIVEN_UP, Topology
-    from schemas.internal import GivenUpAdvisory
-
-    # The executor's own consumer, with deliveries that run out in a second.
-    await bus.js.delete_consumer(EXECUTOR.stream, EXECUTOR.durable)
-    spec = replace(EXECUTOR, ack_wait=0.3, max_deliver=2, backoff=())
-    await bus.provision(Topology(consumers=(spec,)))
-    deliveries: list[int] = []
-
-    async def handler(d: Delivery) -> None:
-        deliveries.append(d.num_delivered)
-        raise Abandon("as if the process died")
-
-    seq = await bus.publish(command_subject("delete"), b'{"volume_id": "v"}')
-    consumer = Consumer(bus, spec, handler, concurrency=2)
-    task = asyncio.create_task(consumer.run(grace=0.5))
-    try:
-        await wait_for(lambda: deliveries == [1, 2], 10)
-
-        async def announced() -> bytes | None:
-            return await bus.last_message(GIVEN_UP.name, GIVEN_UP.subjects[0])
-
-        advisory = msgspec.json.decode(await wait_for(announced, 10), type=GivenUpAdvisory)
-        assert advisory.stream_seq == seq and advisory.deliveries == 2
-    finally:
-        consumer.stop()
-        await task
-
-
 async def test_flush_puts_a_ping_behind_what_was_sent_before(nats_server: NatsServer) -> None:
     """Bus.flush returns only when the server has read a SUB (or PUB) made just before: a
     PING follows it on the wire (the server answers a PING after reading all before it).

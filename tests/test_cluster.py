@@ -19,7 +19,7 @@ from typing import Any
 import nats.errors
 import pytest
 
-from bus.topology import COMMANDS, DEAD_LETTERS, EVENTS, EVENTS_PREFIX, GIVEN_UP, TOPOLOGY
+from bus.topology import COMMANDS, DEAD_LETTERS, EVENTS, EVENTS_PREFIX, TOPOLOGY
 from simulator import Simulator
 from tests.conftest import (
     Database,
@@ -261,7 +261,6 @@ async def test_volumed_rides_out_the_loss_of_the_command_stream_leader(
             assert (volume_id in sim.volumes) == (op_type == "create"), (op_id, op_type)
         # Nothing given up on or dead-lettered.
         assert await v.bus.last_sequence(DEAD_LETTERS.name) == 0  # type: ignore[attr-defined]
-        assert await v.bus.last_sequence(GIVEN_UP.name) == 0  # type: ignore[attr-defined]
         # No event lost: the database holds every operation, completed, with its volume.
         for op_id in before + during:
             row = await v.row(database, op_id, "completed", timeout=60)

@@ -802,6 +802,7 @@ async def test_a_resumed_cancel_finds_its_own_work_done(
     run again: it must complete (it did cancel the target), not fail not_cancellable. The
     cancelled event names the cancel that caused it; another cancel is still refused."""
     from actors.executor.operations import OperationFailed
+    from actors.executor.run import cancel
 
     async with Simulator(SimConfig(seed=23, job_latency=2.0)) as sim:
         settings = settings_for(nats_server, database, sim)
@@ -816,12 +817,12 @@ async def test_a_resumed_cancel_finds_its_own_work_done(
             await v.send("detach", {"operation_id": waiting, "volume_id": volume_id})
             await until_true(lambda: "pending" in v.statuses(waiting))
             executor: Any = v.supervisor.actors["executor"]  # type: ignore[attr-defined]
-            first = await executor.cancel(waiting, "cancel-1")
-            again = await executor.cancel(waiting, "cancel-1")  # the same cancel, resumed
+            first = await cancel(executor.deps, waiting, "cancel-1")
+            again = await cancel(executor.deps, waiting, "cancel-1")  # the same cancel, resumed
             assert first.status == again.status == "cancelled"
             assert again.target == "cancel-1"
             with pytest.raises(OperationFailed) as refused:
-                await executor.cancel(waiting, "cancel-2")
+                await cancel(executor.deps, waiting, "cancel-2")
             assert refused.value.code == "not_cancellable"
             assert (await v.terminal(busy))["status"] == "completed"
         finally:

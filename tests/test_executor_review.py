@@ -37,12 +37,12 @@ async def test_serials_shown_on_a_host_open_its_gate_in_every_process(
         )
         await one.open()
         await two.open()
-        assert not await two.serials_shown("vm-1")
-        await one.note_proof("vm-1", "serial", "op-1")
-        assert await two.serials_shown("vm-1")
-        assert not await two.serials_shown("vm-2")  # per host
-        await two.note_proof("vm-1", "exclusion", "op-2")
-        assert not await one.serials_shown("vm-1")
+        assert not await two.deps.serials.shown("vm-1")
+        await one.deps.serials.note("vm-1", "serial", "op-1")
+        assert await two.deps.serials.shown("vm-1")
+        assert not await two.deps.serials.shown("vm-2")  # per host
+        await two.deps.serials.note("vm-1", "exclusion", "op-2")
+        assert not await one.deps.serials.shown("vm-1")
     finally:
         await bus.close()
 
@@ -98,7 +98,7 @@ async def test_a_sender_whose_record_was_taken_over_stops_after_its_send(
         await bus.provision(TOPOLOGY)
         executor = ExecutorActor(bus, Settings(nats_url=nats_server.url), "still-ours")
         await executor.open()
-        run = OperationRun(executor, "op-1")
+        run = OperationRun(executor.deps, "op-1")
         record = OpRecord(operation_id="op-1", type="detach", status="pending", stream_seq=1)
         record.last_event = run.event_for(record, "pending")
         await run.claim(record)

@@ -75,6 +75,9 @@ class Outcome:
     size: int | None = None
     response: dict[str, Any] = field(default_factory=dict)
     attached: bool | None = None  # OperationEvent.attached
+    # An attach whose device was proven: how ("serial", else by exclusion). The run notes
+    # it for the host (Serials), which opens or closes its serial-less attach gate.
+    proof: str | None = None
 
 
 class Devices(Protocol):
@@ -226,8 +229,6 @@ class Context(Protocol):
         changed the record meanwhile (it took the operation over: it looks the mutation up
         before sending it again, and this process must stop)."""
         ...
-
-    async def note_proof(self, vm_id: str, proof: str) -> None: ...
 
 
 async def retrying(settings: Settings, attempt: Callable[[int], Awaitable[T]]) -> T:
@@ -595,7 +596,7 @@ async def attach(ctx: Context, cmd: AttachCommand) -> Outcome:
             ),
         )
     if result_.error is None and result_.device_path:
-        await ctx.note_proof(cmd.vm_id, getattr(result_, "proof", ""))
+        outcome.proof = result_.proof
         outcome.device_path = result_.device_path
         outcome.by_id_path = result_.by_id_path
         return outcome

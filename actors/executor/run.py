@@ -2,17 +2,30 @@
 
 ``OperationRun`` is what the steps in operations.py see of the executor (their Context): it
 saves the record, checks the lease before a mutation, knows which VMs volumed serves, and
-ends the operation with exactly one terminal event (through records.py).
+ends the operation with exactly one terminal event (through records.py). It is built from
+``Deps``, what the executor process shares with every operation (made once, in
+``ExecutorActor.open``), and never calls back into the actor.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from actors.executor import operations
-from actors.executor.cloudstack import CloudStackError
-from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
+from actors.executor.cloudstack import CloudStack, CloudStackError
+from actors.executor.identity import LocalIdentity
+from actors.executor.operations import (
+    CreatesInFlight,
+    Devices,
+    OperationFailed,
+    Outcome,
+    VolumeOwners,
+)
+from actors.executor.order import VolumeOrder
+from actors.executor.records import Records
 from actors.executor.resize import DeviceSizes, resize
+from actors.executor.serials import Serials
 from bus import Conflict
 from bus.lease import Lease, LeaseLost
 from schemas.commands import (
@@ -25,28 +38,42 @@ from schemas.commands import (
     ResizeCommand,
 )
 from schemas.common import TERMINAL, Status
+from schemas.config import Settings
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import AttachInFlight, CloudStackCredentials, OpRecord
 
-if TYPE_CHECKING:
-    from actors.executor.actor import ExecutorActor
+
+@dataclass(frozen=True)
+class Deps:
+    """What every operation of one executor process uses, built once when it opens."""
+
+    settings: Settings
+    cloud: CloudStack  # without credentials: each operation uses its own (OperationRun.use)
+    devices: Devices  # the correlators' hand-offs
+    sizes: DeviceSizes  # the watchers' device sizes (resize)
+    identity: LocalIdentity  # this host's VM id
+    records: Records  # the operations bucket and the events
+    owners: VolumeOwners  # which create made each volume
+    creates: CreatesInFlight  # the creates in flight in every process
+    order: VolumeOrder  # each volume's commands, in stream order
+    serials: Serials  # hosts whose devices have shown serials (attach proofs)
 
 
 class OperationRun:
     """One operation's record and events while the executor works on it."""
 
-    def __init__(self, executor: ExecutorActor, operation_id: str) -> None:
-        self.executor = executor
-        self.settings = executor.settings
-        self.cloud = executor.cloud
+    def __init__(self, deps: Deps, operation_id: str) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.cloud = deps.cloud
         self.credentials = CloudStackCredentials()
-        self.devices = executor.devices
+        self.devices = deps.devices
         self.operation_id = operation_id
         self.record: OpRecord = OpRecord(
             operation_id=operation_id, type="create", status="pending", stream_seq=0
         )
         self.revision = 0
-        self.records = executor.records
+        self.records = deps.records
         # Held from a record change until its event is published (records.py).
         self.lock = self.records.lock_for(operation_id)
         self._attach: AttachInFlight | None = None  # this attach's entry, once written
@@ -91,15 +118,15 @@ class OperationRun:
 
     def use(self, credentials: CloudStackCredentials) -> None:
         self.credentials = credentials
-        self.cloud = self.executor.cloud.with_credentials(credentials)
+        self.cloud = self.deps.cloud.with_credentials(credentials)
 
     @property
     def owners(self) -> VolumeOwners:
-        return self.executor.owners
+        return self.deps.owners
 
     @property
     def creates(self) -> CreatesInFlight:
-        return self.executor.creates
+        return self.deps.creates
 
     async def serves(self, vm_id: str, *, wait: bool = False) -> bool:
         """Whether volumed proves the devices of VM ``vm_id``: a correlator serves it (on
@@ -114,35 +141,37 @@ class OperationRun:
         vm_id = self.settings.vm_id or self.credentials.vm_id
         if vm_id is None and wait:
             # An attach must not silently become an attach to another VM (no device).
-            vm_id = await self.executor.identity.resolve_vm_id(self.settings.correlation_timeout)
+            vm_id = await self.deps.identity.resolve_vm_id(self.settings.correlation_timeout)
             if vm_id is None:
                 raise OperationFailed(
                     "internal",
                     "volumed does not know which VM this host is, so it cannot tell whether "
                     "this attach is to it: set VOLUMED_VM_ID, or oma_vm_id in the active "
-                    f"ossea_configs row ({self.executor.identity.vm_id_problem})",
+                    f"ossea_configs row ({self.deps.identity.vm_id_problem})",
                 )
         return vm_id
-
-    async def note_proof(self, vm_id: str, proof: str) -> None:
-        await self.executor.note_proof(vm_id, proof, self.operation_id)
 
     def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
         return self.records.event_for(rec, status, **extra)
 
-    async def claim(self, record: OpRecord) -> None:
-        """Create the record (Conflict if the id is known) and publish its first event."""
+    async def claim(self, record: OpRecord) -> bool:
+        """Create the record and publish its first event: False, and nothing done, if the
+        id is claimed already (the record then tells by whom)."""
         async with self.lock:
-            self.revision = await self.records.ops.create(self.operation_id, record)
+            try:
+                self.revision = await self.records.ops.create(self.operation_id, record)
+            except Conflict:
+                return False
             self.record = record
             try:
                 # Only as the subject's first event: else a cancel already published one
                 # (or events of an expired record with this id remain): the latest goes out.
                 await self.records.publish(record, if_last=0)
-                return
+                return True
             except Conflict:
                 pass
         await self.records.publish_latest(self.operation_id)
+        return True
 
     async def _commit(self) -> None:
         """Save a change of status and publish its event, both under the lock."""
@@ -208,14 +237,14 @@ class OperationRun:
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
         await self._commit()
-        self.executor.order.ended_here(self.operation_id)
+        self.deps.order.ended_here(self.operation_id)
         if rec.type == "attach":
             await self.records.attaching.delete(self.operation_id)
 
     async def execute(self, command: Command) -> None:
         try:
             if isinstance(command, CancelCommand):
-                cancelled = await self.executor.cancel(command.target, self.operation_id)
+                cancelled = await cancel(self.deps, command.target, self.operation_id)
                 await self.finish(
                     "completed",
                     target=command.target,
@@ -223,6 +252,9 @@ class OperationRun:
                 )
                 return
             outcome = await _dispatch(self, command)
+            if outcome.proof is not None and outcome.vm_id is not None:
+                # How the attach's device was proven: it opens (or closes) the host's gate.
+                await self.deps.serials.note(outcome.vm_id, outcome.proof, self.operation_id)
         except OperationFailed as e:
             self.record.volume_id = e.volume_id or self.record.volume_id
             self.record.vm_id = e.vm_id or self.record.vm_id
@@ -249,5 +281,39 @@ async def _dispatch(run: OperationRun, command: Command) -> Outcome:
     if isinstance(command, DeleteCommand):
         return await operations.delete(run, command)
     if isinstance(command, ResizeCommand):
-        return await resize(run, command, DeviceSizes(run.executor.bus))
+        return await resize(run, command, run.deps.sizes)
     raise OperationFailed("internal", f"no executor for {type(command).__name__}")
+
+
+async def cancel(deps: Deps, target_id: str, by: str) -> OperationEvent:
+    """Cancel ``target_id`` if it has not started; return the target's cancelled event.
+
+    The cancelled event names the cancel ``by`` (its ``target``: the operation that
+    caused it), so that the cancel, resumed after a crash between the two, finds its
+    own work done instead of failing with not_cancellable."""
+    for _ in range(20):
+        got = await deps.records.ops.get(target_id)
+        if got is None:
+            raise OperationFailed("not_found", f"no operation {target_id} is known")
+        target, revision = got
+        done = target.last_event
+        if target.status == "cancelled" and done is not None and done.target == by:
+            # This cancel, resumed: its work is done, but the target's event may not be
+            # out (its publish failed, or the process died before it).
+            await OperationRun(deps, target_id).settle()
+            return done
+        if target.status != "pending":
+            what = "is executing" if target.status == "executing" else f"is {target.status}"
+            raise OperationFailed(
+                "not_cancellable",
+                f"operation {target_id} {what}; it can no longer be cancelled",
+            )
+        run = OperationRun(deps, target_id)
+        run.record, run.revision = target, revision
+        try:
+            await run.finish("cancelled", target=by)
+        except Conflict:
+            continue  # it moved meanwhile: look again
+        assert target.last_event is not None
+        return target.last_event
+    raise OperationFailed("internal", f"operation {target_id} kept changing; try again")
