@@ -1,4 +1,4 @@
-"""Every subject, stream, consumer and KV bucket volumed uses, declared once as data.
+"""Every subject, query, stream, consumer and KV bucket volumed uses, declared once as data.
 
 Provisioning (bus.connection.Bus.provision) creates what is missing and updates what exists
 (stream settings, consumer ack settings, bucket retention); nothing else in the code base
