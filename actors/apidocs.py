@@ -21,12 +21,11 @@ from typing import Any, get_args
 import msgspec
 
 from bus.topology import (
+    API_QUERIES,
     CONFIG_SUBJECT,
     DEAD_LETTER_PREFIX,
     REPROVE_SUBJECT,
     TOPOLOGY,
-    ApiQuery,
-    api_subject,
     command_subject,
     correlate_request_subject,
     correlate_result_subject,
@@ -47,18 +46,6 @@ from schemas.internal import (
     ReleaseRequest,
     ReleaseResult,
 )
-from schemas.queries import (
-    Health,
-    HealthQuery,
-    Mapping,
-    MappingQuery,
-    Operation,
-    OperationQuery,
-    Operations,
-    OperationsQuery,
-    VmVolumes,
-    VmVolumesQuery,
-)
 
 ASYNCAPI_FILE = "asyncapi.json"
 SCHEMAS_DIR = "schemas"
@@ -75,40 +62,6 @@ SERVICE_ERRORS = {
     "503": "the database is not open (yet): try again later; volumed health says why",
     "500": "anything else; the text says to see the volumed log",
 }
-
-
-@dataclass(frozen=True)
-class Query:
-    """One endpoint of the ``volumed`` micro service (actors.persistence.api.Api)."""
-
-    name: ApiQuery
-    request: type
-    reply: type
-    errors: tuple[str, ...]
-    summary: str
-
-
-# The endpoints, in the contract's order (§4). A test checks these names against the Api's.
-QUERIES = (
-    Query("operation", OperationQuery, Operation, ("400", "404", "500"), "one operation"),
-    Query(
-        "operations",
-        OperationsQuery,
-        Operations,
-        ("400", "500"),
-        "the operations matching every filter given, newest first",
-    ),
-    Query(
-        "mapping",
-        MappingQuery,
-        Mapping,
-        ("400", "404", "500"),
-        "the device mapping of a volume, or of a device path (with vm_id when several VMs "
-        "have one there)",
-    ),
-    Query("vm_volumes", VmVolumesQuery, VmVolumes, ("400", "500"), "the volumes of a VM"),
-    Query("health", HealthQuery, Health, ("400", "500"), "volumed's health and its checks"),
-)
 
 
 @dataclass(frozen=True)
@@ -234,7 +187,7 @@ def public_types() -> list[type]:
     """The message types users see, in a stable order: commands, the event, the queries'
     requests and replies."""
     found: list[type] = [*COMMAND_TYPES.values(), OperationEvent]
-    for q in QUERIES:
+    for q in API_QUERIES:
         found += [q.request, q.reply]
     return found
 
@@ -396,12 +349,12 @@ def asyncapi() -> dict[str, Any]:
             },
             "payload": {"description": "empty"},
         }
-    for q in QUERIES:
+    for q in API_QUERIES:
         request, reply = message_of(q.request), message_of(q.reply)
         errors = [f"ServiceError{code}" for code in q.errors]
         channel = f"api_{q.name}"
         channels[channel] = _channel(
-            api_subject(q.name),
+            q.subject,
             {request: request},
             f"{q.summary} (micro service `volumed`, endpoint {q.name})",
             internal=False,

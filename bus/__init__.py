@@ -21,7 +21,7 @@ from bus.errors import (
     Unavailable,
 )
 from bus.kv import Bucket
-from bus.service import call, serve
+from bus.service import ask, call, serve
 
 __all__ = [
     "Abandon",
@@ -39,6 +39,7 @@ __all__ = [
     "Retry",
     "ServiceFailed",
     "Unavailable",
+    "ask",
     "call",
     "encode",
     "serve",

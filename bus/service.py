@@ -15,6 +15,7 @@ from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 from bus.connection import Bus, encode
 from bus.errors import BadRequest, NotFound, ServiceFailed, Unavailable
+from bus.topology import QuerySpec, Rep, Req
 
 log = logging.getLogger("volumed.bus.service")
 
@@ -98,3 +99,18 @@ async def call(bus: Bus, subject: str, message: Any, timeout: float = 5.0) -> by
             raise BadRequest(text)
         raise ServiceFailed(code, text)
     return reply.data
+
+
+_reply_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+async def ask(bus: Bus, query: QuerySpec[Req, Rep], request: Req, timeout: float = 5.0) -> Rep:
+    """Ask one of volumed's queries (bus.topology.API_QUERIES): ``call`` on its subject,
+    its reply decoded as its reply type (a reply of another shape raises
+    msgspec.ValidationError)."""
+    data = await call(bus, query.subject, request, timeout)
+    decoder = _reply_decoders.get(query.reply)
+    if decoder is None:
+        decoder = _reply_decoders[query.reply] = msgspec.json.Decoder(query.reply)
+    reply: Rep = decoder.decode(data)
+    return reply

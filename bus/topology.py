@@ -1,4 +1,4 @@
-"""Every subject, stream, consumer and KV bucket volumed uses, declared once as data.
+"""Every subject, query, stream, consumer and KV bucket volumed uses, declared once as data.
 
 Provisioning (bus.connection.Bus.provision) creates what is missing and updates what exists
 (stream settings, consumer ack settings, bucket retention); nothing else in the code base
@@ -8,20 +8,30 @@ names a stream or a durable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import Any, Generic, Literal, TypeVar, get_args
+
+from msgspec import Struct
 
 from schemas.common import OP_TYPES, OpType
 from schemas.config import Settings
+from schemas.queries import (
+    Health,
+    HealthQuery,
+    Mapping,
+    MappingQuery,
+    Operation,
+    OperationQuery,
+    Operations,
+    OperationsQuery,
+    VmVolumes,
+    VmVolumesQuery,
+)
 
 # Public subjects (contract §2-§4).
 COMMAND_PREFIX = "volume.cmd"
 COMMAND_TYPES: tuple[OpType, ...] = OP_TYPES  # one subject per operation type
 EVENTS_PREFIX = "volume.events"
-API_PREFIX = "volume.api"
-# The queries of the ``volumed`` micro service (contract §4), one subject each:
-# volume.api.<query>. Served by actors.persistence.api.Api; documented by actors.apidocs.
-ApiQuery = Literal["operation", "operations", "mapping", "vm_volumes", "health"]
-API_QUERIES: tuple[ApiQuery, ...] = get_args(ApiQuery)
+API_PREFIX = "volume.api"  # volume.api.<query>: the queries (QuerySpec, API_QUERIES below)
 
 # Internal subjects: "volumed." so that they never collide with the public "volume." space.
 DEVICE_PREFIX = "volumed.device"  # volumed.device.<vm_id>
@@ -45,7 +55,7 @@ def command_subject(op_type: str) -> str:
     return f"{COMMAND_PREFIX}.{op_type}"
 
 
-def api_subject(query: ApiQuery) -> str:
+def api_subject(query: str) -> str:
     return f"{API_PREFIX}.{query}"
 
 
@@ -75,6 +85,67 @@ def correlate_result_subject(operation_id: str) -> str:
 
 def release_result_subject(operation_id: str) -> str:
     return f"{CORRELATED_PREFIX}.{operation_id}.detach"
+
+
+Req = TypeVar("Req", bound=Struct)
+Rep = TypeVar("Rep", bound=Struct)
+
+
+@dataclass(frozen=True)
+class QuerySpec(Generic[Req, Rep]):
+    """One query of the ``volumed`` micro service (contract §4): its endpoint name, its
+    request and reply types. The one table of the queries (API_QUERIES): persistence serves
+    each (actors.persistence.api.Api, which refuses to start with one unserved or one
+    undeclared), asking is typed by it (bus.service.ask, client.Client.ask), and
+    actors.apidocs documents it."""
+
+    name: str
+    request: type[Req]
+    reply: type[Rep]
+    summary: str
+    # The micro service error codes it answers with besides its reply (the meanings:
+    # actors.apidocs.SERVICE_ERRORS); 404 only where an id can be unknown.
+    errors: tuple[str, ...] = ("400", "500")
+    # Whether an empty request body stands for {} (else it is a 400): for the queries whose
+    # every field is optional.
+    empty_body: bool = False
+
+    @property
+    def subject(self) -> str:
+        return api_subject(self.name)
+
+
+# The queries, in the contract's order (§4).
+API_OPERATION = QuerySpec(
+    "operation", OperationQuery, Operation, "one operation", errors=("400", "404", "500")
+)
+API_OPERATIONS = QuerySpec(
+    "operations",
+    OperationsQuery,
+    Operations,
+    "the operations matching every filter given, newest first",
+    empty_body=True,
+)
+API_MAPPING = QuerySpec(
+    "mapping",
+    MappingQuery,
+    Mapping,
+    "the device mapping of a volume, or of a device path (with vm_id when several VMs "
+    "have one there)",
+    errors=("400", "404", "500"),
+)
+API_VM_VOLUMES = QuerySpec("vm_volumes", VmVolumesQuery, VmVolumes, "the volumes of a VM")
+# Health takes no parameters: any JSON, or nothing, is its request.
+API_HEALTH = QuerySpec(
+    "health", HealthQuery, Health, "volumed's health and its checks", empty_body=True
+)
+API_QUERIES: tuple[QuerySpec[Any, Any], ...] = (
+    API_OPERATION,
+    API_OPERATIONS,
+    API_MAPPING,
+    API_VM_VOLUMES,
+    API_HEALTH,
+)
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,25 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 import msgspec
 
 from bus import BadRequest as BusBadRequest
-from bus import Bus, Refused, ServiceFailed, call
+from bus import Bus, Refused, ServiceFailed, ask
 from bus import NotFound as BusNotFound
 from bus import Unavailable as BusUnavailable
 from bus.topology import (
+    API_HEALTH,
+    API_MAPPING,
+    API_OPERATION,
+    API_OPERATIONS,
+    API_VM_VOLUMES,
     EVENTS,
     EVENTS_PREFIX,
-    ApiQuery,
-    api_subject,
+    QuerySpec,
+    Rep,
+    Req,
     command_subject,
     event_subject,
 )
@@ -66,9 +72,7 @@ from schemas.queries import (
     MappingQuery,
     Operation,
     OperationQuery,
-    Operations,
     OperationsQuery,
-    VmVolumes,
     VmVolumesQuery,
 )
 
@@ -439,7 +443,7 @@ class Client:
 
     async def operation(self, operation_id: str) -> Operation:
         """The operation's record; NotFound when volumed has none."""
-        return await self._query("operation", OperationQuery(operation_id=operation_id), Operation)
+        return await self.ask(API_OPERATION, OperationQuery(operation_id=operation_id))
 
     async def operations(
         self,
@@ -454,7 +458,7 @@ class Client:
         query = OperationsQuery(
             type=type, status=status, volume_id=volume_id, vm_id=vm_id, limit=limit
         )
-        return (await self._query("operations", query, Operations)).operations
+        return (await self.ask(API_OPERATIONS, query)).operations
 
     async def mapping(
         self,
@@ -466,20 +470,20 @@ class Client:
         """The device mapping of an attached volume, or of a device path (of ``vm_id``:
         needed when several VMs have one at that path); NotFound if none."""
         query = MappingQuery(volume_id=volume_id, device_path=device_path, vm_id=vm_id)
-        return await self._query("mapping", query, Mapping)
+        return await self.ask(API_MAPPING, query)
 
     async def vm_volumes(self, vm_id: str) -> list[Mapping]:
         """The mappings of every volume attached to ``vm_id``."""
-        return (await self._query("vm_volumes", VmVolumesQuery(vm_id=vm_id), VmVolumes)).volumes
+        return (await self.ask(API_VM_VOLUMES, VmVolumesQuery(vm_id=vm_id))).volumes
 
     async def health(self) -> Health:
-        return await self._query("health", HealthQuery(), Health)
+        return await self.ask(API_HEALTH, HealthQuery())
 
-    async def _query(self, endpoint: ApiQuery, query: Any, reply_type: type[T]) -> T:
-        data = await self._translated(
-            call(self.bus, api_subject(endpoint), query, self.request_timeout)
-        )
-        return msgspec.json.decode(data, type=reply_type)
+    async def ask(self, query: QuerySpec[Req, Rep], request: Req) -> Rep:
+        """Ask one of volumed's queries (bus.topology.API_QUERIES) with its request type;
+        its reply, typed. Raises NotFound, BadRequest, ServiceError, Unavailable, Timeout
+        or Unauthorized as the methods above do."""
+        return await self._translated(ask(self.bus, query, request, self.request_timeout))
 
     async def _translated(self, request: Awaitable[T]) -> T:
         """Await a bus request, raising the client's exception for each way it can fail."""

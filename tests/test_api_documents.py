@@ -12,8 +12,9 @@ from typing import Any, get_args
 import msgspec
 import pytest
 
-from actors.apidocs import ASYNCAPI_FILE, QUERIES, REGENERATE, SCHEMAS_DIR, asyncapi, documents
+from actors.apidocs import ASYNCAPI_FILE, REGENERATE, SCHEMAS_DIR, asyncapi, documents
 from actors.persistence.api import Api
+from bus.topology import API_QUERIES
 from schemas.commands import COMMAND_TYPES
 from schemas.common import ErrorCode
 
@@ -117,8 +118,8 @@ def test_every_contract_subject_is_documented() -> None:
 
 def test_documented_queries_are_the_services_endpoints() -> None:
     endpoints = Api.endpoints(object.__new__(Api))
-    assert {q.name for q in QUERIES} == set(endpoints) == set(CONTRACT_QUERIES)
-    for q in QUERIES:
+    assert {q.name for q in API_QUERIES} == set(endpoints) == set(CONTRACT_QUERIES)
+    for q in API_QUERIES:
         assert endpoints[q.name][0] == f"volume.api.{q.name}"
 
 

@@ -402,6 +402,9 @@ async def test_operations_list_filters(world: World, rest: Rest) -> None:
         "GET", f"/api/v1/operations?volume_id={created.volume_id}&type=create", list[GoOperation]
     )
     assert [op.id for op in ops] == [created.id]
+    # Two completed operations at least, whichever tests ran before in this worker (xdist
+    # schedules each test on its own).
+    await rest.create(world.sim, "rest-list-2")
     some = await rest.ok("GET", "/api/v1/operations?status=completed&limit=2", list[GoOperation])
     assert len(some) == 2 and all(op.status == "completed" for op in some)
     assert await rest.ok("GET", "/api/v1/operations?vm_id=no-such-vm", list[GoOperation]) == []

@@ -36,15 +36,15 @@ from actors.correlator.engine import CorrelationEngine, Decision, InFlightAttach
 from actors.heartbeat import beat
 from actors.logs import bind
 from actors.metrics import ATTACHES_WAITING, CORRELATION_SECONDS, CORRELATIONS
-from bus import Bus, Consumer, Delivery, Reject, Retry
+from bus import Bus, Consumer, Delivery, Reject, Retry, ask
 from bus.tasks import Backoff
 from bus.topology import (
+    API_VM_VOLUMES,
     ATTACHING_BUCKET,
     DEVICES_BUCKET,
     EVENTS_PREFIX,
     REPROVE_SUBJECT,
     Topology,
-    api_subject,
     correlate_result_subject,
     correlator_consumer,
     device_subject,
@@ -68,6 +68,7 @@ from schemas.internal import (
     CorrelateResult,
     ReleaseRequest,
 )
+from schemas.queries import VmVolumesQuery
 
 log = logging.getLogger("volumed.correlator")
 
@@ -452,13 +453,16 @@ class CorrelatorActor:
             backoff = Backoff(0.2, 5.0)
 
     async def _publish_proof(self) -> None:
-        data = await self.bus.request(
-            api_subject("vm_volumes"), {"vm_id": self.vm_id}, timeout=_QUERY_TIMEOUT
+        # A query error (503 while the database is not open) raises with its reason.
+        reply = await ask(
+            self.bus, API_VM_VOLUMES, VmVolumesQuery(vm_id=self.vm_id), timeout=_QUERY_TIMEOUT
         )
-        if not data.strip():
-            # A micro-service error carries its reason in headers only.
-            raise RuntimeError("the vm_volumes query failed (is the database connected?)")
-        mapped = _vm_volumes_decoder.decode(data).volumes
+        mapped = [
+            MappedVolume(
+                volume_id=m.volume_id, operation_id=m.operation_id, device_path=m.device_path
+            )
+            for m in reply.volumes
+        ]
         if not mapped:
             return
         # The engine's state now, after the query: a mapping is proven against the newest
@@ -539,15 +543,6 @@ class CorrelatorActor:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-class _VmVolumes(msgspec.Struct, kw_only=True):
-    """The ``vm_volumes`` reply, as far as the correlator needs it."""
-
-    volumes: list[MappedVolume]
-
-
-_vm_volumes_decoder = msgspec.json.Decoder(_VmVolumes)
 
 
 class _SavedDevices(msgspec.Struct, kw_only=True):

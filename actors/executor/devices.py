@@ -10,11 +10,11 @@ import time
 
 import msgspec
 
-from bus import Bus, Unavailable, call
+from bus import Bus, Unavailable, ask
 from bus.tasks import Backoff
 from bus.topology import (
+    API_MAPPING,
     CORRELATION,
-    api_subject,
     correlate_request_subject,
     correlate_result_subject,
     correlator_consumer,
@@ -23,7 +23,7 @@ from bus.topology import (
 )
 from schemas.events import ErrorInfo
 from schemas.internal import CorrelateRequest, CorrelateResult, ReleaseRequest, ReleaseResult
-from schemas.queries import Mapping, MappingQuery
+from schemas.queries import MappingQuery
 
 # Beyond the correlator's own timeout: how long the executor waits for a correlator that
 # may not be running at all before it calls the device lost.
@@ -34,7 +34,6 @@ _RECHECK = 5.0
 case a cut went unnoticed (a reconnect wakes the wait at once)."""
 _DEVICE_OF_PATIENCE = 10.0
 """Seconds a detach asks again for its volume's recorded device while no answer comes."""
-_mapping_decoder = msgspec.json.Decoder(Mapping)  # volume.api.mapping's reply
 
 log = logging.getLogger("volumed.executor.devices")
 
@@ -181,17 +180,11 @@ class BusDevices:
         give_up = asyncio.get_running_loop().time() + _DEVICE_OF_PATIENCE
         while True:
             try:
-                data = await call(
-                    self.bus, api_subject("mapping"), MappingQuery(volume_id=volume_id), 2.0
-                )
-                break
+                mapping = await ask(self.bus, API_MAPPING, MappingQuery(volume_id=volume_id), 2.0)
+                return mapping.device_path
             except TimeoutError:
                 if asyncio.get_running_loop().time() + backoff.delay > give_up:
                     return None
                 await backoff.pause()
-            except Exception:  # no persistence running, or no mapping: nothing to wait for
+            except Exception:  # no persistence, no mapping, a reply of another shape: none
                 return None
-        try:
-            return _mapping_decoder.decode(data).device_path
-        except msgspec.DecodeError:  # a reply of another shape (a ValidationError is one)
-            return None

@@ -25,11 +25,11 @@ from aiohttp import web
 
 from actors.gateway import shapes
 from actors.gateway.openapi import document
-from actors.gateway.routes import NOT_OFFERED, ROUTES, Route
+from actors.gateway.routes import NOT_OFFERED, OPERATIONS_FILTERS, ROUTES, Route
 from actors.metrics.exporter import bound_port, listen, parse_address
 from bus import Bus, call
 from bus import Unavailable as BusUnavailable
-from bus.topology import REPROVE_SUBJECT
+from bus.topology import API_OPERATIONS, REPROVE_SUBJECT
 from client import Client, new_operation_id
 from client.errors import (
     BadRequest,
@@ -53,7 +53,7 @@ from schemas.commands import (
 from schemas.common import CloudStackId, explain_validation_error, is_operation_id, now_rfc3339
 from schemas.config import Settings
 from schemas.events import OperationEvent
-from schemas.queries import Operation, OperationsQuery
+from schemas.queries import Operation
 from schemas.rest import (
     MAX_BODY_BYTES,
     AttachVolumeRequest,
@@ -73,7 +73,6 @@ SHUTDOWN_GRACE = 2.0
 
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
-_operation_query_fields = ("type", "status", "volume_id", "vm_id", "limit")
 
 
 class HttpError(Exception):
@@ -374,18 +373,16 @@ class GatewayActor:
         return shapes.operation(await self.client.operation(operation_id), now_rfc3339())
 
     async def operations(self, request: web.Request) -> Any:
-        given = {k: v for k, v in request.query.items() if k in _operation_query_fields and v}
+        given = {k: v for k, v in request.query.items() if k in OPERATIONS_FILTERS and v}
         try:
             # strict=False: "limit=10" from a query string is a number.
-            q = msgspec.convert(given, OperationsQuery, strict=False)
+            q = msgspec.convert(given, API_OPERATIONS.request, strict=False)
         except msgspec.ValidationError as e:
             raise HttpError(
                 400, "invalid_request", explain_validation_error(str(e), what="query")
             ) from None
         self._nats()
-        found = await self.client.operations(
-            type=q.type, status=q.status, volume_id=q.volume_id, vm_id=q.vm_id, limit=q.limit
-        )
+        found = (await self.client.ask(API_OPERATIONS, q)).operations
         now = now_rfc3339()
         return [shapes.operation(op, now) for op in found]
 

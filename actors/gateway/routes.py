@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from bus.topology import API_HEALTH, API_MAPPING, API_OPERATION, API_OPERATIONS, API_VM_VOLUMES
 from schemas.rest import (
     AttachVolumeRequest,
     CreateVolumeRequest,
@@ -41,6 +44,9 @@ class Route:
     def openapi_path(self) -> str:
         return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
 
+
+# GET /api/v1/operations's query parameters: the operations query's fields, in its order.
+OPERATIONS_FILTERS = tuple(f.name for f in msgspec.structs.fields(API_OPERATIONS.request))
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -102,37 +108,37 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         f"{PREFIX}/volumes/{{id}}/device",
         "volume_device",
-        "The device mapping of an attached volume (volume.api.mapping)",
+        f"The device mapping of an attached volume ({API_MAPPING.subject})",
         answer=RestMapping,
     ),
     Route(
         "GET",
         f"{PREFIX}/devices/{{path:.+}}/volume",
         "device_volume",
-        "The mapping of a device path, given without its leading / (volume.api.mapping)",
+        f"The mapping of a device path, given without its leading / ({API_MAPPING.subject})",
         answer=RestMapping,
     ),
     Route(
         "GET",
         f"{PREFIX}/vms/{{id}}/volumes",
         "vm_volumes",
-        "The volumes attached to a VM (volume.api.vm_volumes)",
+        f"The volumes attached to a VM ({API_VM_VOLUMES.subject})",
         answer=list[VmVolume],
     ),
     Route(
         "GET",
         f"{PREFIX}/operations/{{id}}",
         "operation",
-        "One operation (volume.api.operation)",
+        f"One operation ({API_OPERATION.subject})",
         answer=RestOperation,
     ),
     Route(
         "GET",
         f"{PREFIX}/operations",
         "operations",
-        "Operations matching every filter given, newest first (volume.api.operations)",
+        f"Operations matching every filter given, newest first ({API_OPERATIONS.subject})",
         answer=list[RestOperation],
-        query=("type", "status", "volume_id", "vm_id", "limit"),
+        query=OPERATIONS_FILTERS,
     ),
     Route(
         "POST",
@@ -141,8 +147,10 @@ ROUTES: tuple[Route, ...] = (
         "Ask the correlators to prove every device mapping again now",
         answer=ForceSyncResult,
     ),
-    Route("GET", "/health", "health", "Health (volume.api.health)", answer=HealthDocument),
-    Route("GET", f"{PREFIX}/health", "health", "Health (volume.api.health)", answer=HealthDocument),
+    Route("GET", "/health", "health", f"Health ({API_HEALTH.subject})", answer=HealthDocument),
+    Route(
+        "GET", f"{PREFIX}/health", "health", f"Health ({API_HEALTH.subject})", answer=HealthDocument
+    ),
     Route("GET", f"{PREFIX}/openapi.json", "openapi", "This document"),
 )
 

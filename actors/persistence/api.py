@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -15,11 +15,22 @@ from actors.persistence.read_after import ReadAfter
 from actors.persistence.store import Store
 from bus import BadRequest, NotFound
 from bus.service import EndpointHandler
-from bus.topology import ApiQuery, api_subject
+from bus.topology import (
+    API_HEALTH,
+    API_MAPPING,
+    API_OPERATION,
+    API_OPERATIONS,
+    API_QUERIES,
+    API_VM_VOLUMES,
+    QuerySpec,
+    Rep,
+    Req,
+)
 from schemas.common import explain_validation_error
 from schemas.queries import (
     PATTERN_WORDS,
     Health,
+    HealthQuery,
     Mapping,
     MappingQuery,
     Operation,
@@ -29,8 +40,6 @@ from schemas.queries import (
     VmVolumes,
     VmVolumesQuery,
 )
-
-T = TypeVar("T")
 
 SERVICE_NAME = "volumed"
 SERVICE_VERSION = "0.1.0"
@@ -57,32 +66,48 @@ class Api:
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
     def endpoints(self) -> dict[str, tuple[str, EndpointHandler]]:
-        handlers: dict[ApiQuery, Callable[[bytes], Awaitable[Any]]] = {
-            "operation": self.operation,
-            "operations": self.operations,
-            "mapping": self.mapping,
-            "vm_volumes": self.vm_volumes,
-            "health": self.health,
-        }
-        return {name: (api_subject(name), h) for name, h in handlers.items()}
+        """Every declared query (bus.topology.API_QUERIES) with its handler, {name: (subject,
+        handler)}, in the declaration's order."""
+        return endpoints_of(
+            self._answering(API_OPERATION, self.operation),
+            self._answering(API_OPERATIONS, self.operations),
+            self._answering(API_MAPPING, self.mapping),
+            self._answering(API_VM_VOLUMES, self.vm_volumes),
+            self._answering(API_HEALTH, self.health),
+        )
 
-    def _decode(self, body: bytes, kind: type[T], *, empty: bool = False) -> T:
+    def _answering(
+        self, query: QuerySpec[Req, Rep], handler: Callable[[Req], Awaitable[Rep]]
+    ) -> tuple[QuerySpec[Any, Any], EndpointHandler]:
+        """``handler`` as the endpoint of ``query``: it gets the request decoded as the
+        query's request type (a bad one answers 400 without it)."""
+
+        async def on_body(body: bytes) -> Rep:
+            return await handler(self._decode(body, query))
+
+        return query, on_body
+
+    def _decode(self, body: bytes, query: QuerySpec[Req, Any]) -> Req:
         if not body.strip():
-            if not empty:
+            if not query.empty_body:
                 raise BadRequest("the request body is empty: a JSON object was expected")
             body = b"{}"
+        kind = query.request
+        # A request type without fields (health's) takes any JSON, as its "fields are
+        # ignored" says: only the body's syntax is checked.
+        fieldless = not msgspec.structs.fields(kind)
         decoder = self._decoders.get(kind)
         if decoder is None:
-            decoder = self._decoders[kind] = msgspec.json.Decoder(kind)
+            decoder = self._decoders[kind] = msgspec.json.Decoder(Any if fieldless else kind)
         try:
-            result: T = decoder.decode(body)
+            result: Req = decoder.decode(body)
         except msgspec.ValidationError as e:
             raise BadRequest(
                 explain_validation_error(str(e), what="request", pattern_words=PATTERN_WORDS)
             ) from None
         except msgspec.DecodeError as e:
             raise BadRequest(f"the request is not valid JSON: {e}") from None
-        return result
+        return kind() if fieldless else result
 
     async def _db(self) -> Store:
         """The store, once it holds every event published before the query arrived (or
@@ -100,21 +125,18 @@ class Api:
             await self._read_after.wait()
         return store
 
-    async def operation(self, body: bytes) -> Operation:
-        q = self._decode(body, OperationQuery)
+    async def operation(self, q: OperationQuery) -> Operation:
         db = await self._db()
         found = await db.operation(q.operation_id)
         if found is None:
             raise NotFound(f"no operation {q.operation_id!r}")
         return found
 
-    async def operations(self, body: bytes) -> Operations:
-        q = self._decode(body, OperationsQuery, empty=True)
+    async def operations(self, q: OperationsQuery) -> Operations:
         db = await self._db()
         return Operations(operations=await db.operations(q))
 
-    async def mapping(self, body: bytes) -> Mapping:
-        q = self._decode(body, MappingQuery)
+    async def mapping(self, q: MappingQuery) -> Mapping:
         if (q.volume_id is None) == (q.device_path is None):
             raise BadRequest("give exactly one of volume_id and device_path")
         if q.vm_id is not None and q.device_path is None:
@@ -134,15 +156,28 @@ class Api:
             raise NotFound(f"no device mapping for {what}: it is not attached")
         return found
 
-    async def vm_volumes(self, body: bytes) -> VmVolumes:
-        q = self._decode(body, VmVolumesQuery)
+    async def vm_volumes(self, q: VmVolumesQuery) -> VmVolumes:
         db = await self._db()
         return VmVolumes(volumes=await db.vm_volumes(q.vm_id))
 
-    async def health(self, body: bytes) -> Health:
-        if body.strip():
-            try:
-                msgspec.json.decode(body)
-            except msgspec.DecodeError as e:
-                raise BadRequest(f"the request is not valid JSON: {e}") from None
+    async def health(self, q: HealthQuery) -> Health:
         return await self._health.check()
+
+
+def endpoints_of(
+    *answered: tuple[QuerySpec[Any, Any], EndpointHandler],
+) -> dict[str, tuple[str, EndpointHandler]]:
+    """The micro service's endpoints: each declared query's subject and handler. Raises
+    RuntimeError (at start, before anything is served) when a declared query has no
+    handler, or a handler answers a query not declared or one declared twice."""
+    served = [q for q, _ in answered]
+    missing = [q.name for q in API_QUERIES if q not in served]
+    extra = [q.name for q in served if q not in API_QUERIES]
+    twice = sorted({q.name for q in served if served.count(q) > 1})
+    if missing or extra or twice:
+        raise RuntimeError(
+            "the served queries differ from bus.topology.API_QUERIES: "
+            f"without a handler {missing}, not declared {extra}, answered twice {twice}"
+        )
+    handlers = dict(answered)
+    return {q.name: (q.subject, handlers[q]) for q in API_QUERIES}
