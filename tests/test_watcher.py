@@ -501,12 +501,17 @@ async def test_loop_device_seen_through_rescans(loops: Loops, bus: Bus, events: 
         await wait_for(lambda: events.items)
         before = time.time()
         path = await loops.attach()
+        after = time.time()
         name = os.path.basename(path)
         await wait_for(lambda: events.of(name), timeout=5)
         added = events.device(name, "added")
         assert added.size == 64 * MiB
-        # Unannounced: after a scan that did not see it began, before the one that did ended.
-        assert 0 < added.appeared_after <= before <= added.appeared_at
+        # Unannounced: it appeared in [before, after]; the interval must hold that moment:
+        # from the start of a scan that did not see it (which may begin while losetup runs)
+        # to the end of the one that did.
+        assert 0 < added.appeared_after <= after
+        assert before <= added.appeared_at
+        assert added.appeared_after <= added.appeared_at
         await loops.detach(path)
         await wait_for(lambda: len(events.of(name)) == 2, timeout=5)
         rescans = actor.rescans
