@@ -44,9 +44,9 @@ from actors.executor.cloudstack import CloudStack, CloudStackError
 from actors.executor.devices import BusDevices
 from actors.executor.identity import LocalIdentity
 from actors.executor.operations import (
-    CreatesInFlight,
     Devices,
     OperationFailed,
+    OtherCreates,
     VolumeOwners,
     attachment_after,
 )
@@ -62,7 +62,6 @@ from bus.tasks import UNWIND, finish
 from bus.topology import (
     ATTACHING_BUCKET,
     COMMANDS,
-    CREATING_BUCKET,
     EXECUTOR,
     EXECUTOR_GIVEN_UP,
     LEASES_BUCKET,
@@ -86,7 +85,6 @@ from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import (
     AttachInFlight,
     CheckResult,
-    CreateInFlight,
     GivenUpAdvisory,
     LeaseHolder,
     OpRecord,
@@ -128,7 +126,7 @@ class ExecutorActor:
         # takes as many again, so that waiters never keep what they wait for from being
         # delivered; a parked command that goes on may briefly make more, hence this bound.
         self._working = asyncio.Semaphore(settings.executor_concurrency)
-        self._creates: CreatesInFlight | None = None
+        self._creates = OtherCreates(bus)
         self._cloudstack_unavailable_since: float | None = None
         self._consumer: Consumer | None = None
         self._given_up: Consumer | None = None
@@ -140,7 +138,6 @@ class ExecutorActor:
         attaching = await self.bus.bucket(ATTACHING_BUCKET, AttachInFlight)
         self._records = Records(self.bus, ops, attaching, self.settings.clock)
         self._owners = VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner))
-        self._creates = CreatesInFlight(await self.bus.bucket(CREATING_BUCKET, CreateInFlight))
         self._order = VolumeOrder(self.bus, ops, EXECUTOR, self._identify)
         self._serials_bucket = await self.bus.bucket(SERIALS_BUCKET, SerialsShown)
         self._leases = Leases(
@@ -154,8 +151,7 @@ class ExecutorActor:
         return self._owners
 
     @property
-    def creates(self) -> CreatesInFlight:
-        assert self._creates is not None, "open() first"
+    def creates(self) -> OtherCreates:
         return self._creates
 
     @property

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.executor import operations
 from actors.executor.cloudstack import CloudStackError
-from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
+from actors.executor.operations import OperationFailed, OtherCreates, Outcome, VolumeOwners
 from actors.executor.resize import DeviceSizes, resize
 from bus import Conflict
 from bus.lease import Lease, LeaseLost
@@ -98,7 +98,7 @@ class OperationRun:
         return self.executor.owners
 
     @property
-    def creates(self) -> CreatesInFlight:
+    def creates(self) -> OtherCreates:
         return self.executor.creates
 
     async def serves(self, vm_id: str, *, wait: bool = False) -> bool:
