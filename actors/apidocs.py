@@ -23,6 +23,7 @@ import msgspec
 from bus.topology import (
     API_QUERIES,
     CONFIG_SUBJECT,
+    CREATES_SUBJECT,
     DEAD_LETTER_PREFIX,
     REPROVE_SUBJECT,
     TOPOLOGY,
@@ -43,6 +44,8 @@ from schemas.internal import (
     CloudStackCredentials,
     CorrelateRequest,
     CorrelateResult,
+    CreatesInDoubt,
+    CreatesQuery,
     ReleaseRequest,
     ReleaseResult,
 )
@@ -134,6 +137,16 @@ INTERNAL = (
         "persistence",
         "the active ossea_configs row (request: {}); its secret travels only here",
         reply=CloudStackCredentials,
+    ),
+    Internal(
+        "creates_in_doubt",
+        CREATES_SUBJECT,
+        CreatesQuery,
+        "executor",
+        "persistence",
+        "which other creates may have made a volume not claimed yet (asked only after a lost "
+        "createVolume answer found an unclaimed volume of its name, size, zone and offering)",
+        reply=CreatesInDoubt,
     ),
     Internal(
         "reprove",

@@ -45,6 +45,10 @@ CORRELATED_PREFIX = "volumed.correlated"
 # VM proven again against the devices present now.
 PROOF_PREFIX = "volumed.proof"
 CONFIG_SUBJECT = "volumed.internal.cloudstack_config"
+# executor → persistence (core request): the other creates that may have made a volume not
+# claimed yet (schemas.internal.CreatesQuery → CreatesInDoubt), asked only by a create whose
+# answer was lost; from the database, once it holds every event published before the query.
+CREATES_SUBJECT = "volumed.internal.creates_in_doubt"
 # anyone → every correlator (core request, no stream): prove your VM's mappings again now;
 # each answers {"vm_id", "correlator"}. The REST gateway's POST /api/v1/admin/force-sync.
 REPROVE_SUBJECT = "volumed.internal.reprove"
@@ -363,18 +367,6 @@ VOLUME_OWNERS_BUCKET = BucketSpec(
     description="the create operation each volume belongs to (key: volume id)",
 )
 
-# The creates running now, in any executor process (schemas.internal.CreateInFlight), one key
-# per operation id: put before createVolume may be sent, deleted once the create has claimed
-# its volume or ended. A create whose answer was lost waits for these before it takes a
-# volume of the same parameters. An entry left by a dead process expires with the bucket's
-# ttl (its create, resumed elsewhere, writes it again).
-CREATING_BUCKET = BucketSpec(
-    name="volumed_creating",
-    history=1,
-    ttl=DAY,
-    description="creates that may have made a volume not claimed yet, key: operation id",
-)
-
 # Leases (bus.lease): "op.<operation id>" is held by the one executor process running that
 # operation, "gate.<vm id>" by the one attach to that VM allowed to run while its host has
 # not shown device serials. A key expires this long after its holder's last renewal: how
@@ -413,7 +405,6 @@ TOPOLOGY = Topology(
         ATTACHING_BUCKET,
         VOLUME_OWNERS_BUCKET,
         LEASES_BUCKET,
-        CREATING_BUCKET,
         SERIALS_BUCKET,
     ),
 )

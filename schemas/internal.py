@@ -102,15 +102,27 @@ class AttachInFlight(Struct, kw_only=True):
     clock: str | None = None  # whose clock accepted_at and started_at are on (Settings.clock)
 
 
-class CreateInFlight(Struct, kw_only=True):
-    """A create that may have made a volume it has not claimed yet (the creating bucket, key:
-    operation id): a create whose answer was lost must not take a volume of these
-    parameters while another create of them may still be about to claim it."""
+class CreatesQuery(Struct, kw_only=True):
+    """Executor → persistence (CREATES_SUBJECT): which other creates of these parameters may
+    have made a volume they have not claimed yet. Asked only by a create whose answer was
+    lost and that found a matching volume no operation holds."""
 
+    operation_id: str  # the asking create (never in the answer)
     name: str
-    size: int
+    size: int  # bytes
     zone_id: str
     disk_offering_id: str
+
+
+class CreatesInDoubt(Struct, kw_only=True):
+    """Persistence's answer to a CreatesQuery, once the database holds every event published
+    before the query arrived: the creates of those parameters not ended, and those that
+    failed within a day without naming a volume (their createVolume may have made one).
+    ``error`` set: persistence cannot tell now (database away or behind), ``operations``
+    is then empty and means nothing."""
+
+    operations: list[str] = []
+    error: str = ""
 
 
 class LeaseHolder(Struct, kw_only=True):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomysql
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,15 +25,23 @@ from actors.persistence.records import Event, OperationRow, merge, parse_time
 from bus import Bus
 from bus.topology import (
     CONFIG_SUBJECT,
+    CREATES_SUBJECT,
     DEAD_LETTERS,
     HEALTH_BUCKET,
     PERSISTENCE,
     TOPOLOGY,
     event_subject,
 )
+from schemas.common import GIB
 from schemas.config import Settings
 from schemas.events import ErrorInfo, OperationEvent
-from schemas.internal import CheckResult, CloudStackCredentials, Heartbeat
+from schemas.internal import (
+    CheckResult,
+    CloudStackCredentials,
+    CreatesInDoubt,
+    CreatesQuery,
+    Heartbeat,
+)
 from tests.conftest import MARIADB_HOST, MARIADB_PORT, Database, NatsServer, free_port, wait_for
 
 BASE = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -510,7 +519,59 @@ async def test_unreachable_database_is_down_and_credentials_say_why(bus: Bus) ->
         assert "s3cret-pw" not in json.dumps(health)
         creds = CloudStackCredentials(**json.loads(await bus.request(CONFIG_SUBJECT, {})))
         assert creds.error and "database" in creds.error and "s3cret-pw" not in creds.error
+        # Which creates are in doubt cannot be told: the asker adopts nothing.
+        doubt = msgspec.json.decode(
+            await bus.request(CREATES_SUBJECT, _twin("c-me")), type=CreatesInDoubt
+        )
+        assert doubt.error and doubt.operations == [] and "s3cret-pw" not in doubt.error
         assert actor.store is None
+
+
+def _twin(op: str, size: int = GIB) -> CreatesQuery:
+    return CreatesQuery(
+        operation_id=op, name="twin", size=size, zone_id="zone-1", disk_offering_id="off-1"
+    )
+
+
+async def test_creates_in_doubt_from_the_events_before_the_query(
+    bus: Bus, backend: tuple[str, Database | None]
+) -> None:
+    """The creates of the asker's parameters that may have made a volume: not ended, or
+    failed without naming one; asked at once after the events were published (the query
+    waits until the database holds them)."""
+    dsn, _ = backend
+    twin = {"name": "twin", "size": GIB, "zone_id": "zone-1", "disk_offering_id": "off-1"}
+    other = twin | {"size": 2 * GIB}
+    async with running(bus, dsn):
+        await publish_all(
+            bus,
+            [
+                ev("c-pending", "create", "pending", 0, request=twin),
+                ev("c-running", "create", "pending", 1, request=twin),
+                ev("c-running", "create", "executing", 2),
+                ev("c-done", "create", "pending", 3, request=twin),
+                ev("c-done", "create", "completed", 4, volume_id="vol-done"),
+                ev("c-lost", "create", "pending", 5, request=twin),
+                ev("c-lost", "create", "failed", 6, error=ErrorInfo(code="internal", message="x")),
+                ev("c-made", "create", "pending", 7, request=twin),
+                ev("c-made", "create", "failed", 8, volume_id="vol-made"),
+                ev("c-cancelled", "create", "pending", 9, request=twin),
+                ev("c-cancelled", "create", "cancelled", 10),
+                ev("c-other", "create", "pending", 11, request=other),
+                ev("c-other", "create", "executing", 12),
+                ev("c-me", "create", "pending", 13, request=twin),
+                ev("c-me", "create", "executing", 14),
+                ev("a-1", "attach", "executing", 15, volume_id="vol-done", vm_id="vm-1"),
+            ],
+        )
+        doubt = msgspec.json.decode(
+            await bus.request(CREATES_SUBJECT, _twin("c-me")), type=CreatesInDoubt
+        )
+        assert doubt == CreatesInDoubt(operations=["c-lost", "c-pending", "c-running"])
+        doubt = msgspec.json.decode(
+            await bus.request(CREATES_SUBJECT, _twin("c-me", 2 * GIB)), type=CreatesInDoubt
+        )
+        assert doubt == CreatesInDoubt(operations=["c-other"])
 
 
 # -- CloudStack credentials -----------------------------------------------------------------

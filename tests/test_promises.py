@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from actors.executor.operations import CreatesInFlight
-from bus import Bus
-from bus.topology import CREATING_BUCKET, Topology
 from schemas.common import GIB
-from schemas.internal import CreateInFlight, OpRecord
 from simulator import Fault, SimConfig, Simulator
 from tests import test_lifecycle
 from tests.conftest import Database, Harness, NatsServer, start_volumed, stop_volumed, wait_for
@@ -104,29 +101,52 @@ async def test_a_create_waits_for_a_twin_whose_answer_is_slow(
 
 
 async def test_creates_in_doubt_are_seen_across_executor_processes(
-    nats_server: NatsServer,
+    nats_server: NatsServer, database: Database, sim: Simulator
 ) -> None:
-    """The look-up of a create whose answer was lost waits for same-parameter creates of
-    every executor process, not only its own: each process's creates are in the creating
-    bucket from before createVolume may be sent until they hold their volume."""
-    bus = await Bus.connect(nats_server.url, "test-creates")
+    """A's createVolume made its volume but its answer is slow, in executor one; B (same
+    name, size, zone and offering), in executor two, loses its request (the connection drops
+    before CloudStack sees it) and looks up: it finds A's volume, which no operation holds
+    yet. Executor two knows nothing of A in memory, and A wrote nothing for it: persistence
+    tells it A is in doubt (A stored its executing event before it sent createVolume), so B
+    waits, sees A claim the volume, and makes its own instead of adopting A's."""
+    settings = settings_for(
+        nats_server, database, sim, instance="ex-one", host_id="host-one", executor_concurrency=1
+    )
+    one, one_task = await start_volumed(settings, ["persistence", "executor"], sim)
+    two = None
     try:
-        await bus.provision(Topology(buckets=(CREATING_BUCKET,)))
-        here = CreatesInFlight(await bus.bucket(CREATING_BUCKET, CreateInFlight))
-        there = CreatesInFlight(await bus.bucket(CREATING_BUCKET, CreateInFlight))
-        key = ("twin", GIB, "zone", "offering")
-        record = OpRecord(operation_id="a", type="create", status="executing", stream_seq=1)
-        async with there.running(key, record) as a:
-            assert await here.in_doubt(key, "b") == ["a"]
-            assert await here.in_doubt(("twin", 2 * GIB, "zone", "offering"), "b") == []
-            assert not await here.settled(key, "b", timeout=0.3)
-            await there.claimed(a)
-            assert await here.in_doubt(key, "b") == []
-        async with there.running(key, record):
-            pass  # ended without a volume: no longer in doubt either
-        assert await here.settled(key, "b", timeout=1.0)
+        a, b, filler = op(), op(), op()
+        sim.inject(Fault(kind="accept_then_hang", command="createVolume", seconds=4.0))
+        await one.send("create", create_body(sim, a, "twin-across"))
+        await wait_for(lambda: any(c.command == "createVolume" for c in sim.calls))
+        # Executor one runs A, at most one operation at once; a command it pulled meanwhile
+        # waits behind A, after which it pulls nothing more while A runs: B goes to two.
+        await one.send("create", create_body(sim, filler, "filler"))
+        await wait_for(lambda: one.statuses(filler))
+        two = await start_volumed(
+            msgspec.structs.replace(settings, instance="ex-two", host_id="host-two"),
+            ["executor"],
+            sim,
+        )
+        sim.inject(Fault(kind="drop", command="createVolume"))
+        await one.send("create", create_body(sim, b, "twin-across"))
+        first, second = await one.terminal(a, timeout=30), await one.terminal(b, timeout=30)
+        assert first["status"] == "completed" and second["status"] == "completed", (first, second)
+        ran_on = {
+            o: {e["clock"] for e in one.events[o] if e["status"] == "executing"} for o in (a, b)
+        }
+        assert ran_on == {a: {"host-one"}, b: {"host-two"}}, ran_on
+        theirs, mine = str(first["volume_id"]), str(second["volume_id"])
+        assert mine != theirs, "B adopted A's volume"
+        named = sorted(v.id for v in sim.volumes.values() if v.name == "twin-across")
+        assert named == sorted([theirs, mine])
+        calls = sim.call_log.select("createVolume", name="twin-across")
+        # A's; B's dropped one; B's own, sent only after A had claimed its volume.
+        assert [c.accepted for c in calls] == [True, False, True], calls
     finally:
-        await bus.close()
+        if two is not None:
+            await stop_volumed(*two)
+        await stop_volumed(one, one_task)
 
 
 # -- device_mappings follows CloudStack ------------------------------------------------------

@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from actors.supervisor import Supervisor, connect_bus
 from bus import Bus
-from bus.topology import TOPOLOGY
+from bus.topology import CREATES_SUBJECT, TOPOLOGY
 from client import Client, Unauthorized
 from schemas.common import GIB
 from schemas.config import ConfigError, Settings, load_nats_settings, load_settings
+from schemas.internal import CreatesInDoubt, CreatesQuery
 from simulator import SimConfig, Simulator
 from tests.conftest import (
     Database,
@@ -333,6 +335,16 @@ async def test_each_actor_runs_with_only_its_own_user(
                 await wait_for(healthy(user), timeout=30)
                 for supervisor, _ in running:
                     assert "volumed_server_metrics_up 1.0" in await scrape(supervisor)
+                # A lost createVolume answer's look-up asks persistence (rare: asked here).
+                executor = await login(accounts_server, "executor")
+                try:
+                    query = CreatesQuery(
+                        operation_id="op-1", name="x", size=GIB, zone_id="z", disk_offering_id="o"
+                    )
+                    answer = await executor.request(CREATES_SUBJECT, query)
+                    assert msgspec.json.decode(answer, type=CreatesInDoubt) == CreatesInDoubt()
+                finally:
+                    await executor.close()
             finally:
                 await user.bus.close()  # type: ignore[attr-defined]
         finally:

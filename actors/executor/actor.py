@@ -54,8 +54,8 @@ from actors.executor.cloudstack import CloudStack, CloudStackError
 from actors.executor.devices import BusDevices
 from actors.executor.identity import LocalIdentity
 from actors.executor.operations import (
-    CreatesInFlight,
     Devices,
+    OtherCreates,
     VolumeOwners,
     attachment_after,
 )
@@ -71,7 +71,6 @@ from bus.lease import LeaseLost, Leases
 from bus.tasks import UNWIND, finish
 from bus.topology import (
     ATTACHING_BUCKET,
-    CREATING_BUCKET,
     EXECUTOR,
     LEASES_BUCKET,
     OPERATIONS_BUCKET,
@@ -93,7 +92,6 @@ from schemas.events import ErrorInfo
 from schemas.internal import (
     AttachInFlight,
     CheckResult,
-    CreateInFlight,
     LeaseHolder,
     OpRecord,
     SerialsShown,
@@ -144,7 +142,7 @@ class ExecutorActor:
             identity=self.identity,
             records=Records(self.bus, ops, attaching, self.settings.clock),
             owners=VolumeOwners(await self.bus.bucket(VOLUME_OWNERS_BUCKET, VolumeOwner)),
-            creates=CreatesInFlight(await self.bus.bucket(CREATING_BUCKET, CreateInFlight)),
+            creates=OtherCreates(self.bus),
             order=VolumeOrder(self.bus, ops, EXECUTOR, self._identify),
             serials=Serials(await self.bus.bucket(SERIALS_BUCKET, SerialsShown)),
         )

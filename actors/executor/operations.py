@@ -9,19 +9,21 @@ the job or the volume up before it considers sending anything again
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
+
+import msgspec
 
 from actors.executor.cloudstack import CloudStack, CloudStackError, Job
 from actors.executor.errors import OperationError
 from actors.logs import bind
 from actors.metrics import RETRIES, RETRIES_EXHAUSTED
-from bus import Bucket, Conflict
+from bus import Bucket, Bus, Conflict
+from bus.topology import CREATES_SUBJECT
 from schemas.commands import AttachCommand, CreateCommand, DeleteCommand, DetachCommand
 from schemas.common import GIB, ErrorCode, epoch_of, serial_of
 from schemas.config import Settings
@@ -29,7 +31,8 @@ from schemas.events import ErrorInfo
 from schemas.internal import (
     CorrelateRequest,
     CorrelateResult,
-    CreateInFlight,
+    CreatesInDoubt,
+    CreatesQuery,
     OpRecord,
     Phase,
     ReleaseRequest,
@@ -128,69 +131,56 @@ class VolumeOwners:
 
 CreateKey = tuple[str, int, str, str]  # name, size in bytes, zone, disk offering
 
+# How long the look-up of a create whose answer was lost waits for persistence's answer (it
+# waits up to actors.persistence.actor.CREATES_WAIT for the database), and how often it
+# looks again while other creates are in doubt.
+CREATES_ASK_TIMEOUT = 15.0
+CREATES_POLL = 0.5
 
-@dataclass
-class _Create:
-    key: CreateKey
-    record: OpRecord
-    claimed: bool = False  # its volume's id is known and claimed
+
+class CannotTell(Exception):
+    """Whether other creates are in doubt is unknown now (persistence away or behind)."""
 
 
-class CreatesInFlight:
-    """The creates running now in every executor process (the creating bucket). A create
-    whose answer was lost may find a volume of another create of the same name, size, zone
-    and offering that has sent createVolume but not claimed its volume yet: such a volume
-    must not be adopted before that create has settled."""
+class OtherCreates:
+    """The other creates, in any executor process, that may have made a volume they have not
+    claimed yet. A create whose answer was lost may find a volume of another create of the
+    same name, size, zone and offering that has sent createVolume but not claimed its volume
+    yet: such a volume must not be adopted before that create has settled.
 
-    def __init__(self, bucket: Bucket[CreateInFlight]) -> None:
-        self._bucket = bucket
+    Asked of persistence, only on that rare path, so that a create's normal path writes
+    nothing for it: every create stored its ``executing`` event before it sent createVolume,
+    so once the database holds every event published before the question (the query's
+    read-after wait, else an error) it knows each create that may have sent one and has not
+    ended, or failed without naming a volume. A create that holds a volume already is told
+    apart by the asker, from the volume owners bucket."""
 
-    @contextlib.asynccontextmanager
-    async def running(self, key: CreateKey, record: OpRecord) -> AsyncIterator[_Create]:
-        name, size, zone_id, offering = key
-        entry = _Create(key, record)
-        await self._bucket.put(
-            record.operation_id,
-            CreateInFlight(name=name, size=size, zone_id=zone_id, disk_offering_id=offering),
-        )
-        try:
-            yield entry
-        finally:
-            # Gone from the bucket only where no volume of it can exist unclaimed: nothing
-            # was sent, or the job failed (then both are cleared). Else (stopped, lease
-            # lost, failed with createVolume in doubt) it stays: resumed elsewhere, or
-            # expired with the bucket's ttl, a look-up meanwhile waits and then refuses.
-            if not entry.claimed and record.mutation_sent is None and record.job_id is None:
-                with contextlib.suppress(Exception):
-                    await self._bucket.delete(record.operation_id)
-
-    async def claimed(self, entry: _Create) -> None:
-        """The create holds its volume now: it is no longer in doubt."""
-        if not entry.claimed:
-            entry.claimed = True
-            await self._bucket.delete(entry.record.operation_id)
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
 
     async def in_doubt(self, key: CreateKey, operation_id: str) -> list[str]:
-        """Other creates with these parameters that may have made a volume not claimed yet."""
-        found = []
-        for op in await self._bucket.keys():
-            if op == operation_id:
-                continue
-            got = await self._bucket.get(op)
-            if got is not None and (
-                (got[0].name, got[0].size, got[0].zone_id, got[0].disk_offering_id) == key
-            ):
-                found.append(op)
-        return found
-
-    async def settled(self, key: CreateKey, operation_id: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until no other create is in doubt."""
-        deadline = time.monotonic() + timeout
-        while await self.in_doubt(key, operation_id):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.1)
-        return True
+        """Other creates with these parameters that may have made a volume (those holding
+        one included); CannotTell when persistence cannot say."""
+        name, size, zone_id, offering = key
+        query = CreatesQuery(
+            operation_id=operation_id,
+            name=name,
+            size=size,
+            zone_id=zone_id,
+            disk_offering_id=offering,
+        )
+        try:
+            data = await self._bus.request(CREATES_SUBJECT, query, timeout=CREATES_ASK_TIMEOUT)
+            answer = msgspec.json.decode(data, type=CreatesInDoubt)
+        except Exception as e:
+            raise CannotTell(
+                f"persistence did not answer ({type(e).__name__}: {e})"
+                if str(e)
+                else f"persistence did not answer ({type(e).__name__})"
+            ) from None
+        if answer.error:
+            raise CannotTell(answer.error)
+        return answer.operations
 
 
 class Context(Protocol):
@@ -206,7 +196,7 @@ class Context(Protocol):
     def owners(self) -> VolumeOwners: ...
 
     @property
-    def creates(self) -> CreatesInFlight: ...
+    def creates(self) -> OtherCreates: ...
 
     async def save(self) -> None: ...
 
@@ -404,53 +394,55 @@ async def create(ctx: Context, cmd: CreateCommand) -> Outcome:
     rec = ctx.record
     _about(ctx, rec.volume_id)
     key: CreateKey = (cmd.name, cmd.size, cmd.zone_id, cmd.disk_offering_id)
-    async with ctx.creates.running(key, rec) as this:
+    claimed = False  # this create holds its volume (volume owners)
 
-        async def claim(volume_id: str) -> None:
-            """Claim a volume this create made; it must not be another operation's."""
-            holder = await ctx.owners.claim(volume_id, rec.operation_id)
-            if holder is not None:
-                raise OperationFailed(
-                    "cloudstack_error",
-                    f"createVolume made volume {volume_id}, but operation {holder} holds it; "
-                    "volumed leaves it to that operation and made no other volume",
-                )
-            await ctx.creates.claimed(this)
-            _about(ctx, volume_id)
-
-        async def already_done() -> dict[str, Any] | None:
-            if rec.volume_id:
-                found = await ctx.cloud.volume(rec.volume_id)
-                if found:
-                    await claim(rec.volume_id)
-                    return {"volume": found}
-                # That volume is gone: its job failed and CloudStack dropped it. A later
-                # attempt whose answer was lost is only found by name (else an orphan).
-            return await _find_created(
-                ctx, cmd, key, rec.mutation_sent or ctx.cloud.clock.now(), this
+    async def claim(volume_id: str) -> None:
+        """Claim a volume this create made; it must not be another operation's."""
+        nonlocal claimed
+        holder = await ctx.owners.claim(volume_id, rec.operation_id)
+        if holder is not None:
+            raise OperationFailed(
+                "cloudstack_error",
+                f"createVolume made volume {volume_id}, but operation {holder} holds it; "
+                "volumed leaves it to that operation and made no other volume",
             )
+        claimed = True
+        _about(ctx, volume_id)
 
-        params = {
-            "name": cmd.name,
-            "size": cmd.size // GIB,
-            "diskofferingid": cmd.disk_offering_id,
-            "zoneid": cmd.zone_id,
-        }
-        result = await mutate(
-            ctx, Phase.CREATE, "createVolume", params, already_done, learned=claim
-        )
-        volume = _volume_of(result)
-        volume_id = str(volume.get("id") or rec.volume_id or "")
-        if not volume_id:
-            raise OperationFailed("cloudstack_error", "createVolume finished without a volume id")
-        if not this.claimed:  # the job's result after a restart: the claim was made before
-            await claim(volume_id)
-        rec.volume_id = volume_id
-        return Outcome(volume_id=volume_id, size=_int(volume.get("size")), response=volume)
+    async def already_done() -> dict[str, Any] | None:
+        nonlocal claimed
+        if rec.volume_id:
+            found = await ctx.cloud.volume(rec.volume_id)
+            if found:
+                await claim(rec.volume_id)
+                return {"volume": found}
+            # That volume is gone: its job failed and CloudStack dropped it. A later
+            # attempt whose answer was lost is only found by name (else an orphan).
+        found = await _find_created(ctx, cmd, key, rec.mutation_sent or ctx.cloud.clock.now())
+        if found is not None:
+            claimed = True
+            _about(ctx, str(_volume_of(found).get("id")))
+        return found
+
+    params = {
+        "name": cmd.name,
+        "size": cmd.size // GIB,
+        "diskofferingid": cmd.disk_offering_id,
+        "zoneid": cmd.zone_id,
+    }
+    result = await mutate(ctx, Phase.CREATE, "createVolume", params, already_done, learned=claim)
+    volume = _volume_of(result)
+    volume_id = str(volume.get("id") or rec.volume_id or "")
+    if not volume_id:
+        raise OperationFailed("cloudstack_error", "createVolume finished without a volume id")
+    if not claimed:  # the job's result after a restart: the claim was made before
+        await claim(volume_id)
+    rec.volume_id = volume_id
+    return Outcome(volume_id=volume_id, size=_int(volume.get("size")), response=volume)
 
 
 async def _find_created(
-    ctx: Context, cmd: CreateCommand, key: CreateKey, sent: float, this: _Create
+    ctx: Context, cmd: CreateCommand, key: CreateKey, sent: float
 ) -> dict[str, Any] | None:
     """The volume a createVolume whose answer was lost made, or None if it made none.
 
@@ -458,36 +450,52 @@ async def _find_created(
     around the time the request was sent (``sent`` and ``created`` both on CloudStack's
     clock, never this host's: hosts' clocks may differ from it by any amount; a send made
     before any answer had taught the clock is on this host's, as before), and this create
-    wins its claim: a volume another
-    operation holds is never taken. A matching volume that no one holds yet may still be
-    another create's in this process that has not learned its id: those are waited for, and
-    where volumed still cannot tell, the create fails without taking or deleting anything."""
+    wins its claim: a volume another operation holds is never taken. A matching volume that
+    no one holds yet may still be another create's, in any process, that has not claimed it
+    yet (OtherCreates): those are waited for, and where volumed still cannot tell, the
+    create fails without taking or deleting anything."""
     me = ctx.record.operation_id
-    candidates = [
-        v
-        for v in await ctx.cloud.volumes_named(cmd.name)
-        if _int(v.get("size")) == cmd.size
-        and v.get("zoneid") == cmd.zone_id
-        and v.get("diskofferingid") == cmd.disk_offering_id
-        and _created_near(v.get("created"), sent)
-    ]
-    waited = False
-    while candidates:
-        free = []
-        for volume in candidates:
-            holder = await ctx.owners.owner(str(volume.get("id")))
-            if holder == me:
-                await ctx.creates.claimed(this)
+    deadline: float | None = None  # of the wait for other creates to settle
+    while True:
+        same = [
+            v
+            for v in await ctx.cloud.volumes_named(cmd.name)
+            if _int(v.get("size")) == cmd.size
+            and v.get("zoneid") == cmd.zone_id
+            and v.get("diskofferingid") == cmd.disk_offering_id
+        ]
+        holders = {str(v.get("id")): await ctx.owners.owner(str(v.get("id"))) for v in same}
+        for volume in same:
+            if holders[str(volume.get("id"))] == me:
                 return {"volume": volume}  # claimed before a restart
-            if holder is None:
-                free.append(volume)
+        free = [
+            v
+            for v in same
+            if holders[str(v.get("id"))] is None and _created_near(v.get("created"), sent)
+        ]
         if not free:
             return None  # every match is another operation's: this create made none
-        others = await ctx.creates.in_doubt(key, me)
-        if others:
-            if not waited and await ctx.creates.settled(key, me, ctx.settings.cloudstack_timeout):
-                waited = True
+        try:
+            # A create that holds a volume of these parameters made no other: not in doubt.
+            held = set(holders.values())
+            others = [o for o in await ctx.creates.in_doubt(key, me) if o not in held]
+            why = ""
+        except CannotTell as e:
+            others, why = [], str(e)
+        if others or why:
+            if deadline is None:
+                deadline = time.monotonic() + ctx.settings.cloudstack_timeout
+            if time.monotonic() < deadline:
+                await asyncio.sleep(CREATES_POLL)
                 continue
+            if why:
+                raise OperationFailed(
+                    "cloudstack_error",
+                    f"the answer to createVolume was lost, and volume {free[0].get('id')} "
+                    f"named {cmd.name!r} may be this operation's or another create's not "
+                    f"known yet, which volumed cannot tell now ({why}); volumed will not "
+                    "guess: check the volumes of that name in CloudStack",
+                )
             raise OperationFailed(
                 "cloudstack_error",
                 f"the answer to createVolume was lost, and volume {free[0].get('id')} named "
@@ -503,12 +511,9 @@ async def _find_created(
                 f"of the same size, zone and offering were created since ({ids}) that no "
                 "operation holds; volumed will not guess which is this operation's",
             )
-        holder = await ctx.owners.claim(str(free[0].get("id")), me)
-        if holder is None:
-            await ctx.creates.claimed(this)
+        if await ctx.owners.claim(str(free[0].get("id")), me) is None:
             return {"volume": free[0]}
-        candidates = [v for v in candidates if v is not free[0]]  # taken meanwhile
-    return None
+        # Taken meanwhile by its own create: look again.
 
 
 def _created_near(created: Any, sent: float) -> bool:

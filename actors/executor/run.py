@@ -16,9 +16,9 @@ from actors.executor import operations
 from actors.executor.cloudstack import CloudStack, CloudStackError
 from actors.executor.identity import LocalIdentity
 from actors.executor.operations import (
-    CreatesInFlight,
     Devices,
     OperationFailed,
+    OtherCreates,
     Outcome,
     VolumeOwners,
 )
@@ -54,7 +54,7 @@ class Deps:
     identity: LocalIdentity  # this host's VM id
     records: Records  # the operations bucket and the events
     owners: VolumeOwners  # which create made each volume
-    creates: CreatesInFlight  # the creates in flight in every process
+    creates: OtherCreates  # asks persistence which other creates are in doubt
     order: VolumeOrder  # each volume's commands, in stream order
     serials: Serials  # hosts whose devices have shown serials (attach proofs)
 
@@ -125,7 +125,7 @@ class OperationRun:
         return self.deps.owners
 
     @property
-    def creates(self) -> CreatesInFlight:
+    def creates(self) -> OtherCreates:
         return self.deps.creates
 
     async def serves(self, vm_id: str, *, wait: bool = False) -> bool:

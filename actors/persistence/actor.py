@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import msgspec
+
 from actors.logs import SECRETS
 from actors.persistence.api import SERVICE_DESCRIPTION, SERVICE_NAME, SERVICE_VERSION, Api
 from actors.persistence.batcher import Batcher
@@ -18,9 +20,13 @@ from actors.persistence.records import InvalidEvent, decode_event
 from actors.persistence.store import Store, open_store
 from bus import Abandon, Bus, Consumer, Delivery, Reject, serve
 from bus.tasks import UNWIND, Backoff, finish
-from bus.topology import CONFIG_SUBJECT, PERSISTENCE, PERSISTENCE_PROOFS
+from bus.topology import CONFIG_SUBJECT, CREATES_SUBJECT, PERSISTENCE, PERSISTENCE_PROOFS
 from schemas.config import Settings, mask_url_password, url_secrets
-from schemas.internal import CloudStackCredentials
+from schemas.internal import CloudStackCredentials, CreatesInDoubt, CreatesQuery
+
+CREATES_WAIT = 10.0
+"""Seconds a creates-in-doubt query waits at most for the database to hold every earlier
+event (its asker waits CREATES_ASK_TIMEOUT for the answer, actors.executor.operations)."""
 
 log = logging.getLogger("volumed.persistence")
 
@@ -62,6 +68,9 @@ class PersistenceActor:
             gate=self.gate,
         )
         self.read_after = ReadAfter(bus, timeout=settings.query_wait)
+        # The creates-in-doubt query must see every earlier event, whatever query_wait says
+        # (0 turns the public queries' wait off): its own wait, bounded by its asker's.
+        self.creates_read_after = ReadAfter(bus, timeout=CREATES_WAIT)
         self.store_open = asyncio.Event()
         if store is not None:
             self.store_open.set()
@@ -78,6 +87,7 @@ class PersistenceActor:
     async def run(self) -> None:
         service = None
         unsubscribe: Callable[[], Awaitable[None]] | None = None
+        unsubscribe_creates: Callable[[], Awaitable[None]] | None = None
         batcher_task: asyncio.Task[None] | None = None
         try:
             # Health and queries answer while the database is still being waited for.
@@ -86,6 +96,9 @@ class PersistenceActor:
             )
             unsubscribe = await self.bus.subscribe(
                 CONFIG_SUBJECT, self._on_config_request, queue="volumed-persistence"
+            )
+            unsubscribe_creates = await self.bus.subscribe(
+                CREATES_SUBJECT, self._on_creates_request, queue="volumed-persistence"
             )
             if self.store is None:
                 self.store = await self._open_store()
@@ -108,13 +121,15 @@ class PersistenceActor:
         finally:
             if self.batcher is not None and batcher_task is not None:
                 await self.batcher.close(batcher_task)
-            if unsubscribe is not None:
-                with contextlib.suppress(Exception):
-                    await unsubscribe()
+            for unsub in (unsubscribe, unsubscribe_creates):
+                if unsub is not None:
+                    with contextlib.suppress(Exception):
+                        await unsub()
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
             await self.read_after.close()
+            await self.creates_read_after.close()
             if self._owns_store and self.store is not None:
                 await self.store.close()
 
@@ -176,6 +191,29 @@ class PersistenceActor:
         ):
             if consumer is not None:
                 consumer.concurrency = concurrency if opened else 1
+
+    async def _on_creates_request(self, subject: str, data: bytes, reply: str | None) -> None:
+        """The creates in doubt (CreatesQuery), from the database once it holds every event
+        published before the query: the asker's twin stored its ``executing`` event before
+        it sent createVolume, so it is there. Unless that is proven, an error: the asker then
+        cannot tell, and adopts nothing."""
+        if not reply:
+            return
+        try:
+            query = msgspec.json.decode(data, type=CreatesQuery)
+            store = self.store
+            if store is None:
+                answer = CreatesInDoubt(error=f"the database is not available: {self.store_error}")
+            elif not await self.creates_read_after.wait():
+                answer = CreatesInDoubt(error="the database is behind the events stream")
+            else:
+                answer = CreatesInDoubt(operations=await store.creates_in_doubt(query))
+        except Exception as e:
+            answer = CreatesInDoubt(error=f"{type(e).__name__}: {e}")
+        try:
+            await self.bus.respond(reply, answer)
+        except Exception as e:
+            log.warning("cannot answer a creates-in-doubt query: %s", e)
 
     async def _on_config_request(self, subject: str, data: bytes, reply: str | None) -> None:
         if not reply:

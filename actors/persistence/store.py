@@ -20,9 +20,10 @@ from actors.persistence.backends import Backend, Connection, Row, open_backend
 from actors.persistence.errors import StoreConflict, StoreRefused, StoreUnavailable
 from actors.persistence.records import Event, OperationRow, format_time, merge, utcnow
 from actors.persistence.schema import DEVICE_MAPPINGS, VOLUME_HEADS, VOLUME_OPERATIONS
+from schemas.commands import CreateCommand
 from schemas.common import TERMINAL
 from schemas.devices import MappingProof, ProvenMapping
-from schemas.internal import CloudStackCredentials
+from schemas.internal import CloudStackCredentials, CreatesQuery
 from schemas.queries import Mapping, Operation, OperationsQuery
 
 log = logging.getLogger("volumed.persistence.store")
@@ -47,6 +48,11 @@ class Store(Protocol):
     async def operation(self, operation_id: str) -> Operation | None: ...
 
     async def operations(self, query: OperationsQuery) -> list[Operation]: ...
+
+    async def creates_in_doubt(self, query: CreatesQuery) -> list[str]:
+        """The other creates of the query's parameters that may have made a volume they have
+        not claimed yet (schemas.internal.CreatesInDoubt)."""
+        ...
 
     async def mapping_by_volume(self, volume_id: str) -> Mapping | None: ...
 
@@ -551,6 +557,30 @@ class SqlStore:
             (*args, query.limit),
         )
         return [_operation(r) for r in rows]
+
+    async def creates_in_doubt(self, query: CreatesQuery) -> list[str]:
+        # Not ended; or failed (a cancel ends only a pending create, which sent nothing)
+        # without naming a volume, within the day the creating bucket used to keep such an
+        # entry: its createVolume may have made a volume after its last look. A create that
+        # holds a volume is left out by the asker (volume owners), not here: the database
+        # learns a create's volume only from its terminal event.
+        rows = await self._read(
+            "SELECT id, request FROM volume_operations WHERE type = 'create' AND id <> ? AND "
+            "(status IN ('pending', 'executing') OR "
+            "(status = 'failed' AND volume_id IS NULL AND updated_at >= ?))",
+            (query.operation_id, utcnow() - dt.timedelta(days=1)),
+        )
+        found = []
+        for r in rows:
+            try:
+                cmd = msgspec.convert(_from_json(r["request"]), CreateCommand)
+            except (msgspec.MsgspecError, TypeError, ValueError):
+                found.append(str(r["id"]))  # its parameters unknown: it may be one of them
+                continue
+            key = (cmd.name, cmd.size, cmd.zone_id, cmd.disk_offering_id)
+            if key == (query.name, query.size, query.zone_id, query.disk_offering_id):
+                found.append(str(r["id"]))
+        return sorted(found)
 
     async def mapping_by_volume(self, volume_id: str) -> Mapping | None:
         rows = await self._read(f"{self._map_select} WHERE volume_id = ?", (volume_id,))
