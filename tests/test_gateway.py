@@ -424,6 +424,12 @@ async def test_a_rejected_operation_is_failed_to_a_go_caller(world: World, rest:
 
 
 async def test_health_on_both_paths(world: World, rest: Rest) -> None:
+    # Unhealthy (503) until the executor's first heartbeat is in, which may come after the
+    # gateway answers (the world's actors start together).
+    async def beating() -> bool:
+        return (await rest.call("GET", "/health"))[0] == 200
+
+    await wait_for(beating, timeout=15)
     for path in ("/health", "/api/v1/health"):
         health = await rest.ok("GET", path, GoHealth)
         assert health.status in ("healthy", "degraded"), health
