@@ -15,7 +15,9 @@ Any number of executor processes share the command stream. For each command mess
    process's operation is taken over only once its lease has expired. Before every
    CloudStack mutation the lease is checked; a process that lost it stops (Abandon).
 5. Move the record pending → executing compare-and-set (a cancel may have won), publish
-   `executing`, run the operation (operations.py), publish exactly one terminal event.
+   `executing`, run the operation (operations.py), publish exactly one terminal event. (But
+   an attach, every command's pending → executing goes with its run's first record write:
+   before its first CloudStack mutation, or its terminal write; `executing` right after.)
 The message is acknowledged only when the operation is terminal and its record's latest event
 was published (bus/consumer.py makes every ack decision from the handler's outcome); until
 then the consumer heartbeats it, so a crash hands it to another executor, which resumes from
@@ -394,14 +396,18 @@ class ExecutorActor:
                 run.record.runs += 1
                 if run.record.status != "pending":
                     await run.save()
-                if run.record.status == "pending":
-                    if isinstance(command, AttachCommand):
-                        await run.announce_attach(command)
+                elif isinstance(command, AttachCommand):
+                    # An attach starts before anything else: the correlator counts an
+                    # executing attach as in flight (announced first), and its gate is
+                    # held from before `executing` (_gate_for).
+                    await run.announce_attach(command)
                     if not await run.start():
                         if run.record.status not in TERMINAL:
                             raise Abandon(f"{op_id} was started elsewhere")
                         await run.settle()  # cancelled while it waited
                         return
+                else:
+                    run.defer_start()  # pending → executing with its first write (run.py)
                 await run.execute(command)
         finally:
             # An operation that ended here needs its lease no more (a redelivered command

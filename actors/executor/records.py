@@ -14,12 +14,15 @@ subject's last sequence, then the record, then publish only if nothing came in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import Any
 
+import msgspec
+
 from actors.logs import SECRETS
 from bus import Bucket, Bus, Conflict
-from bus.connection import encode
+from bus.connection import StoredMessage, encode
 from bus.topology import EVENTS, event_subject
 from schemas.common import OpType, Status, now_rfc3339
 from schemas.events import ErrorInfo, OperationEvent
@@ -102,14 +105,14 @@ class Records:
 
     async def publish(self, record: OpRecord, *, if_last: int | None = None) -> None:
         """Publish the record's own event (its next step: the caller holds the lock)."""
-        event = record.last_event
-        if event is not None:
-            await self.bus.publish(
-                event_subject(record.operation_id),
-                event,
-                msg_id=event_msg_id(event),
-                if_last=if_last,
-            )
+        if record.last_event is not None:
+            await self.publish_event(record.last_event, if_last=if_last)
+
+    async def publish_event(self, event: OperationEvent, *, if_last: int | None = None) -> None:
+        """Publish one step's event of an operation (the caller holds its lock)."""
+        await self.bus.publish(
+            event_subject(event.operation_id), event, msg_id=event_msg_id(event), if_last=if_last
+        )
 
     async def publish_latest(self, op_id: str, *, again: bool = False) -> OpRecord | None:
         """Publish the operation's latest event (its record's), never an older one.
@@ -144,6 +147,17 @@ class Records:
                 return record
             if not again and last is not None and last.data == encode(event):
                 return record  # it is out already
+            if record is not None and _skipped_executing(record, last):
+                # Ended by its run's first write (a deferred start, run.py) and cut before
+                # `executing` went out: that goes first, then (read again) the latest.
+                with contextlib.suppress(Conflict):
+                    await self.bus.publish(
+                        subject,
+                        executing := self.event_for(record, "executing"),
+                        msg_id=event_msg_id(executing),
+                        if_last=last.stream_seq if last is not None else 0,
+                    )
+                continue
             try:
                 await self.bus.publish(
                     subject,
@@ -155,6 +169,22 @@ class Records:
             except Conflict:
                 continue  # something newer went out meanwhile: read both again
         raise RuntimeError(f"the events of {op_id} kept changing; its latest is not out yet")
+
+
+class _Status(msgspec.Struct):
+    status: str = ""
+
+
+def _skipped_executing(record: OpRecord, last: StoredMessage | None) -> bool:
+    """Whether the record ended a run (``runs``: a delivery started it) whose `executing`
+    event never went out: the subject's last event is still `pending`. (A cancelled or
+    rejected operation never executes; one given up while pending has no run.)"""
+    if last is None or record.runs == 0 or record.status not in ("completed", "failed"):
+        return False
+    try:
+        return msgspec.json.decode(last.data, type=_Status).status == "pending"
+    except msgspec.DecodeError:
+        return False
 
 
 def event_msg_id(event: OperationEvent) -> str:

@@ -52,6 +52,9 @@ class OperationRun:
         self._attach: AttachInFlight | None = None  # this attach's entry, once written
         self.lease: Lease | None = None  # held while it runs (bus.lease)
         self.clock = self.records.clock
+        # pending → executing not written yet: it goes with the run's first record write
+        # (``defer_start``), and `executing` is published right after that write.
+        self._deferred = False
 
     async def load(self, lease: Lease) -> bool:
         """Under the operation's lease, read its record as it is now: False if it has ended
@@ -72,17 +75,30 @@ class OperationRun:
         if self.lease is not None:
             self.lease.check()
 
-    async def still_ours(self) -> None:
-        got = await self.records.ops.get(self.operation_id)
-        if got is None or got[1] != self.revision:
-            raise LeaseLost(
-                f"the record of {self.operation_id} changed while this process sent a "
-                "mutation: another process took it over (it looks the mutation up)"
-            )
-        self.hold()
-
     # operations.Context
     async def save(self) -> None:
+        """Save the record during the run, compare-and-set on the revision this process
+        wrote last. A Conflict means another process wrote it meanwhile (it took the
+        operation over while this one was paused, and looks up whatever this one may have
+        sent): LeaseLost, this process touches nothing more. That is what detects a
+        takeover after a mutation was sent: the next write (its job id, the next phase,
+        the terminal write) fails. The first save of a deferred start carries
+        pending → executing, and publishes `executing` under the operation's lock."""
+        try:
+            if not self._deferred:
+                await self._write()
+                return
+            async with self.lock:
+                self.record.status = "executing"
+                self.record.last_event = self.event_for(self.record, "executing")
+                await self._write()
+                self._deferred = False
+                await self.records.publish(self.record)
+        except Conflict:
+            raise await self._lost() from None
+
+    async def _write(self) -> None:
+        """The record's compare-and-set write (Conflict if it moved on)."""
         self.revision = await self.records.ops.update(self.operation_id, self.record, self.revision)
         started = self.record.attach_started_at
         if self._attach is not None and started and self._attach.started_at is None:
@@ -147,7 +163,7 @@ class OperationRun:
     async def _commit(self) -> None:
         """Save a change of status and publish its event, both under the lock."""
         async with self.lock:
-            await self.save()
+            await self._write()
             await self.records.publish(self.record)
 
     async def settle(self) -> None:
@@ -167,6 +183,28 @@ class OperationRun:
             clock=self.clock,
         )
         await self.records.attaching.put(self.operation_id, self._attach)
+
+    def defer_start(self) -> None:
+        """pending → executing with the run's first record write (its "mutation sent" before
+        the first CloudStack mutation, or its terminal write if it ends before any): one
+        write fewer per operation. Nothing is sent to CloudStack before that write, so a
+        cancel that wins meanwhile (pending → cancelled) makes the write fail, and the run
+        stops having sent nothing (``Ended``). Runs started so are counted in ``runs`` with
+        that write."""
+        self._deferred = True
+
+    async def _lost(self) -> LeaseLost:
+        """What a run's record write that met a Conflict means: Ended, for a deferred start
+        that a cancel (or the give-up path) ended first; else LeaseLost (another process
+        wrote the record: it took the operation over)."""
+        got = await self.records.ops.get(self.operation_id)
+        if self._deferred and got is not None and got[0].status in TERMINAL:
+            self.record, self.revision = got
+            return Ended(f"{self.operation_id} ended ({got[0].status}) before it started")
+        return LeaseLost(
+            f"the record of {self.operation_id} changed under this process: another "
+            "process took the operation over (it looks up whatever was sent)"
+        )
 
     async def start(self) -> bool:
         """pending → executing, compare-and-set. False if a cancel got there first."""
@@ -207,16 +245,42 @@ class OperationRun:
             }
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
-        await self._commit()
+        if self._deferred:
+            # Ended before any other write: the record goes pending → terminal in one
+            # write, and both events follow it in order. A crash between the two publishes
+            # is repaired by whoever publishes the latest event (records.py).
+            async with self.lock:
+                await self._write()
+                self._deferred = False
+                await self.records.publish_event(self.event_for(rec, "executing"))
+                await self.records.publish(rec)
+        else:
+            await self._commit()
         self.executor.order.ended_here(self.operation_id)
         if rec.type == "attach":
             await self.records.attaching.delete(self.operation_id)
 
     async def execute(self, command: Command) -> None:
+        """Run the command and end its operation with exactly one terminal event. During
+        the run, the record is this process's: a write that finds it changed stops it
+        (LeaseLost), or, before it started, finds it ended (Ended: its event goes out)."""
+        try:
+            await self._execute(command)
+        except Ended:
+            await self.settle()
+
+    async def _finish_run(self, status: Status, **kwargs: Any) -> None:
+        """``finish`` during the run (a Conflict means what ``_lost`` says)."""
+        try:
+            await self.finish(status, **kwargs)
+        except Conflict:
+            raise await self._lost() from None
+
+    async def _execute(self, command: Command) -> None:
         try:
             if isinstance(command, CancelCommand):
                 cancelled = await self.executor.cancel(command.target, self.operation_id)
-                await self.finish(
+                await self._finish_run(
                     "completed",
                     target=command.target,
                     outcome=Outcome(response={"cancelled": cancelled.operation_id}),
@@ -226,7 +290,7 @@ class OperationRun:
         except OperationFailed as e:
             self.record.volume_id = e.volume_id or self.record.volume_id
             self.record.vm_id = e.vm_id or self.record.vm_id
-            await self.finish(
+            await self._finish_run(
                 "failed",
                 error=ErrorInfo(code=e.code, message=e.message),
                 target=getattr(command, "target", None),
@@ -234,9 +298,15 @@ class OperationRun:
             )
             return
         except CloudStackError as e:
-            await self.finish("failed", error=ErrorInfo(code=e.code, message=e.message))
+            await self._finish_run("failed", error=ErrorInfo(code=e.code, message=e.message))
             return
-        await self.finish("completed", outcome=outcome)
+        await self._finish_run("completed", outcome=outcome)
+
+
+class Ended(LeaseLost):
+    """The operation ended (cancelled, given up) before this run's deferred start was
+    written: nothing was sent; its latest event goes out and the command is done. (A
+    LeaseLost, so that wherever it is not caught the run touches nothing more.)"""
 
 
 async def _dispatch(run: OperationRun, command: Command) -> Outcome:
