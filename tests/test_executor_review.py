@@ -102,7 +102,6 @@ async def test_a_sender_whose_record_was_taken_over_stops_after_its_send(
         record = OpRecord(operation_id="op-1", type="detach", status="pending", stream_seq=1)
         record.last_event = run.event_for(record, "pending")
         await run.claim(record)
-        run.lease = await executor.leases.acquire("op.op-1")
         run.record.mutation_sent = 1.0
         await run.save()  # nobody else touched it
         got = await executor.records.ops.get("op-1")

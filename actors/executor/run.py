@@ -3,10 +3,27 @@
 ``OperationRun`` is what the steps in operations.py see of the executor (their Context): it
 saves the record, checks the lease before a mutation, knows which VMs volumed serves, and
 ends the operation with exactly one terminal event (through records.py).
+
+The operation's lease is its record. The write that starts the run (pending → executing,
+with its first save) or takes it over names the run in ``holder``, compare-and-set on the
+revision it read; every later write of the run is compare-and-set on the revision it wrote
+last, so a run whose record another process wrote meanwhile finds out at its next write
+(LeaseLost: it touches nothing more). The holder counts on its lease for ``VALID_SHARE`` of
+``HOLD_TTL`` after it *sent* its last confirmed write, on its own clock, and checks that
+before every CloudStack mutation (``hold``); a run that lasts renews it by writing the
+record again (``renew``: every ``HOLD_TTL / RENEWALS_PER_TTL`` seconds without a write, and at
+once after a reconnect); a short one never does. Another process takes the operation over
+only once it has read the same revision for a whole ``HOLD_TTL`` on its own clock
+(Records.free): by then the holder's belief has lapsed, whatever the two hosts' clocks
+say. A terminal write, or a run that lets go (``release``), clears ``holder``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from actors.executor import operations
@@ -14,7 +31,8 @@ from actors.executor.cloudstack import CloudStackError
 from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
 from actors.executor.resize import DeviceSizes, resize
 from bus import Conflict
-from bus.lease import Lease, LeaseLost
+from bus.lease import RENEWALS_PER_TTL, VALID_SHARE, LeaseLost, now
+from bus.topology import EXECUTOR
 from schemas.commands import (
     AttachCommand,
     CancelCommand,
@@ -30,6 +48,12 @@ from schemas.internal import AttachInFlight, CloudStackCredentials, OpRecord
 
 if TYPE_CHECKING:
     from actors.executor.actor import ExecutorActor
+
+log = logging.getLogger("volumed.executor")
+
+HOLD_TTL = EXECUTOR.ack_wait
+"""Seconds a run's record may stay unwritten before another process may take it over: the
+command's ack wait, after which the server hands a silent process's command to another."""
 
 
 class OperationRun:
@@ -50,17 +74,23 @@ class OperationRun:
         # Held from a record change until its event is published (records.py).
         self.lock = self.records.lock_for(operation_id)
         self._attach: AttachInFlight | None = None  # this attach's entry, once written
-        self.lease: Lease | None = None  # held while it runs (bus.lease)
         self.clock = self.records.clock
         # pending → executing not written yet: it goes with the run's first record write
         # (``defer_start``), and `executing` is published right after that write.
         self._deferred = False
+        # The lease (see the module doc): this run's name in ``holder``, when it sent its
+        # last write that the server confirmed while it held it, and whether a renewal
+        # found the record another's.
+        self.holder = f"{executor.instance}/{uuid.uuid4().hex[:12]}"
+        self.ttl = HOLD_TTL
+        self._confirmed: float | None = None
+        self._lost = False
 
-    async def load(self, lease: Lease) -> bool:
-        """Under the operation's lease, read its record as it is now: False if it has ended
-        (its latest event is then out)."""
-        self.lease = lease
-        got = await self.records.ops.get(self.operation_id)
+    async def load(self) -> bool:
+        """Read the record once no other run holds it (Records.free: a holder that stays
+        silent for a whole ttl is taken over): False if it has ended (its latest event is
+        then out)."""
+        got = await self.records.free(self.operation_id, self.ttl)
         if got is None:
             raise RuntimeError(f"the record of {self.operation_id} is gone")
         self.record, self.revision = got
@@ -69,11 +99,76 @@ class OperationRun:
             return False
         return True
 
+    @property
+    def holding(self) -> bool:
+        """Whether this run's name is in the record as this process last wrote it."""
+        return (
+            not self._lost
+            and self.record.holder == self.holder
+            and self.record.status not in TERMINAL
+        )
+
     def hold(self) -> None:
-        """Raise LeaseLost unless this process still holds the operation's lease: called
-        just before a CloudStack mutation is sent."""
-        if self.lease is not None:
-            self.lease.check()
+        """Raise LeaseLost unless this run still holds the operation: called just before a
+        CloudStack mutation is sent. (Before its deferred start it holds nothing yet, and
+        sends nothing: its first write, compare-and-set, claims it.)"""
+        if self._deferred:
+            return
+        if (
+            not self.holding
+            or self._confirmed is None
+            or now() >= self._confirmed + self.ttl * VALID_SHARE
+        ):
+            raise LeaseLost(f"the record of {self.operation_id} is no longer held by this run")
+
+    def take(self) -> None:
+        """This run holds the operation from its next write on (compare-and-set on the
+        revision it read: a start, or a takeover)."""
+        self.record.holder = self.holder
+
+    async def renew(self, *, now_: bool = False) -> None:
+        """Write the record again (as stored: nothing of the run's own goes with it) if
+        this run holds it and has written nothing for a while (``now_``: at once, after a
+        reconnect). Given up before the next renewal is due; a Conflict means another
+        process wrote it: the lease is lost."""
+        every = self.ttl / RENEWALS_PER_TTL
+        if self._deferred or not self.holding:
+            return
+        if not now_ and self._confirmed is not None and now() - self._confirmed < every:
+            return  # a write of the run renewed it
+        try:
+            async with asyncio.timeout(every), self.lock:
+                got = await self.records.ops.get(self.operation_id)
+                if not self.holding:
+                    return
+                if got is None or got[1] != self.revision or got[0].holder != self.holder:
+                    self._lost = True
+                    return
+                sent = now()
+                self.revision = await self.records.ops.update(
+                    self.operation_id, got[0], self.revision
+                )
+                self._confirmed = sent
+        except Conflict:
+            self._lost = True
+        except Exception as e:
+            log.debug("%s not renewed (%s); it stays held for a while", self.operation_id, e)
+        if self._lost:
+            log.warning("%s was taken over by another process", self.operation_id)
+
+    async def release(self) -> None:
+        """A run that ends without ending its operation lets go of it (the record as stored,
+        ``holder`` cleared), so that its next delivery, here or elsewhere, need not wait a
+        ttl; if that cannot be written, it is taken over once the ttl has passed."""
+        if self._deferred or not self.holding:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.ttl / RENEWALS_PER_TTL), self.lock:
+                got = await self.records.ops.get(self.operation_id)
+                if got is not None and got[1] == self.revision and got[0].holder == self.holder:
+                    got[0].holder = ""
+                    await self.records.ops.update(self.operation_id, got[0], self.revision)
+                    self._lost = True  # (no longer this run's)
 
     # operations.Context
     async def save(self) -> None:
@@ -85,21 +180,26 @@ class OperationRun:
         the terminal write) fails. The first save of a deferred start carries
         pending → executing, and publishes `executing` under the operation's lock."""
         try:
-            if not self._deferred:
-                await self._write()
-                return
-            async with self.lock:
+            async with self.lock:  # (a renewal writes too)
+                if not self._deferred:
+                    await self._write()
+                    return
                 self.record.status = "executing"
                 self.record.last_event = self.event_for(self.record, "executing")
+                self.take()
                 await self._write()
                 self._deferred = False
                 await self.records.publish(self.record)
         except Conflict:
-            raise await self._lost() from None
+            raise await self._taken() from None
 
     async def _write(self) -> None:
-        """The record's compare-and-set write (Conflict if it moved on)."""
+        """The record's compare-and-set write (Conflict if it moved on); the caller holds
+        the lock. One of the holder's renews its lease."""
+        sent = now()
         self.revision = await self.records.ops.update(self.operation_id, self.record, self.revision)
+        if self.record.holder == self.holder:
+            self._confirmed = sent
         started = self.record.attach_started_at
         if self._attach is not None and started and self._attach.started_at is None:
             self._attach.started_at = started  # attachVolume is about to be sent
@@ -193,7 +293,7 @@ class OperationRun:
         that write."""
         self._deferred = True
 
-    async def _lost(self) -> LeaseLost:
+    async def _taken(self) -> LeaseLost:
         """What a run's record write that met a Conflict means: Ended, for a deferred start
         that a cancel (or the give-up path) ended first; else LeaseLost (another process
         wrote the record: it took the operation over)."""
@@ -201,6 +301,7 @@ class OperationRun:
         if self._deferred and got is not None and got[0].status in TERMINAL:
             self.record, self.revision = got
             return Ended(f"{self.operation_id} ended ({got[0].status}) before it started")
+        self._lost = True
         return LeaseLost(
             f"the record of {self.operation_id} changed under this process: another "
             "process took the operation over (it looks up whatever was sent)"
@@ -211,6 +312,7 @@ class OperationRun:
         while True:
             self.record.status = "executing"
             self.record.last_event = self.event_for(self.record, "executing")
+            self.take()
             try:
                 await self._commit()
                 return True
@@ -245,6 +347,7 @@ class OperationRun:
             }
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
+        rec.holder = ""  # the terminal write ends the lease
         if self._deferred:
             # Ended before any other write: the record goes pending → terminal in one
             # write, and both events follow it in order. A crash between the two publishes
@@ -270,11 +373,11 @@ class OperationRun:
             await self.settle()
 
     async def _finish_run(self, status: Status, **kwargs: Any) -> None:
-        """``finish`` during the run (a Conflict means what ``_lost`` says)."""
+        """``finish`` during the run (a Conflict means what ``_taken`` says)."""
         try:
             await self.finish(status, **kwargs)
         except Conflict:
-            raise await self._lost() from None
+            raise await self._taken() from None
 
     async def _execute(self, command: Command) -> None:
         try:
