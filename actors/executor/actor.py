@@ -11,9 +11,10 @@ Any number of executor processes share the command stream. For each command mess
    ``rejected_copy``). A claim by this very sequence is a redelivery: resume it.
 3. Wait for the volume's turn (order.py): every earlier command on the volume is done,
    whichever process ran it.
-4. Take the operation's lease (bus.lease): it runs in one process at a time, and a dead
-   process's operation is taken over only once its lease has expired. Before every
-   CloudStack mutation the lease is checked; a process that lost it stops (Abandon).
+4. Hold the operation: its record is its lease (run.py): it runs in one process at a time,
+   and a dead process's operation is taken over only once its record has stayed unchanged
+   for a whole ttl. Before every CloudStack mutation the lease is checked; a process that
+   lost it stops (Abandon).
 5. Move the record pending → executing compare-and-set (a cancel may have won), publish
    `executing`, run the operation (operations.py), publish exactly one terminal event. (But
    an attach, every command's pending → executing goes with its run's first record write:

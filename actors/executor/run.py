@@ -26,6 +26,8 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from actors.executor import operations
 from actors.executor.cloudstack import CloudStackError
 from actors.executor.operations import CreatesInFlight, OperationFailed, Outcome, VolumeOwners
@@ -84,6 +86,7 @@ class OperationRun:
         self.holder = f"{executor.instance}/{uuid.uuid4().hex[:12]}"
         self.ttl = HOLD_TTL
         self._confirmed: float | None = None
+        self._written: bytes | None = None  # the record as this run's last write stored it
         self._lost = False
 
     async def load(self) -> bool:
@@ -127,48 +130,46 @@ class OperationRun:
         self.record.holder = self.holder
 
     async def renew(self, *, now_: bool = False) -> None:
-        """Write the record again (as stored: nothing of the run's own goes with it) if
-        this run holds it and has written nothing for a while (``now_``: at once, after a
-        reconnect). Given up before the next renewal is due; a Conflict means another
-        process wrote it: the lease is lost."""
+        """Write the record again, as this run last wrote it (nothing of the run's own
+        goes with it), if this run holds it and has written nothing for a while (``now_``:
+        at once, after a reconnect). Given up before the next renewal is due; a Conflict
+        means another process wrote it: the lease is lost."""
         every = self.ttl / RENEWALS_PER_TTL
-        if self._deferred or not self.holding:
+        if self._deferred or not self.holding or self._written is None:
             return
         if not now_ and self._confirmed is not None and now() - self._confirmed < every:
             return  # a write of the run renewed it
         try:
             async with asyncio.timeout(every), self.lock:
-                got = await self.records.ops.get(self.operation_id)
-                if not self.holding:
-                    return
-                if got is None or got[1] != self.revision or got[0].holder != self.holder:
-                    self._lost = True
-                    return
-                sent = now()
-                self.revision = await self.records.ops.update(
-                    self.operation_id, got[0], self.revision
-                )
-                self._confirmed = sent
+                if self.holding:
+                    await self._rewrite(msgspec.json.decode(self._written, type=OpRecord))
         except Conflict:
             self._lost = True
+            log.warning("%s was taken over by another process", self.operation_id)
         except Exception as e:
             log.debug("%s not renewed (%s); it stays held for a while", self.operation_id, e)
-        if self._lost:
-            log.warning("%s was taken over by another process", self.operation_id)
 
     async def release(self) -> None:
-        """A run that ends without ending its operation lets go of it (the record as stored,
-        ``holder`` cleared), so that its next delivery, here or elsewhere, need not wait a
-        ttl; if that cannot be written, it is taken over once the ttl has passed."""
-        if self._deferred or not self.holding:
+        """A run that ends without ending its operation lets go of it (the record as it
+        last wrote it, ``holder`` cleared), so that its next delivery, here or elsewhere,
+        need not wait a ttl; if that cannot be written, it is taken over once the ttl has
+        passed."""
+        if self._deferred or not self.holding or self._written is None:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.ttl / RENEWALS_PER_TTL), self.lock:
-                got = await self.records.ops.get(self.operation_id)
-                if got is not None and got[1] == self.revision and got[0].holder == self.holder:
-                    got[0].holder = ""
-                    await self.records.ops.update(self.operation_id, got[0], self.revision)
-                    self._lost = True  # (no longer this run's)
+                if self.holding:
+                    record = msgspec.json.decode(self._written, type=OpRecord)
+                    record.holder = ""
+                    self._lost = True  # (no longer this run's, whatever the answer)
+                    await self._rewrite(record)
+
+    async def _rewrite(self, record: OpRecord) -> None:
+        """Write ``record`` (what this run last wrote, or that less its holder) on the
+        revision of that write: nothing else can have been stored since."""
+        sent = now()
+        self.revision = await self.records.ops.update(self.operation_id, record, self.revision)
+        self._confirmed = sent
 
     # operations.Context
     async def save(self) -> None:
@@ -195,11 +196,12 @@ class OperationRun:
 
     async def _write(self) -> None:
         """The record's compare-and-set write (Conflict if it moved on); the caller holds
-        the lock. One of the holder's renews its lease."""
+        the lock. Each write of the holder renews its lease."""
         sent = now()
+        written = msgspec.json.encode(self.record)  # (for renewals: ``renew``)
         self.revision = await self.records.ops.update(self.operation_id, self.record, self.revision)
         if self.record.holder == self.holder:
-            self._confirmed = sent
+            self._confirmed, self._written = sent, written
         started = self.record.attach_started_at
         if self._attach is not None and started and self._attach.started_at is None:
             self._attach.started_at = started  # attachVolume is about to be sent
