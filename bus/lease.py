@@ -38,11 +38,15 @@ RENEWALS_PER_TTL = 5
 _MAX_POLL = 0.25  # seconds between two tries of a held lease
 
 
-def _now() -> float:
+def now() -> float:
+    """This host's clock for leases: CLOCK_BOOTTIME (it runs while the host is suspended)."""
     try:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
     except (AttributeError, OSError):  # not Linux
         return time.monotonic()
+
+
+_now = now
 
 
 class Lease:

@@ -79,6 +79,11 @@ class OpRecord(Struct, kw_only=True):
     # give_up_after; those that only waited for their turn and were handed back do not.
     claimed_on: int = 1
     runs: int = 0
+    # The run that holds the operation (the record is the executor's lease on it: see
+    # actors/executor/run.py): set by the write that starts the run or takes it over, kept
+    # fresh by the holder's writes, cleared by the terminal write or when the run lets go.
+    # Empty: no process runs it now.
+    holder: str = ""
 
 
 class SerialsShown(Struct, kw_only=True):

@@ -6,14 +6,14 @@ where the messages go, subject by subject.
 
 Where a create's messages go today (executor and persistence in one process): the command's
 delivery and ack (2); three events (pending, executing, completed), each a publish, its ack,
-its delivery to persistence and persistence's ack (12); the record's claim and four
-compare-and-set writes (executing, mutation sent, job id, completed: 10); the lease taken and
-let go (3: the release is not waited for); the volume's owner claimed (2); the record read
-again after createVolume was sent (2): 31. A delete: the same without the job id's write and
-the owner claim: 27. (A create wrote no "creating" entry any more, 4 fewer: a create whose
-answer was lost asks persistence which other creates are in doubt, on that rare path only.)
-The issue's goal is 24 for each; what is left above it is the events' own round trips and
-the writes that keep each mutation exactly-once across processes (see bench/README.md).
+its delivery to persistence and persistence's ack (12); the record's claim and three
+compare-and-set writes (mutation sent, which also starts it: pending → executing, and holds
+it: the record is the operation's lease; job id; completed: 8); the volume's owner claimed
+(2): 24. A delete: the same without the job id's write and the owner claim: 20. (No lease of
+its own, no renewal for an operation this short, no read of the record after createVolume:
+the next compare-and-set write finds a takeover, see actors/executor/run.py; no "creating"
+entry: a create whose answer was lost asks persistence which other creates are in doubt, on
+that rare path only.)
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from schemas.config import Settings
 from simulator import SimConfig, Simulator
 from tests.conftest import Harness, NatsServer, free_port, start_volumed, stop_volumed
 
-CREATE_BUDGET = 31
-"""Messages one create may cost (issue 16 asks 24; 42 before this budget, 35 with the creating
-entry)."""
-DELETE_BUDGET = 27
-"""Messages one delete may cost (issue 16 asks 24; 34 before this budget)."""
+CREATE_BUDGET = 24
+"""Messages one create may cost (issue 16: 24; 42 before this budget, then 35)."""
+DELETE_BUDGET = 20
+"""Messages one delete may cost (issue 16: 24; 34 before this budget, then 27)."""
 
 USER = "test-user"  # the connection start_volumed gives the test (tests/conftest.py)
 

@@ -90,9 +90,9 @@ async def test_a_repeat_refused_after_another_send_landed_is_looked_up(
 async def test_a_sender_whose_record_was_taken_over_stops_after_its_send(
     nats_server: NatsServer,
 ) -> None:
-    """After a mutation is sent, the record is read again: if another process changed it
-    meanwhile (it took the operation over while this one was paused), this one stops
-    (LeaseLost) instead of saving its job over the other's."""
+    """After a mutation is sent, the record's next write (its job id) is compare-and-set:
+    if another process changed the record meanwhile (it took the operation over while this
+    one was paused), this one stops (LeaseLost) instead of saving its job over the other's."""
     bus = await Bus.connect(nats_server.url, "still-ours")
     try:
         await bus.provision(TOPOLOGY)
@@ -102,13 +102,14 @@ async def test_a_sender_whose_record_was_taken_over_stops_after_its_send(
         record = OpRecord(operation_id="op-1", type="detach", status="pending", stream_seq=1)
         record.last_event = run.event_for(record, "pending")
         await run.claim(record)
-        run.lease = await executor.leases.acquire("op.op-1")
-        await run.still_ours()  # nobody else touched it
+        run.record.mutation_sent = 1.0
+        await run.save()  # nobody else touched it
         got = await executor.records.ops.get("op-1")
         assert got is not None
-        got[0].mutation_sent = 1.0  # the taker's "mutation sent", before its own send
+        got[0].mutation_sent = 2.0  # the taker's "mutation sent", before its own send
         await executor.records.ops.update("op-1", got[0], got[1])
+        run.record.job_id = "job-1"
         with pytest.raises(LeaseLost):
-            await run.still_ours()
+            await run.save()
     finally:
         await bus.close()

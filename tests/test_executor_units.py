@@ -5,7 +5,7 @@
 The house rule "never mock NATS or the database" is about integration tests, which run
 these same pieces end to end (tests/test_order.py, test_crash.py, test_takeover.py...).
 Here the fakes implement exactly what each unit uses, nothing more: for ``mutate`` a
-Context (``settings``, ``record``, ``save``, ``hold``, ``still_ours``) and a CloudStack
+Context (``settings``, ``record``, ``save``, ``hold``) and a CloudStack
 (``clock.now``, ``start``, ``wait``, ``volume``); for ``VolumeOrder`` a bus (``stored``,
 ``consumer_progress``, ``last_stored``) and an ops bucket (``get``). They run in
 milliseconds and each names one rule.
@@ -89,9 +89,6 @@ class FakeContext:
 
     def hold(self) -> None:
         self.holds += 1
-
-    async def still_ours(self) -> None:
-        pass
 
 
 def _record(**fields: Any) -> OpRecord:

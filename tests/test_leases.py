@@ -1,7 +1,8 @@
 """Leases (bus.lease) against a real nats-server: one holder at a time, renewal keeps a
 lease, takeover only after the holder's own belief has ended, a holder that lost its lease
-learns so and never releases another's; and through the daemon: an operation whose lease is
-taken stops before its next CloudStack mutation, and the mutation is sent once in all."""
+learns so and never releases another's; and through the daemon, where an operation's lease
+is its record (actors/executor/run.py): an operation whose record is taken over stops
+before its next CloudStack mutation, and the mutation is sent once in all."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from actors.executor import ExecutorActor
+from actors.executor.run import HOLD_TTL, OperationRun
 from bus import Bus
-from bus.lease import Lease, LeaseLost, Leases, _now
-from bus.topology import LEASES_BUCKET, BucketSpec, Topology
+from bus.lease import LeaseLost, Leases, _now
+from bus.topology import BucketSpec, Topology
 from schemas.internal import LeaseHolder
 from simulator import Simulator
 from tests import test_lifecycle
@@ -113,28 +115,35 @@ async def test_an_operation_whose_lease_expired_sends_no_further_mutation(
     body = {"operation_id": attach_id, "volume_id": volume_id, "vm_id": remote_vm(sim)}
     await volumed.send("attach", body)
     assert (await volumed.terminal(attach_id))["status"] == "completed"
-    ttl = LEASES_BUCKET.ttl
+    ttl = HOLD_TTL
     sim.set_latency(1.2 * ttl, "detachVolume")  # type: ignore[attr-defined]
     delete_id = op()
     await volumed.send("delete", {"operation_id": delete_id, "volume_id": volume_id})
     await wait_for(lambda: len(calls(sim, "detachVolume")) == 1, 10)
 
-    async def stalled(lease: Lease) -> None:
+    async def stalled(self: OperationRun, *, now_: bool = False) -> None:
         return None
 
-    renew = executor.leases._renew
-    executor.leases._renew = stalled  # type: ignore[method-assign]
-    bucket = await volumed.bus.bucket(LEASES_BUCKET, LeaseHolder)  # type: ignore[attr-defined]
-    other = Leases(bucket, "another-process", ttl)
-    taken = await other.acquire(f"op.{delete_id}", timeout=2 * ttl)
-    executor.leases._renew = renew  # type: ignore[method-assign]
+    # The operation's lease is its record (actors/executor/run.py): another process takes
+    # it over once it has read the same revision for a whole ttl, by writing it as its own.
+    renew = OperationRun.renew
+    OperationRun.renew = stalled  # type: ignore[method-assign]
+    try:
+        got = await executor.records.free(delete_id, ttl, timeout=2 * ttl)
+        assert got is not None and got[0].holder, got
+        record, revision = got
+        record.holder = "another-process"
+        revision = await executor.records.ops.update(delete_id, record, revision)
+    finally:
+        OperationRun.renew = renew  # type: ignore[method-assign]
     # The detach job ends while the lease is the other's: no delete may follow.
     volume = sim.world.volumes[volume_id]  # type: ignore[attr-defined]
     await wait_for(lambda: volume.vm_id is None, 3 * ttl)
     await asyncio.sleep(1.0)
     assert calls(sim, "deleteVolume") == [], "a process whose lease expired sent a mutation"
     assert "completed" not in volumed.statuses(delete_id)
-    await other.release(taken)
+    record.holder = ""  # the other process lets go of it
+    await executor.records.ops.update(delete_id, record, revision)
 
     done = await volumed.terminal(delete_id, timeout=6 * ttl)
     assert done["status"] == "completed", done

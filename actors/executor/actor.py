@@ -13,11 +13,14 @@ Any number of executor processes share the command stream. For each command mess
    (``Resume``), or publish its latest event if it has ended (``Ended``).
 3. Wait for the volume's turn (order.py): every earlier command on the volume is done,
    whichever process ran it.
-4. Take the operation's lease (bus.lease): it runs in one process at a time, and a dead
-   process's operation is taken over only once its lease has expired. Before every
-   CloudStack mutation the lease is checked; a process that lost it stops (Abandon).
+4. Hold the operation: its record is its lease (run.py): it runs in one process at a time,
+   and a dead process's operation is taken over only once its record has stayed unchanged
+   for a whole ttl. Before every CloudStack mutation the lease is checked; a process that
+   lost it stops (Abandon).
 5. Move the record pending → executing compare-and-set (a cancel may have won), publish
-   `executing`, run the operation (operations.py), publish exactly one terminal event.
+   `executing`, run the operation (operations.py), publish exactly one terminal event. (But
+   an attach, every command's pending → executing goes with its run's first record write:
+   before its first CloudStack mutation, or its terminal write; `executing` right after.)
 The message is acknowledged only when the operation is terminal and its record's latest event
 was published (bus/consumer.py makes every ack decision from the handler's outcome); until
 then the consumer heartbeats it, so a crash hands it to another executor, which resumes from
@@ -62,12 +65,12 @@ from actors.executor.operations import (
 from actors.executor.order import Identity, VolumeOrder
 from actors.executor.records import Records
 from actors.executor.resize import DeviceSizes
-from actors.executor.run import Deps, OperationRun
+from actors.executor.run import HOLD_TTL, Deps, OperationRun
 from actors.executor.serials import Serials
 from actors.heartbeat import beat
 from bus import Abandon, Bus, Conflict, Consumer, Delivery, Reject
 from bus.connection import StoredMessage
-from bus.lease import LeaseLost, Leases
+from bus.lease import RENEWALS_PER_TTL, LeaseLost, Leases
 from bus.tasks import UNWIND, finish
 from bus.topology import (
     ATTACHING_BUCKET,
@@ -126,6 +129,9 @@ class ExecutorActor:
         # takes as many again, so that waiters never keep what they wait for from being
         # delivered; a parked command that goes on may briefly make more, hence this bound.
         self._working = asyncio.Semaphore(settings.executor_concurrency)
+        # The runs in this process, whose records (their leases) are renewed (_renewals).
+        self._runs: set[OperationRun] = set()
+        self._renew_now = asyncio.Event()
         self._cloudstack_unavailable_since: float | None = None
         self._consumer: Consumer | None = None
 
@@ -145,11 +151,13 @@ class ExecutorActor:
             creates=OtherCreates(self.bus),
             order=VolumeOrder(self.bus, ops, EXECUTOR, self._identify),
             serials=Serials(await self.bus.bucket(SERIALS_BUCKET, SerialsShown)),
+            instance=self.instance,
         )
         self._leases = Leases(
             await self.bus.bucket(LEASES_BUCKET, LeaseHolder), self.instance, LEASES_BUCKET.ttl
         )
         self.bus.on_reconnect.append(self._leases.renew_now)  # renewals missed in a blip
+        self.bus.on_reconnect.append(self._renew_now.set)  # and the runs' records'
 
     @property
     def deps(self) -> Deps:
@@ -182,6 +190,7 @@ class ExecutorActor:
         background = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self.leases.run()),
+            asyncio.create_task(self._renewals()),
         ]
         try:
             await self._consumer.run()
@@ -192,6 +201,17 @@ class ExecutorActor:
             await finish(background, UNWIND / 2, then=UNWIND / 2)
             self.order.close()
             await self.cloud.close()
+
+    async def _renewals(self) -> None:
+        """Renew the records of the runs here that have written nothing for a while
+        (OperationRun.renew), and all of them at once after a reconnect (renewals may have
+        failed during the cut). A short operation is never renewed: its writes do it."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), HOLD_TTL / RENEWALS_PER_TTL / 2)
+            now_ = self._renew_now.is_set()
+            self._renew_now.clear()
+            await asyncio.gather(*(run.renew(now_=now_) for run in list(self._runs)))
 
     def stop(self) -> None:
         if self._consumer:
@@ -316,20 +336,19 @@ class ExecutorActor:
         if volume is not None:
             with d.parked():
                 await self.order.turn(volume, d.stream_seq, op_id)
-        with d.parked():
-            lease = await self.leases.acquire(f"op.{op_id}")
+        if not (claimed and not isinstance(command, AttachCommand)):
+            # Read again, once no other run holds it (run.py: the record is the lease; a
+            # run silent for a whole ttl is taken over): another process may have run it
+            # meanwhile. (Claimed here, the record and its revision are known: pending, and
+            # if it changed meanwhile, a cancel or another process that ran it while this
+            # one stalled, the run's first write, compare-and-set, finds out before anything
+            # is sent. An attach reads it: it writes the attaching bucket before its first
+            # record write.)
+            with d.parked():
+                if not await run.load():
+                    return  # it ended meanwhile: its latest event is out
+        self._runs.add(run)  # renewed while it lasts (_renewals)
         try:
-            if claimed and not isinstance(command, AttachCommand):
-                # Claimed here, so the record and its revision are known without reading
-                # them again. If it changed meanwhile (a cancel, or another process that
-                # ran it while this one stalled), the first write below is a compare-and-set
-                # on that revision and finds out (``start``: cancelled, or started
-                # elsewhere) before anything is sent. (An attach reads it: it writes the
-                # attaching bucket before its first record write.)
-                run.lease = lease
-            # Read again: another process may have run it meanwhile (and lost its lease).
-            elif not await run.load(lease):
-                return  # it ended meanwhile: its latest event is out
             # Credentials (and the local VM id) are read once per operation, when its turn
             # comes: a changed ossea_configs row applies to the next operation, never to half
             # of one. A row that cannot be read just now is waited for like CloudStack.
@@ -338,25 +357,28 @@ class ExecutorActor:
             run.use(creds)
             async with self._gate_for(command, run, d), self._working:
                 # This delivery runs the operation now: it counts against give_up_after
-                # (saved with `executing`, or on its own when resumed).
+                # (saved with `executing`, or with the takeover when resumed).
                 run.record.runs += 1
                 if run.record.status != "pending":
+                    run.take()  # resumed: compare-and-set on the revision found free
                     await run.save()
-                if run.record.status == "pending":
-                    if isinstance(command, AttachCommand):
-                        await run.announce_attach(command)
+                elif isinstance(command, AttachCommand):
+                    # An attach starts before anything else: the correlator counts an
+                    # executing attach as in flight (announced first), and its gate is
+                    # held from before `executing` (_gate_for).
+                    await run.announce_attach(command)
                     if not await run.start():
                         if run.record.status not in TERMINAL:
                             raise Abandon(f"{op_id} was started elsewhere")
                         await run.settle()  # cancelled while it waited
                         return
+                else:
+                    run.defer_start()  # pending → executing with its first write (run.py)
                 await run.execute(command)
         finally:
-            # An operation that ended here needs its lease no more (a redelivered command
-            # finds its record terminal and takes no lease): released without waiting for
-            # the answer, one message instead of two; if that is lost the key expires.
-            ended = run.record.status in TERMINAL
-            await self.leases.release(lease, confirmed=not ended)
+            self._runs.discard(run)
+            # A run that did not end its operation lets go of it (a terminal write did).
+            await run.release()
 
     async def _reject_copy(
         self,
@@ -450,14 +472,14 @@ class ExecutorActor:
                 raise RuntimeError(f"{op_id} is still running: its copy waits")
             await self.records.publish_latest(op_id)
             return
-        async with self.leases.holding(f"op.{op_id}", timeout=1.5 * self.leases.ttl):
-            await self._fail_unless_ended(stored, reason)
+        await self._fail_unless_ended(stored, reason)
 
     async def _fail_unless_ended(self, stored: StoredMessage, reason: str) -> None:
         op_id = self.operation_id_of(stored.data, stored.headers, stored.stream_seq)
         run = OperationRun(self.deps, op_id)
         while True:
-            got = await self.records.ops.get(op_id)
+            # Once no run holds it (run.py), else TimeoutError: it is tried again later.
+            got = await self.records.free(op_id, run.ttl, timeout=1.5 * run.ttl)
             if got is None:
                 if await run.claim(self._failed_claim(stored, op_id, reason)):
                     return

@@ -198,7 +198,11 @@ class Context(Protocol):
     @property
     def creates(self) -> OtherCreates: ...
 
-    async def save(self) -> None: ...
+    async def save(self) -> None:
+        """Save the record compare-and-set; raise bus.lease.LeaseLost if another process
+        changed it meanwhile (it took the operation over: it looks up whatever this one
+        sent before sending it again, and this process must stop)."""
+        ...
 
     async def local_vm_id(self, *, wait: bool = False) -> str | None:
         """The VM this host is; with ``wait``, waits a bounded time for it to be known and
@@ -212,12 +216,6 @@ class Context(Protocol):
 
     def hold(self) -> None:
         """Raise bus.lease.LeaseLost unless this process still runs the operation."""
-        ...
-
-    async def still_ours(self) -> None:
-        """After a mutation was sent: raise bus.lease.LeaseLost if another process has
-        changed the record meanwhile (it took the operation over: it looks the mutation up
-        before sending it again, and this process must stop)."""
         ...
 
 
@@ -307,15 +305,19 @@ async def mutate(
         rec.mutation_sent = ctx.cloud.clock.now()
         await ctx.save()
         ctx.hold()  # (the save may have been slow exactly when renewals were)
+        # A process that took the operation over while this one was paused between its
+        # check and its send is found by the record's next write (its job id here, the
+        # next phase's or the terminal one after a synchronous call): compare-and-set, it
+        # fails (LeaseLost) and this process stops; the taker looks the mutation up.
         if not is_async:
             answer = await ctx.cloud.call(command, **params)
-            await ctx.still_ours()
             return await finished(answer if isinstance(answer, dict) else {"result": answer})
         job: Job = await ctx.cloud.start(command, **params)
-        await ctx.still_ours()
         rec.job_id = job.job_id
         if job.volume_id and not rec.volume_id:
             if learned is not None:
+                # Before the save that may find a takeover: harmless then, the claim is
+                # this operation's id either way (the taker finds the volume its own).
                 await learned(job.volume_id)
             rec.volume_id = job.volume_id
         await ctx.save()

@@ -1,8 +1,9 @@
 """Operation records and their events: the one place that changes either.
 
 A record (the operations bucket, key: operation id) is created once (the idempotency
-claim) and then changed compare-and-set on its revision, by whoever holds the operation's
-lease, or by a cancel (pending → cancelled). Each change of status carries the event that
+claim) and then changed compare-and-set on its revision, by the run that holds it (the
+record is the operation's lease: ``holder``, run.py), by a cancel (pending → cancelled), or
+by the give-up path once no run holds it (``free``). Each change of status carries the event that
 announces it (``last_event``) and is published right after it is saved.
 
 Events of one operation never go backwards: each record change and the publish of its event
@@ -14,16 +15,23 @@ subject's last sequence, then the record, then publish only if nothing came in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import Any
 
+import msgspec
+
 from actors.logs import SECRETS
 from bus import Bucket, Bus, Conflict
-from bus.connection import encode
+from bus.connection import StoredMessage, encode
+from bus.lease import now
+from bus.tasks import Backoff
 from bus.topology import EVENTS, event_subject
-from schemas.common import OpType, Status, now_rfc3339
+from schemas.common import TERMINAL, OpType, Status, now_rfc3339
 from schemas.events import ErrorInfo, OperationEvent
 from schemas.internal import AttachInFlight, OpRecord
+
+_MAX_POLL = 0.25  # seconds between two reads of a held record
 
 
 class Records:
@@ -50,6 +58,34 @@ class Records:
         if lock is None:
             lock = self._locks[op_id] = asyncio.Lock()
         return lock
+
+    async def free(
+        self, op_id: str, ttl: float, *, timeout: float | None = None
+    ) -> tuple[OpRecord, int] | None:
+        """The record once no run holds it (None if there is none): pending (not started:
+        the write that starts it is compare-and-set), ended, let go (``holder`` empty), or
+        held by a run that has written nothing for ``ttl`` seconds, as this process has
+        watched it (run.py: the holder counts on its lease for less than that after its
+        last write). TimeoutError after ``timeout`` seconds.
+
+        Only this process's clock measures the silence: the same revision read at two
+        moments ``ttl`` apart on it. Never a time written by another host (hosts' clocks
+        differ), nor the server's."""
+        deadline = None if timeout is None else now() + timeout
+        seen: tuple[int, float] | None = None  # revision, when this process first read it
+        backoff = Backoff(0.01, _MAX_POLL)
+        while True:
+            got = await self.ops.get(op_id)
+            if got is None or not got[0].holder or got[0].status in TERMINAL:
+                return got
+            at = now()
+            if seen is None or seen[0] != got[1]:
+                seen = (got[1], at)  # (a write since: the holder is alive, watch again)
+            elif at - seen[1] >= ttl:
+                return got
+            if deadline is not None and at + backoff.delay > deadline:
+                raise TimeoutError(f"{op_id} is held by {got[0].holder}")
+            await backoff.pause()
 
     def event_for(self, rec: OpRecord, status: Status, **extra: Any) -> OperationEvent:
         error = extra.get("error")
@@ -102,14 +138,14 @@ class Records:
 
     async def publish(self, record: OpRecord, *, if_last: int | None = None) -> None:
         """Publish the record's own event (its next step: the caller holds the lock)."""
-        event = record.last_event
-        if event is not None:
-            await self.bus.publish(
-                event_subject(record.operation_id),
-                event,
-                msg_id=event_msg_id(event),
-                if_last=if_last,
-            )
+        if record.last_event is not None:
+            await self.publish_event(record.last_event, if_last=if_last)
+
+    async def publish_event(self, event: OperationEvent, *, if_last: int | None = None) -> None:
+        """Publish one step's event of an operation (the caller holds its lock)."""
+        await self.bus.publish(
+            event_subject(event.operation_id), event, msg_id=event_msg_id(event), if_last=if_last
+        )
 
     async def publish_latest(self, op_id: str, *, again: bool = False) -> OpRecord | None:
         """Publish the operation's latest event (its record's), never an older one.
@@ -144,6 +180,17 @@ class Records:
                 return record
             if not again and last is not None and last.data == encode(event):
                 return record  # it is out already
+            if record is not None and _skipped_executing(record, last):
+                # Ended by its run's first write (a deferred start, run.py) and cut before
+                # `executing` went out: that goes first, then (read again) the latest.
+                with contextlib.suppress(Conflict):
+                    await self.bus.publish(
+                        subject,
+                        executing := self.event_for(record, "executing"),
+                        msg_id=event_msg_id(executing),
+                        if_last=last.stream_seq if last is not None else 0,
+                    )
+                continue
             try:
                 await self.bus.publish(
                     subject,
@@ -155,6 +202,22 @@ class Records:
             except Conflict:
                 continue  # something newer went out meanwhile: read both again
         raise RuntimeError(f"the events of {op_id} kept changing; its latest is not out yet")
+
+
+class _Status(msgspec.Struct):
+    status: str = ""
+
+
+def _skipped_executing(record: OpRecord, last: StoredMessage | None) -> bool:
+    """Whether the record ended a run (``runs``: a delivery started it) whose `executing`
+    event never went out: the subject's last event is still `pending`. (A cancelled or
+    rejected operation never executes; one given up while pending has no run.)"""
+    if last is None or record.runs == 0 or record.status not in ("completed", "failed"):
+        return False
+    try:
+        return msgspec.json.decode(last.data, type=_Status).status == "pending"
+    except msgspec.DecodeError:
+        return False
 
 
 def event_msg_id(event: OperationEvent) -> str:

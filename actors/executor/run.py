@@ -5,12 +5,31 @@ saves the record, checks the lease before a mutation, knows which VMs volumed se
 ends the operation with exactly one terminal event (through records.py). It is built from
 ``Deps``, what the executor process shares with every operation (made once, in
 ``ExecutorActor.open``), and never calls back into the actor.
+
+The operation's lease is its record. The write that starts the run (pending → executing,
+with its first save) or takes it over names the run in ``holder``, compare-and-set on the
+revision it read; every later write of the run is compare-and-set on the revision it wrote
+last, so a run whose record another process wrote meanwhile finds out at its next write
+(LeaseLost: it touches nothing more). The holder counts on its lease for ``VALID_SHARE`` of
+``HOLD_TTL`` after it *sent* its last confirmed write, on its own clock, and checks that
+before every CloudStack mutation (``hold``); a run that lasts renews it by writing the
+record again (``renew``: every ``HOLD_TTL / RENEWALS_PER_TTL`` seconds without a write, and at
+once after a reconnect); a short one never does. Another process takes the operation over
+only once it has read the same revision for a whole ``HOLD_TTL`` on its own clock
+(Records.free): by then the holder's belief has lapsed, whatever the two hosts' clocks
+say. A terminal write, or a run that lets go (``release``), clears ``holder``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from actors.executor import operations
 from actors.executor.cloudstack import CloudStack, CloudStackError
@@ -27,7 +46,8 @@ from actors.executor.records import Records
 from actors.executor.resize import DeviceSizes, resize
 from actors.executor.serials import Serials
 from bus import Conflict
-from bus.lease import Lease, LeaseLost
+from bus.lease import RENEWALS_PER_TTL, VALID_SHARE, LeaseLost, now
+from bus.topology import EXECUTOR
 from schemas.commands import (
     AttachCommand,
     CancelCommand,
@@ -57,6 +77,14 @@ class Deps:
     creates: OtherCreates  # asks persistence which other creates are in doubt
     order: VolumeOrder  # each volume's commands, in stream order
     serials: Serials  # hosts whose devices have shown serials (attach proofs)
+    instance: str  # this process (a run's lease names it: OperationRun.holder)
+
+
+log = logging.getLogger("volumed.executor")
+
+HOLD_TTL = EXECUTOR.ack_wait
+"""Seconds a run's record may stay unwritten before another process may take it over: the
+command's ack wait, after which the server hands a silent process's command to another."""
 
 
 class OperationRun:
@@ -77,14 +105,24 @@ class OperationRun:
         # Held from a record change until its event is published (records.py).
         self.lock = self.records.lock_for(operation_id)
         self._attach: AttachInFlight | None = None  # this attach's entry, once written
-        self.lease: Lease | None = None  # held while it runs (bus.lease)
         self.clock = self.records.clock
+        # pending → executing not written yet: it goes with the run's first record write
+        # (``defer_start``), and `executing` is published right after that write.
+        self._deferred = False
+        # The lease (see the module doc): this run's name in ``holder``, when it sent its
+        # last write that the server confirmed while it held it, and whether a renewal
+        # found the record another's.
+        self.holder = f"{deps.instance}/{uuid.uuid4().hex[:12]}"
+        self.ttl = HOLD_TTL
+        self._confirmed: float | None = None
+        self._written: bytes | None = None  # the record as this run's last write stored it
+        self._lost = False
 
-    async def load(self, lease: Lease) -> bool:
-        """Under the operation's lease, read its record as it is now: False if it has ended
-        (its latest event is then out)."""
-        self.lease = lease
-        got = await self.records.ops.get(self.operation_id)
+    async def load(self) -> bool:
+        """Read the record once no other run holds it (Records.free: a holder that stays
+        silent for a whole ttl is taken over): False if it has ended (its latest event is
+        then out)."""
+        got = await self.records.free(self.operation_id, self.ttl)
         if got is None:
             raise RuntimeError(f"the record of {self.operation_id} is gone")
         self.record, self.revision = got
@@ -93,24 +131,106 @@ class OperationRun:
             return False
         return True
 
-    def hold(self) -> None:
-        """Raise LeaseLost unless this process still holds the operation's lease: called
-        just before a CloudStack mutation is sent."""
-        if self.lease is not None:
-            self.lease.check()
+    @property
+    def holding(self) -> bool:
+        """Whether this run's name is in the record as this process last wrote it."""
+        return (
+            not self._lost
+            and self.record.holder == self.holder
+            and self.record.status not in TERMINAL
+        )
 
-    async def still_ours(self) -> None:
-        got = await self.records.ops.get(self.operation_id)
-        if got is None or got[1] != self.revision:
-            raise LeaseLost(
-                f"the record of {self.operation_id} changed while this process sent a "
-                "mutation: another process took it over (it looks the mutation up)"
-            )
-        self.hold()
+    def hold(self) -> None:
+        """Raise LeaseLost unless this run still holds the operation: called just before a
+        CloudStack mutation is sent. (Before its deferred start it holds nothing yet, and
+        sends nothing: its first write, compare-and-set, claims it.)"""
+        if self._deferred:
+            return
+        if (
+            not self.holding
+            or self._confirmed is None
+            or now() >= self._confirmed + self.ttl * VALID_SHARE
+        ):
+            raise LeaseLost(f"the record of {self.operation_id} is no longer held by this run")
+
+    def take(self) -> None:
+        """This run holds the operation from its next write on (compare-and-set on the
+        revision it read: a start, or a takeover)."""
+        self.record.holder = self.holder
+
+    async def renew(self, *, now_: bool = False) -> None:
+        """Write the record again, as this run last wrote it (nothing of the run's own
+        goes with it), if this run holds it and has written nothing for a while (``now_``:
+        at once, after a reconnect). Given up before the next renewal is due; a Conflict
+        means another process wrote it: the lease is lost."""
+        every = self.ttl / RENEWALS_PER_TTL
+        if self._deferred or not self.holding or self._written is None:
+            return
+        if not now_ and self._confirmed is not None and now() - self._confirmed < every:
+            return  # a write of the run renewed it
+        try:
+            async with asyncio.timeout(every), self.lock:
+                if self.holding:
+                    await self._rewrite(msgspec.json.decode(self._written, type=OpRecord))
+        except Conflict:
+            self._lost = True
+            log.warning("%s was taken over by another process", self.operation_id)
+        except Exception as e:
+            log.debug("%s not renewed (%s); it stays held for a while", self.operation_id, e)
+
+    async def release(self) -> None:
+        """A run that ends without ending its operation lets go of it (the record as it
+        last wrote it, ``holder`` cleared), so that its next delivery, here or elsewhere,
+        need not wait a ttl; if that cannot be written, it is taken over once the ttl has
+        passed."""
+        if self._deferred or not self.holding or self._written is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.ttl / RENEWALS_PER_TTL), self.lock:
+                if self.holding:
+                    record = msgspec.json.decode(self._written, type=OpRecord)
+                    record.holder = ""
+                    self._lost = True  # (no longer this run's, whatever the answer)
+                    await self._rewrite(record)
+
+    async def _rewrite(self, record: OpRecord) -> None:
+        """Write ``record`` (what this run last wrote, or that less its holder) on the
+        revision of that write: nothing else can have been stored since."""
+        sent = now()
+        self.revision = await self.records.ops.update(self.operation_id, record, self.revision)
+        self._confirmed = sent
 
     # operations.Context
     async def save(self) -> None:
+        """Save the record during the run, compare-and-set on the revision this process
+        wrote last. A Conflict means another process wrote it meanwhile (it took the
+        operation over while this one was paused, and looks up whatever this one may have
+        sent): LeaseLost, this process touches nothing more. That is what detects a
+        takeover after a mutation was sent: the next write (its job id, the next phase,
+        the terminal write) fails. The first save of a deferred start carries
+        pending → executing, and publishes `executing` under the operation's lock."""
+        try:
+            async with self.lock:  # (a renewal writes too)
+                if not self._deferred:
+                    await self._write()
+                    return
+                self.record.status = "executing"
+                self.record.last_event = self.event_for(self.record, "executing")
+                self.take()
+                await self._write()
+                self._deferred = False
+                await self.records.publish(self.record)
+        except Conflict:
+            raise await self._taken() from None
+
+    async def _write(self) -> None:
+        """The record's compare-and-set write (Conflict if it moved on); the caller holds
+        the lock. Each write of the holder renews its lease."""
+        sent = now()
+        written = msgspec.json.encode(self.record)  # (for renewals: ``renew``)
         self.revision = await self.records.ops.update(self.operation_id, self.record, self.revision)
+        if self.record.holder == self.holder:
+            self._confirmed, self._written = sent, written
         started = self.record.attach_started_at
         if self._attach is not None and started and self._attach.started_at is None:
             self._attach.started_at = started  # attachVolume is about to be sent
@@ -176,7 +296,7 @@ class OperationRun:
     async def _commit(self) -> None:
         """Save a change of status and publish its event, both under the lock."""
         async with self.lock:
-            await self.save()
+            await self._write()
             await self.records.publish(self.record)
 
     async def settle(self) -> None:
@@ -197,11 +317,35 @@ class OperationRun:
         )
         await self.records.attaching.put(self.operation_id, self._attach)
 
+    def defer_start(self) -> None:
+        """pending → executing with the run's first record write (its "mutation sent" before
+        the first CloudStack mutation, or its terminal write if it ends before any): one
+        write fewer per operation. Nothing is sent to CloudStack before that write, so a
+        cancel that wins meanwhile (pending → cancelled) makes the write fail, and the run
+        stops having sent nothing (``Ended``). Runs started so are counted in ``runs`` with
+        that write."""
+        self._deferred = True
+
+    async def _taken(self) -> LeaseLost:
+        """What a run's record write that met a Conflict means: Ended, for a deferred start
+        that a cancel (or the give-up path) ended first; else LeaseLost (another process
+        wrote the record: it took the operation over)."""
+        got = await self.records.ops.get(self.operation_id)
+        if self._deferred and got is not None and got[0].status in TERMINAL:
+            self.record, self.revision = got
+            return Ended(f"{self.operation_id} ended ({got[0].status}) before it started")
+        self._lost = True
+        return LeaseLost(
+            f"the record of {self.operation_id} changed under this process: another "
+            "process took the operation over (it looks up whatever was sent)"
+        )
+
     async def start(self) -> bool:
         """pending → executing, compare-and-set. False if a cancel got there first."""
         while True:
             self.record.status = "executing"
             self.record.last_event = self.event_for(self.record, "executing")
+            self.take()
             try:
                 await self._commit()
                 return True
@@ -236,16 +380,43 @@ class OperationRun:
             }
         rec.status = status
         rec.last_event = self.event_for(rec, status, **extra)
-        await self._commit()
+        rec.holder = ""  # the terminal write ends the lease
+        if self._deferred:
+            # Ended before any other write: the record goes pending → terminal in one
+            # write, and both events follow it in order. A crash between the two publishes
+            # is repaired by whoever publishes the latest event (records.py).
+            async with self.lock:
+                await self._write()
+                self._deferred = False
+                await self.records.publish_event(self.event_for(rec, "executing"))
+                await self.records.publish(rec)
+        else:
+            await self._commit()
         self.deps.order.ended_here(self.operation_id)
         if rec.type == "attach":
             await self.records.attaching.delete(self.operation_id)
 
     async def execute(self, command: Command) -> None:
+        """Run the command and end its operation with exactly one terminal event. During
+        the run, the record is this process's: a write that finds it changed stops it
+        (LeaseLost), or, before it started, finds it ended (Ended: its event goes out)."""
+        try:
+            await self._execute(command)
+        except Ended:
+            await self.settle()
+
+    async def _finish_run(self, status: Status, **kwargs: Any) -> None:
+        """``finish`` during the run (a Conflict means what ``_taken`` says)."""
+        try:
+            await self.finish(status, **kwargs)
+        except Conflict:
+            raise await self._taken() from None
+
+    async def _execute(self, command: Command) -> None:
         try:
             if isinstance(command, CancelCommand):
                 cancelled = await cancel(self.deps, command.target, self.operation_id)
-                await self.finish(
+                await self._finish_run(
                     "completed",
                     target=command.target,
                     outcome=Outcome(response={"cancelled": cancelled.operation_id}),
@@ -258,7 +429,7 @@ class OperationRun:
         except OperationFailed as e:
             self.record.volume_id = e.volume_id or self.record.volume_id
             self.record.vm_id = e.vm_id or self.record.vm_id
-            await self.finish(
+            await self._finish_run(
                 "failed",
                 error=ErrorInfo(code=e.code, message=e.message),
                 target=getattr(command, "target", None),
@@ -266,9 +437,15 @@ class OperationRun:
             )
             return
         except CloudStackError as e:
-            await self.finish("failed", error=ErrorInfo(code=e.code, message=e.message))
+            await self._finish_run("failed", error=ErrorInfo(code=e.code, message=e.message))
             return
-        await self.finish("completed", outcome=outcome)
+        await self._finish_run("completed", outcome=outcome)
+
+
+class Ended(LeaseLost):
+    """The operation ended (cancelled, given up) before this run's deferred start was
+    written: nothing was sent; its latest event goes out and the command is done. (A
+    LeaseLost, so that wherever it is not caught the run touches nothing more.)"""
 
 
 async def _dispatch(run: OperationRun, command: Command) -> Outcome:
