@@ -115,14 +115,25 @@ async def test_creates_in_doubt_are_seen_across_executor_processes(
     one, one_task = await start_volumed(settings, ["persistence", "executor"], sim)
     two = None
     try:
-        a, b, filler = op(), op(), op()
+        a, b = op(), op()
         sim.inject(Fault(kind="accept_then_hang", command="createVolume", seconds=4.0))
         await one.send("create", create_body(sim, a, "twin-across"))
         await wait_for(lambda: any(c.command == "createVolume" for c in sim.calls))
-        # Executor one runs A, at most one operation at once; a command it pulled meanwhile
-        # waits behind A, after which it pulls nothing more while A runs: B goes to two.
-        await one.send("create", create_body(sim, filler, "filler"))
-        await wait_for(lambda: one.statuses(filler))
+        # Executor one runs A, at most one operation at once. Commands it pulls meanwhile
+        # wait behind A, and while one of them waits for something else first (parked) its
+        # consumer may open another pull: fillers are sent until one stays untaken, when
+        # every command executor one holds waits for its one working slot and no pull of it
+        # is open. Executor two, started then, takes that filler and B.
+        for n in range(10):
+            filler = op()
+            # (A delete of a volume that does not exist: it sends no createVolume.)
+            await one.send("delete", {"operation_id": filler, "volume_id": f"no-such-{n}"})
+            try:
+                await wait_for(lambda f=filler: one.statuses(f), timeout=1.5)
+            except AssertionError:
+                break
+        else:
+            raise AssertionError("executor one kept taking commands while A ran")
         two = await start_volumed(
             msgspec.structs.replace(settings, instance="ex-two", host_id="host-two"),
             ["executor"],
