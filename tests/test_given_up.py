@@ -14,11 +14,12 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from actors.executor import ExecutorActor
+from actors.executor.cloudstack import CloudStack
 from bus import Abandon, Bus, Consumer, Delivery
 from bus.topology import DEAD_LETTERS, EXECUTOR, OPERATIONS_BUCKET, TOPOLOGY, command_subject
 from schemas.config import Settings
 from schemas.events import OperationEvent
-from schemas.internal import OpRecord
+from schemas.internal import CloudStackCredentials, OpRecord
 from tests.conftest import NatsServer, wait_for
 
 # The executor's consumer, as provisioned, with deliveries that run out quickly: a dead
@@ -29,7 +30,9 @@ SPEC = replace(EXECUTOR, ack_wait=0.3, give_up_after=2, nak_delays=(0.1,))
 
 @asynccontextmanager
 async def executor_consuming(
-    nats_server: NatsServer, handler: Callable[[ExecutorActor, Delivery], Awaitable[None]]
+    nats_server: NatsServer,
+    handler: Callable[[ExecutorActor, Delivery], Awaitable[None]],
+    cloud: CloudStack | None = None,
 ) -> AsyncIterator[tuple[Bus, ExecutorActor, list[dict[str, object]]]]:
     """An executor whose consumer (SPEC) runs ``handler`` and gives up through the executor,
     as ExecutorActor.run wires it; the events of every operation, as published."""
@@ -40,7 +43,14 @@ async def executor_consuming(
         await bus.provision(TOPOLOGY)
         await bus.js.delete_consumer(EXECUTOR.stream, EXECUTOR.durable)
         await bus.provision(replace(TOPOLOGY, streams=(), buckets=(), consumers=(SPEC,)))
-        executor = ExecutorActor(bus, Settings(nats_url=nats_server.url), "t")
+        settings = Settings(
+            nats_url=nats_server.url,
+            cloudstack_endpoint="http://127.0.0.1:9/client/api",
+            cloudstack_key="k",
+            cloudstack_secret="s",
+            vm_id="vm-here",
+        )
+        executor = ExecutorActor(bus, settings, "t", cloud=cloud)
         await executor.open()
         events: list[dict[str, object]] = []
 
@@ -157,3 +167,48 @@ async def test_a_command_that_fails_before_its_claim_ends_with_one_event(
         assert record is not None
         assert (record[0].status, record[0].stream_seq) == ("failed", seq)
         assert await wait_for(lambda: dead_letters(bus), timeout=5) == 1
+
+
+class DiesReading(CloudStack):
+    """A CloudStack whose volume read never returns: the process handling it dies there
+    (Abandon stands in for the kill: nothing more is done, the delivery comes back after the
+    ack wait)."""
+
+    def __init__(self) -> None:
+        super().__init__(self._no_credentials)
+        self.reads = 0
+
+    @staticmethod
+    async def _no_credentials() -> CloudStackCredentials:
+        return CloudStackCredentials()
+
+    def with_credentials(self, credentials: CloudStackCredentials) -> CloudStack:
+        return self
+
+    async def volume(self, volume_id: str) -> dict[str, object] | None:
+        self.reads += 1
+        raise Abandon("its process died reading CloudStack")
+
+
+async def test_a_command_whose_process_dies_before_its_first_write_is_given_up(
+    nats_server: NatsServer,
+) -> None:
+    """A delete's first step reads CloudStack before anything is written (its start goes
+    with its first write): a process that dies there every time must still count, so a
+    redelivered command starts (saving ``runs``) before that read; the command is given up
+    after give_up_after such deliveries instead of coming back for ever."""
+    cloud = DiesReading()
+
+    async def real(executor: ExecutorActor, d: Delivery) -> None:
+        await executor.handle(d)
+
+    async with executor_consuming(nats_server, real, cloud) as (bus, _executor, events):
+        body = {"operation_id": "dies-1", "volume_id": "v-1"}
+        await bus.publish(command_subject("delete"), body)
+        await wait_for(lambda: any(e["status"] == "failed" for e in events), timeout=15)
+        statuses = [e["status"] for e in events]
+        assert statuses == ["pending", "executing", "failed"], statuses
+        assert events[-1]["error"]["code"] == "internal"  # type: ignore[index]
+        # The first delivery (deferred start: nothing written) and two counted ones.
+        assert cloud.reads == 3, cloud.reads
+        await wait_for(lambda: dead_letters(bus), timeout=5)

@@ -18,9 +18,10 @@ Any number of executor processes share the command stream. For each command mess
    for a whole ttl. Before every CloudStack mutation the lease is checked; a process that
    lost it stops (Abandon).
 5. Move the record pending → executing compare-and-set (a cancel may have won), publish
-   `executing`, run the operation (operations.py), publish exactly one terminal event. (But
-   an attach, every command's pending → executing goes with its run's first record write:
-   before its first CloudStack mutation, or its terminal write; `executing` right after.)
+   `executing`, run the operation (operations.py), publish exactly one terminal event. (On
+   its first delivery, but an attach, a command's pending → executing goes with its run's
+   first record write: before its first CloudStack mutation, or its terminal write;
+   `executing` right after. A redelivery starts first, so that it counts: give_up_after.)
 The message is acknowledged only when the operation is terminal and its record's latest event
 was published (bus/consumer.py makes every ack decision from the handler's outcome); until
 then the consumer heartbeats it, so a crash hands it to another executor, which resumes from
@@ -362,11 +363,16 @@ class ExecutorActor:
                 if run.record.status != "pending":
                     run.take()  # resumed: compare-and-set on the revision found free
                     await run.save()
-                elif isinstance(command, AttachCommand):
+                elif isinstance(command, AttachCommand) or d.num_delivered > 1:
                     # An attach starts before anything else: the correlator counts an
                     # executing attach as in flight (announced first), and its gate is
-                    # held from before `executing` (_gate_for).
-                    await run.announce_attach(command)
+                    # held from before `executing` (_gate_for). A redelivered command too
+                    # (rare: its process died, or a blip outlasted the ack wait): its start
+                    # saves ``runs`` before its first CloudStack read, so that a command
+                    # whose handling kills its process there counts against give_up_after
+                    # (a deferred start would write nothing before the process dies).
+                    if isinstance(command, AttachCommand):
+                        await run.announce_attach(command)
                     if not await run.start():
                         if run.record.status not in TERMINAL:
                             raise Abandon(f"{op_id} was started elsewhere")
