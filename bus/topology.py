@@ -367,16 +367,14 @@ VOLUME_OWNERS_BUCKET = BucketSpec(
     description="the create operation each volume belongs to (key: volume id)",
 )
 
-# Leases (bus.lease): "op.<operation id>" is held by the one executor process running that
-# operation, "gate.<vm id>" by the one attach to that VM allowed to run while its host has
-# not shown device serials. A key expires this long after its holder's last renewal: how
-# long a dead process's operation waits before another takes it over (like the command's
-# ack wait, after which the server hands the command to another executor).
+# Leases (bus.lease): "gate.<vm id>" is held by the one attach to that VM allowed to run
+# while its host has not shown device serials. A key expires this long after its holder's
+# last renewal. (An operation's own lease is its record: actors/executor/run.py.)
 LEASES_BUCKET = BucketSpec(
     name="volumed_leases",
     history=1,
     ttl=EXECUTOR.ack_wait,
-    description="which process runs each operation, and each host's serial-less attach gate",
+    description="each host's serial-less attach gate",
 )
 
 # Hosts (VM ids) whose devices have shown serials: an attach to such a VM was proven by its
