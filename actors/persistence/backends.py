@@ -142,6 +142,9 @@ class MySQLBackend:
             "connect_timeout": connect_timeout,
             "charset": "utf8mb4",
             "autocommit": True,
+            # Without CLIENT.FOUND_ROWS: an upsert that keeps the row it meets counts 0
+            # rows, which tells the store whether a volume's head moved (store._move_head).
+            "client_flag": 0,
         }
         wrap = _MySQLErrors(where, secrets)
         try:
