@@ -239,14 +239,16 @@ class MySQLBackend:
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self.connection() as conn:
             assert isinstance(conn, _MySQLConnection)
-            await conn.call(conn.raw.begin())
+            # BEGIN goes with the transaction's first statement (_MySQLConnection.begin).
+            conn.begin()
             try:
                 yield conn
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.raw.rollback()
                 raise
-            await conn.call(conn.raw.commit())
+            if not conn.beginning:  # a transaction without statements has nothing to commit
+                await conn.call(conn.raw.commit())
 
     async def close(self) -> None:
         if self._closed:
@@ -292,6 +294,23 @@ class _MySQLConnection:
     def __init__(self, raw: Any, wrap: _MySQLErrors) -> None:
         self.raw = raw
         self._wrap = wrap
+        self.beginning = False
+
+    def begin(self) -> None:
+        """Start a transaction with the next statement: "BEGIN; <statement>" in one round trip
+        instead of two (the server runs them in order and stops at the first error; the
+        connections allow several statements, aiomysql sets CLIENT.MULTI_STATEMENTS)."""
+        self.beginning = True
+
+    async def _execute(self, cur: Any, sql: str, args: Sequence[Any]) -> None:
+        if self.beginning:
+            self.beginning = False
+            await cur.execute(f"BEGIN; {sql}", tuple(args) or None)
+            # BEGIN's answer came first; the statement's (or its error) is the next one.
+            if not await cur.nextset():
+                raise RuntimeError("the server ran BEGIN but not the statement sent with it")
+        else:
+            await cur.execute(sql, tuple(args) or None)
 
     async def call(self, aw: Any) -> Any:
         try:
@@ -302,7 +321,7 @@ class _MySQLConnection:
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         try:
             async with self.raw.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
+                await self._execute(cur, sql, args)
                 names = [d[0] for d in cur.description or ()]
                 return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
         except Exception as e:
@@ -311,7 +330,7 @@ class _MySQLConnection:
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         try:
             async with self.raw.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
+                await self._execute(cur, sql, args)
                 return int(cur.rowcount)
         except Exception as e:
             raise self._wrap(e) from None
@@ -319,6 +338,9 @@ class _MySQLConnection:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
             async with self.raw.cursor() as cur:
+                if self.beginning:  # aiomysql writes the statement itself: BEGIN goes alone
+                    self.beginning = False
+                    await cur.execute("BEGIN")
                 # aiomysql sends an INSERT ... VALUES as one multi-row statement.
                 await cur.executemany(sql, [tuple(r) for r in rows])
         except Exception as e:
@@ -418,15 +440,22 @@ class SQLiteBackend:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self.connection() as conn:
-            # IMMEDIATE takes the write lock now: no other writer between read and write.
-            await conn.execute("BEGIN IMMEDIATE")
+            assert isinstance(conn, _SQLiteConnection)
+            # IMMEDIATE takes the write lock before the first statement: no other writer
+            # between read and write. It runs in that statement's turn on the thread.
+            conn.beginning = True
             try:
                 yield conn
             except BaseException:
+                # Always, and not by the flag: a statement cancelled here may still run (with
+                # its BEGIN) on the thread; the ROLLBACK runs after it.
                 with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
+                    await conn.rollback()
+                conn.beginning = False
                 raise
-            await conn.execute("COMMIT")
+            if not conn.beginning:  # a transaction without statements has nothing to commit
+                await conn.execute("COMMIT")
+            conn.beginning = False
 
     async def close(self) -> None:
         if self._closed:
@@ -451,10 +480,23 @@ def _adapt(args: Sequence[Any]) -> tuple[Any, ...]:
 class _SQLiteConnection:
     def __init__(self, backend: SQLiteBackend) -> None:
         self._backend = backend
+        # BEGIN IMMEDIATE is still to run, on the thread, before the next statement.
+        self.beginning = False
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, for a statement on the thread; first the transaction's BEGIN."""
+        db = self._backend._require()
+        if self.beginning:
+            self.beginning = False
+            db.execute("BEGIN IMMEDIATE")
+        return db
+
+    async def rollback(self) -> None:
+        await self._backend._run(lambda: self._backend._require().execute("ROLLBACK"))
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         def run() -> list[Row]:
-            cur = self._backend._require().execute(sql, _adapt(args))
+            cur = self._db().execute(sql, _adapt(args))
             names = [d[0] for d in cur.description or ()]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
@@ -462,13 +504,13 @@ class _SQLiteConnection:
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         def run() -> int:
-            return self._backend._require().execute(sql, _adapt(args)).rowcount
+            return self._db().execute(sql, _adapt(args)).rowcount
 
         return await self._backend._run(run)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         def run() -> None:
-            self._backend._require().executemany(sql, [_adapt(r) for r in rows])
+            self._db().executemany(sql, [_adapt(r) for r in rows])
 
         await self._backend._run(run)
 
