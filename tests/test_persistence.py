@@ -807,9 +807,11 @@ async def test_open_store_never_shows_the_password() -> None:
 async def test_a_transaction_begins_with_its_first_statement_and_stays_whole(
     backend: tuple[str, Database | None],
 ) -> None:
-    """BEGIN goes with a transaction's first statement (MariaDB: in its round trip; SQLite:
-    in its turn on the thread): from that statement on the transaction is open, a statement
-    refused later takes the first one's row back, one refused first leaves nothing open."""
+    """BEGIN goes with a transaction's first statement, writes whose answer nobody reads
+    with the next statement or the commit (MariaDB: in its round trip; SQLite: in its turn
+    on the thread): from the first statement on the transaction is open, a later statement
+    sees the writes before it, a statement refused later (at the commit too) takes the
+    first one's row back, one refused first leaves nothing open."""
     dsn, _ = backend
     db = await open_backend(dsn)
     sql = db.dialect.sql
@@ -830,8 +832,18 @@ async def test_a_transaction_begins_with_its_first_statement_and_stays_whole(
         with pytest.raises(StoreRefused):
             async with db.transaction() as tx:
                 await tx.execute("INSERT INTO no_such_table VALUES (1)")
+        with pytest.raises(StoreRefused):
+            async with db.transaction() as tx:
+                await tx.write(insert, ("t-1", 1))
+                await tx.write("INSERT INTO no_such_table VALUES (1)")
         async with db.transaction() as tx:
-            await tx.executemany(insert, [("t-2", 1), ("t-3", 1)])
+            await tx.write(insert, ("t-2", 1))
+            await tx.executemany(insert, [("t-3", 1)])
+            assert len(await tx.fetch(heads, ("t-%",))) == 2
+            await tx.executemany(insert, [("t-4", 1), ("t-5", 1)])
+            await tx.write(
+                sql("DELETE FROM volume_heads WHERE volume_id IN (?, ?)"), ("t-4", "t-5")
+            )
         async with db.transaction() as tx:
             assert await tx.fetch(sql(f"{heads}{db.dialect.for_update}"), ("t-%",)) == [
                 {"volume_id": "t-2"},

@@ -325,7 +325,7 @@ class SqlStore:
             if attached:
                 await self._map(tx, event, row, now)
             else:
-                await tx.execute(
+                await tx.write(
                     self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
                 )
         for event, row, _ in resized:
@@ -334,7 +334,7 @@ class SqlStore:
             # size, a later resize the newer one). Like every change of a mapping it moves
             # the volume's head.
             if event.raw.size is not None and await advance(event, row, False):
-                await tx.execute(
+                await tx.write(
                     self._sql(
                         "UPDATE device_mappings SET size = ?, last_sync = ? WHERE volume_id = ?"
                     ),
