@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from actors.persistence import PersistenceActor, Store, open_store
-from actors.persistence.errors import StoreUnavailable
+from actors.persistence.backends import open_backend
+from actors.persistence.errors import StoreRefused, StoreUnavailable
 from actors.persistence.records import Event, OperationRow, merge, parse_time
 from bus import Bus
 from bus.topology import (
@@ -801,6 +802,57 @@ async def test_open_store_never_shows_the_password() -> None:
     with pytest.raises(StoreUnavailable) as caught:
         await open_store(f"mysql://root:hunter2-pw@127.0.0.1:{free_port()}/volumed")
     assert "hunter2-pw" not in str(caught.value) and "***" in str(caught.value)
+
+
+async def test_a_transaction_begins_with_its_first_statement_and_stays_whole(
+    backend: tuple[str, Database | None],
+) -> None:
+    """BEGIN goes with a transaction's first statement, writes whose answer nobody reads
+    with the next statement or the commit (MariaDB: in its round trip; SQLite: in its turn
+    on the thread): from the first statement on the transaction is open, a later statement
+    sees the writes before it, a statement refused later (at the commit too) takes the
+    first one's row back, one refused first leaves nothing open."""
+    dsn, _ = backend
+    db = await open_backend(dsn)
+    sql = db.dialect.sql
+    insert = sql("INSERT INTO volume_heads (volume_id, seq) VALUES (?, ?)")
+    heads = sql("SELECT volume_id FROM volume_heads WHERE volume_id LIKE ? ORDER BY volume_id")
+    try:
+        with pytest.raises(StoreRefused):
+            async with db.transaction() as tx:
+                assert await tx.execute(insert, ("t-1", 1)) == 1
+                if db.dialect.name == "mysql":
+                    assert await tx.fetch("SELECT @@in_transaction AS t") == [{"t": 1}]
+                else:  # another writer waits for this one's lock
+                    other = sqlite3.connect(dsn.removeprefix("sqlite://"), timeout=0)
+                    with pytest.raises(sqlite3.OperationalError, match="locked"):
+                        other.execute("BEGIN IMMEDIATE")
+                    other.close()
+                await tx.execute("INSERT INTO no_such_table VALUES (1)")
+        with pytest.raises(StoreRefused):
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO no_such_table VALUES (1)")
+        with pytest.raises(StoreRefused):
+            async with db.transaction() as tx:
+                await tx.write(insert, ("t-1", 1))
+                await tx.write("INSERT INTO no_such_table VALUES (1)")
+        async with db.transaction() as tx:
+            await tx.write(insert, ("t-2", 1))
+            await tx.executemany(insert, [("t-3", 1)])
+            assert len(await tx.fetch(heads, ("t-%",))) == 2
+            await tx.executemany(insert, [("t-4", 1), ("t-5", 1)])
+            await tx.write(
+                sql("DELETE FROM volume_heads WHERE volume_id IN (?, ?)"), ("t-4", "t-5")
+            )
+        async with db.transaction() as tx:
+            assert await tx.fetch(sql(f"{heads}{db.dialect.for_update}"), ("t-%",)) == [
+                {"volume_id": "t-2"},
+                {"volume_id": "t-3"},
+            ]
+        async with db.connection() as conn:
+            assert len(await conn.fetch(heads, ("t-%",))) == 2
+    finally:
+        await db.close()
 
 
 # -- the merge, for any order of events -----------------------------------------------------

@@ -47,7 +47,15 @@ class Connection(Protocol):
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int: ...
 
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """A statement whose answer nobody reads: in a transaction it may wait and go with
+        the next statement or the commit (its error, if any, comes then and fails the
+        transaction alike); outside one it runs now."""
+        ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """As write, once per row."""
+        ...
 
 
 class Backend(Protocol):
@@ -142,6 +150,9 @@ class MySQLBackend:
             "connect_timeout": connect_timeout,
             "charset": "utf8mb4",
             "autocommit": True,
+            # Without CLIENT.FOUND_ROWS: an upsert that keeps the row it meets counts 0
+            # rows, which tells the store whether a volume's head moved (store._move_head).
+            "client_flag": 0,
         }
         wrap = _MySQLErrors(where, secrets)
         try:
@@ -236,14 +247,16 @@ class MySQLBackend:
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self.connection() as conn:
             assert isinstance(conn, _MySQLConnection)
-            await conn.call(conn.raw.begin())
+            conn.begin()
             try:
                 yield conn
+                # The queued writes go with it: their errors come here.
+                await conn.commit()
             except BaseException:
+                conn.end()
                 with contextlib.suppress(Exception):
                     await conn.raw.rollback()
                 raise
-            await conn.call(conn.raw.commit())
 
     async def close(self) -> None:
         if self._closed:
@@ -289,6 +302,46 @@ class _MySQLConnection:
     def __init__(self, raw: Any, wrap: _MySQLErrors) -> None:
         self.raw = raw
         self._wrap = wrap
+        # In a transaction: its statements not sent yet (BEGIN, writes), as text. They go
+        # with the next statement, or with COMMIT, in one round trip: the server runs them
+        # in order and stops at the first error (the connections allow several statements
+        # in one: aiomysql sets CLIENT.MULTI_STATEMENTS), whose answer is read then.
+        self._queued: list[str] | None = None
+
+    def begin(self) -> None:
+        self._queued = ["BEGIN"]
+
+    def end(self) -> None:
+        self._queued = None
+
+    async def commit(self) -> None:
+        queued, self._queued = self._queued, None
+        if queued == ["BEGIN"]:
+            return  # no statement: nothing to commit
+        self._queued = queued
+        try:
+            async with self.raw.cursor() as cur:
+                await self._send(cur, "COMMIT")
+        except Exception as e:
+            raise self._wrap(e) from None
+        finally:
+            self._queued = None
+
+    def _text(self, sql: str, args: Sequence[Any]) -> str:
+        # As aiomysql's execute writes it.
+        return sql % tuple(self.raw.escape(a) for a in args) if args else sql
+
+    async def _send(self, cur: Any, sql: str, args: Sequence[Any] = ()) -> None:
+        """Run ``sql`` after the queued statements; the cursor ends on its answer."""
+        queued = self._queued
+        if not queued:
+            await cur.execute(sql, tuple(args) or None)
+            return
+        self._queued = []
+        await cur.execute("; ".join([*queued, self._text(sql, args)]))
+        for _ in queued:
+            if not await cur.nextset():
+                raise RuntimeError("the server did not run every statement sent together")
 
     async def call(self, aw: Any) -> Any:
         try:
@@ -299,7 +352,7 @@ class _MySQLConnection:
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         try:
             async with self.raw.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
+                await self._send(cur, sql, args)
                 names = [d[0] for d in cur.description or ()]
                 return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
         except Exception as e:
@@ -308,14 +361,28 @@ class _MySQLConnection:
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         try:
             async with self.raw.cursor() as cur:
-                await cur.execute(sql, tuple(args) or None)
+                await self._send(cur, sql, args)
                 return int(cur.rowcount)
         except Exception as e:
             raise self._wrap(e) from None
 
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        if self._queued is None:
+            await self.execute(sql, args)
+            return
+        try:
+            self._queued.append(self._text(sql, args))
+        except Exception as e:
+            raise self._wrap(e) from None
+
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self._queued is not None and len(rows) == 1:
+            await self.write(sql, rows[0])
+            return
         try:
             async with self.raw.cursor() as cur:
+                if self._queued:  # aiomysql writes this statement itself: the queued go first
+                    await self._send(cur, "DO 0")
                 # aiomysql sends an INSERT ... VALUES as one multi-row statement.
                 await cur.executemany(sql, [tuple(r) for r in rows])
         except Exception as e:
@@ -415,15 +482,18 @@ class SQLiteBackend:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self.connection() as conn:
-            # IMMEDIATE takes the write lock now: no other writer between read and write.
-            await conn.execute("BEGIN IMMEDIATE")
+            assert isinstance(conn, _SQLiteConnection)
+            # IMMEDIATE takes the write lock before the first statement: no other writer
+            # between read and write.
+            conn.begin()
             try:
                 yield conn
+                # The queued writes go with it: their errors come here.
+                await conn.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
+                    await conn.rollback()
                 raise
-            await conn.execute("COMMIT")
 
     async def close(self) -> None:
         if self._closed:
@@ -448,10 +518,52 @@ def _adapt(args: Sequence[Any]) -> tuple[Any, ...]:
 class _SQLiteConnection:
     def __init__(self, backend: SQLiteBackend) -> None:
         self._backend = backend
+        # In a transaction: its statements not run yet (BEGIN IMMEDIATE, writes), with
+        # their arguments (a list of rows: executemany). They run in the next statement's
+        # turn on the thread, or the commit's: one hop to the thread instead of several.
+        # Taken and cleared only on the thread: a statement cancelled while it runs there
+        # still finds them (the ROLLBACK runs after it).
+        self._queued: list[tuple[str, Any, bool]] | None = None
+
+    def begin(self) -> None:
+        self._queued = [("BEGIN IMMEDIATE", (), False)]
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, for a statement on the thread, the queued ones run first."""
+        db = self._backend._require()
+        queued = self._queued
+        if queued:
+            self._queued = []
+            for sql, args, many in queued:
+                if many:
+                    db.executemany(sql, args)
+                else:
+                    db.execute(sql, args)
+        return db
+
+    async def commit(self) -> None:
+        def run() -> None:
+            queued, self._queued = self._queued, None
+            if queued and queued[0][0] == "BEGIN IMMEDIATE" and len(queued) == 1:
+                return  # no statement: nothing to commit
+            self._queued = queued
+            try:
+                self._db().execute("COMMIT")
+            finally:
+                self._queued = None
+
+        await self._backend._run(run)
+
+    async def rollback(self) -> None:
+        def run() -> None:
+            self._queued = None
+            self._backend._require().execute("ROLLBACK")
+
+        await self._backend._run(run)
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         def run() -> list[Row]:
-            cur = self._backend._require().execute(sql, _adapt(args))
+            cur = self._db().execute(sql, _adapt(args))
             names = [d[0] for d in cur.description or ()]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
@@ -459,13 +571,23 @@ class _SQLiteConnection:
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         def run() -> int:
-            return self._backend._require().execute(sql, _adapt(args)).rowcount
+            return self._db().execute(sql, _adapt(args)).rowcount
 
         return await self._backend._run(run)
 
+    async def write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        if self._queued is None:
+            await self.execute(sql, args)
+        else:
+            self._queued.append((sql, _adapt(args), False))
+
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self._queued is not None:
+            self._queued.append((sql, [_adapt(r) for r in rows], True))
+            return
+
         def run() -> None:
-            self._backend._require().executemany(sql, [_adapt(r) for r in rows])
+            self._db().executemany(sql, [_adapt(r) for r in rows])
 
         await self._backend._run(run)
 

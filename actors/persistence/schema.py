@@ -167,6 +167,13 @@ class Dialect:
     # An INSERT that keeps an existing row (and, on MariaDB, locks it): ``{key}`` is the
     # primary key column.
     keep: str
+    # An upsert that changes an existing row only when the new row's ``{order}`` column is
+    # higher, so that the affected row count says whether it did (0: kept): ``{updates}`` is
+    # filled with one assignment per other column, built with ``assign_newer``. The order
+    # column is assigned last: MariaDB assigns left to right, so every condition before it
+    # compares with the row's old value.
+    upsert_newer: str
+    assign_newer: str
 
     def ddl(self) -> list[str]:
         """CREATE statements for every table and index, each safe to run again."""
@@ -200,6 +207,26 @@ class Dialect:
         return self.sql(
             f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
             + self.keep.format(key=table.primary_key)
+        )
+
+    def upsert_newer_sql(
+        self, table: Table, conflict: str, order: str, columns: tuple[str, ...]
+    ) -> str:
+        """INSERT ``columns`` (``conflict`` and ``order`` among them); an existing row is
+        replaced only by a higher ``order``. Its row count: 1 inserted, 1 (SQLite) or 2
+        (MariaDB) replaced, 0 kept (MariaDB: only without CLIENT.FOUND_ROWS, see
+        backends.MySQLBackend.open)."""
+        placeholders = ", ".join("?" for _ in columns)
+        updates = ", ".join(
+            self.assign_newer.format(c=c, order=order)
+            for c in columns
+            if c not in (conflict, order)
+        )
+        return self.sql(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders}) "
+            + self.upsert_newer.format(
+                table=table.name, conflict=conflict, order=order, updates=updates
+            )
         )
 
     def index_ddl(self, table: Table, index: Index) -> str:
@@ -256,6 +283,8 @@ MYSQL = Dialect(
     # An exclusive record lock on the existing row (a duplicate primary key), unlike
     # INSERT IGNORE (a shared one: two writers would both hold it, then deadlock).
     keep="ON DUPLICATE KEY UPDATE {key} = {key}",
+    upsert_newer="ON DUPLICATE KEY UPDATE {updates}, {order} = GREATEST({order}, VALUES({order}))",
+    assign_newer="{c} = IF(VALUES({order}) > {order}, VALUES({c}), {c})",
 )
 
 SQLITE = Dialect(
@@ -280,6 +309,9 @@ SQLITE = Dialect(
     upsert="ON CONFLICT({conflict}) DO UPDATE SET {updates}",
     assign="{c} = excluded.{c}",
     keep="ON CONFLICT({key}) DO NOTHING",
+    upsert_newer="ON CONFLICT({conflict}) DO UPDATE SET {updates}, {order} = excluded.{order} "
+    "WHERE excluded.{order} > {table}.{order}",
+    assign_newer="{c} = excluded.{c}",
 )
 
 

@@ -216,6 +216,9 @@ class SqlStore:
         self._upsert_map = d.upsert_sql(DEVICE_MAPPINGS, "volume_id", _MAP_COLUMNS + _PROOF_COLUMNS)
         self._insert_head = d.insert_or_keep_sql(VOLUME_HEADS, ("volume_id", "seq"))
         self._upsert_head = d.upsert_sql(VOLUME_HEADS, "volume_id", VOLUME_HEADS.column_names)
+        self._move_head_sql = d.upsert_newer_sql(
+            VOLUME_HEADS, "volume_id", "seq", ("volume_id", "seq", "operation_id", "updated_at")
+        )
         self._op_select = f"SELECT {', '.join(_OP_COLUMNS)} FROM volume_operations"
         self._map_select = f"SELECT {', '.join(_MAP_COLUMNS + _PROOF_COLUMNS)} FROM device_mappings"
 
@@ -275,19 +278,43 @@ class SqlStore:
             )
         if not effects and not resized:
             return
-        heads = await self._lock_heads(
-            tx,
-            sorted(
-                {r.volume_id for _, r, _ in effects if r.volume_id is not None}
-                | {volume_id for _, _, volume_id in resized}
-            ),
+        volume_ids = sorted(
+            {r.volume_id for _, r, _ in effects if r.volume_id is not None}
+            | {volume_id for _, _, volume_id in resized}
         )
+        # One volume, every operation with its command sequence (the normal case): its head
+        # is locked and moved by one conditional upsert per operation (_move_head). Several
+        # volumes take their heads first, in volume order (_lock_heads); so do events of an
+        # older executor (without seq), which need the head's other columns to compare.
+        sequenced = all((r.seq or 0) > 0 for _, r, _ in effects) and all(
+            (r.seq or 0) > 0 for _, r, _ in resized
+        )
+        heads = None
+        if not sequenced or len(volume_ids) > 1:
+            heads = await self._lock_heads(tx, volume_ids)
         moved: dict[str, _Head] = {}
+
+        async def advance(event: Event, row: OperationRow, attached: bool) -> bool:
+            """Whether the operation comes after the one the volume's mapping shows now; if
+            so, the volume's head names it (from here on, or at the end: ``moved``)."""
+            assert row.volume_id is not None
+            if heads is None:
+                return await self._move_head(tx, row, now)
+            head = heads[row.volume_id]
+            if not await self._newer(tx, head, event, row, attached):
+                return False
+            if row.seq is not None:
+                head.seq = row.seq
+            else:
+                head.legacy_at = _when(event, row)
+            head.operation_id = row.id
+            moved[row.volume_id] = head
+            return True
+
         for event, row, attached in effects:
             if row.volume_id is None:
                 continue
-            head = heads[row.volume_id]
-            if not await self._newer(tx, head, event, row, attached):
+            if not await advance(event, row, attached):
                 log.info(
                     "%s of volume %s comes before the operation its mapping shows: no change",
                     row.id,
@@ -295,26 +322,40 @@ class SqlStore:
                     extra={"operation_id": row.id, "volume_id": row.volume_id},
                 )
                 continue
-            if row.seq is not None:
-                head.seq = row.seq
-            else:
-                head.legacy_at = _when(event, row)
-            head.operation_id = row.id
-            moved[row.volume_id] = head
             if attached:
                 await self._map(tx, event, row, now)
             else:
-                await tx.execute(
+                await tx.write(
                     self._sql("DELETE FROM device_mappings WHERE volume_id = ?"), (row.volume_id,)
                 )
-        for event, row, volume_id in resized:
-            if await self._resized(tx, heads[volume_id], event, row, now):
-                moved[volume_id] = heads[volume_id]
+        for event, row, _ in resized:
+            # A completed resize: the volume's mapping (if it is attached) says its new size,
+            # unless the mapping already shows a later operation (a later attach has its own
+            # size, a later resize the newer one). Like every change of a mapping it moves
+            # the volume's head.
+            if event.raw.size is not None and await advance(event, row, False):
+                await tx.write(
+                    self._sql(
+                        "UPDATE device_mappings SET size = ?, last_sync = ? WHERE volume_id = ?"
+                    ),
+                    (event.raw.size, now, row.volume_id),
+                )
         if moved:
             await tx.executemany(
                 self._upsert_head,
                 [(v, h.seq, h.operation_id, h.legacy_at, now) for v, h in sorted(moved.items())],
             )
+
+    async def _move_head(self, tx: Connection, row: OperationRow, now: dt.datetime) -> bool:
+        """Whether the operation (with its command sequence) comes after the one its
+        volume's mapping shows now (_newer); if so, the head names it from here on. One
+        statement instead of _lock_heads' two and the upsert at the end: it locks the head
+        row as _lock_heads does (MariaDB: an exclusive record lock on the existing row, or
+        the row it inserts) and moves it only to a higher sequence; its row count says
+        whether it did. legacy_at stays as it is: a sequence comes after every event
+        without one."""
+        changed = await tx.execute(self._move_head_sql, (row.volume_id, row.seq, row.id, now))
+        return changed > 0
 
     async def _lock_heads(self, tx: Connection, volume_ids: list[str]) -> dict[str, _Head]:
         """The volumes' head rows, locked until the transaction ends: every writer that
@@ -430,26 +471,6 @@ class SqlStore:
         }
         # An attach's row starts with no proof of an earlier attach (see __init__).
         await tx.execute(self._upsert_map, (*(values[c] for c in _MAP_COLUMNS), *proof))
-
-    async def _resized(
-        self, tx: Connection, head: _Head, event: Event, row: OperationRow, now: dt.datetime
-    ) -> bool:
-        """A completed resize: the volume's mapping (if it is attached) says its new size,
-        unless the mapping already shows a later operation (a later attach has its own size,
-        a later resize the newer one). Like every change of a mapping it moves the volume's
-        head; returns whether it did."""
-        if event.raw.size is None or not await self._newer(tx, head, event, row, False):
-            return False
-        await tx.execute(
-            self._sql("UPDATE device_mappings SET size = ?, last_sync = ? WHERE volume_id = ?"),
-            (event.raw.size, now, row.volume_id),
-        )
-        if row.seq is not None:
-            head.seq = row.seq
-        else:
-            head.legacy_at = _when(event, row)
-        head.operation_id = row.id
-        return True
 
     async def apply_proof(self, proof: MappingProof, seq: int) -> int:
         if not proof.mappings:
