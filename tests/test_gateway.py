@@ -450,10 +450,45 @@ async def test_health_is_503_while_the_database_is_away(tmp_path: Path) -> None:
             try:
                 await listening(supervisor)
                 rest = Rest(session, f"http://127.0.0.1:{port}")
-                got, data = await rest.call("GET", "/health")
-                assert got == 503, data
-                health = msgspec.json.decode(data, type=GoHealth)
-                assert health.status == "unhealthy" and health.database_health.startswith("down")
+
+                async def answered() -> GoHealth | None:
+                    # 503 in the Go shape from the first answer on, whether persistence
+                    # answers the health query yet or not (it starts beside the gateway).
+                    got, data = await rest.call("GET", "/health")
+                    assert got == 503, data
+                    health = msgspec.json.decode(data, type=GoHealth)
+                    assert health.status == "unhealthy", health
+                    assert health.database_health.startswith("down"), health
+                    return health if "database" in health.details else None
+
+                health = await wait_for(answered, timeout=20)
+                assert "Can't connect" in health.database_health, health
+            finally:
+                await stop_supervisor(supervisor, task)
+    finally:
+        nats.stop()
+
+
+async def test_health_is_503_in_the_go_shape_while_nothing_answers(tmp_path: Path) -> None:
+    """No persistence (not started, or its process gone): a Go caller's health check still
+    reads its own shape, unhealthy, never an error body it cannot decode."""
+    nats = NatsServer(store_dir=tmp_path / "jetstream")
+    nats.start()
+    port = free_port()
+    try:
+        async with Simulator(SimConfig(seed=6)) as sim, aiohttp.ClientSession() as session:
+            nowhere = SimpleNamespace(dsn=f"mysql://root@127.0.0.1:{free_port()}/volumed")
+            settings = settings_for(nats, nowhere, sim, http_addr=f"127.0.0.1:{port}")  # type: ignore[arg-type]
+            supervisor, task = await run_supervisor(settings, ["gateway"])
+            try:
+                await listening(supervisor)
+                rest = Rest(session, f"http://127.0.0.1:{port}")
+                for path in ("/health", "/api/v1/health"):
+                    got, data = await rest.call("GET", path)
+                    assert got == 503, data
+                    health = msgspec.json.decode(data, type=GoHealth)
+                    assert health.status == "unhealthy", health
+                    assert "no answer to the health query" in health.database_health, health
             finally:
                 await stop_supervisor(supervisor, task)
     finally:

@@ -435,7 +435,14 @@ class GatewayActor:
 
     async def health(self, request: web.Request) -> Any:
         self._nats()
-        checked = await self.client.health()
+        try:
+            checked = await self.client.health()
+        except (Unavailable, Timeout) as e:
+            # Persistence answers health (it gathers every actor's): while it does not (not
+            # started yet, or its process is gone), a Go caller still gets its own shape,
+            # unhealthy, rather than an error body it cannot decode.
+            document = shapes.unanswered_health(f"{e}", now_rfc3339())
+            return _json(document, 503)
         document = shapes.health(checked, now_rfc3339())
         return _json(document, 503 if checked.status == "down" else 200)
 

@@ -186,6 +186,19 @@ def _said(check: Check | None) -> str:
     return "healthy" if check.status == "ok" else f"{check.status}: {check.detail}"
 
 
+def unanswered_health(why: str, now: str) -> HealthDocument:
+    """Health as a Go caller reads it when nothing answers volumed's health query."""
+    down = f"down: no answer to the health query ({why})"
+    return HealthDocument(
+        status="unhealthy",
+        timestamp=now,
+        cloudstack_health="unknown: not reported",
+        database_health=down,
+        device_monitor="unknown: not reported",
+        details={"persistence": down},
+    )
+
+
 def health(h: Health, now: str) -> HealthDocument:
     return HealthDocument(
         status=_HEALTH[h.status],  # type: ignore[arg-type]
