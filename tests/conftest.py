@@ -207,11 +207,23 @@ class Harness:
         """Ask the volumed micro service; return the JSON reply and the error code header."""
         import json
 
-        msg = await self.bus.nc.request(
-            f"volume.api.{endpoint}",
-            json.dumps(body).encode(),  # type: ignore[attr-defined]
-            timeout=5,
-        )
+        from nats.errors import NoRespondersError
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                msg = await self.bus.nc.request(
+                    f"volume.api.{endpoint}",
+                    json.dumps(body).encode(),  # type: ignore[attr-defined]
+                    timeout=5,
+                )
+                break
+            except NoRespondersError:
+                # Persistence's service may come up after the harness has started (a
+                # database it waits for, a cold start): ask again for a while.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
         code = (msg.headers or {}).get("Nats-Service-Error-Code")
         return (json.loads(msg.data) if msg.data else {}), code
 

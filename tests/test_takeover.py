@@ -12,7 +12,6 @@ from pathlib import Path
 
 import aiomysql
 import pytest
-from nats.errors import NoRespondersError
 
 from actors.persistence.backends import missing_columns
 from actors.persistence.errors import StoreRefused
@@ -418,10 +417,7 @@ async def test_the_daemon_waits_for_the_takeover_then_reproves_the_mappings(
         try:
 
             async def refused() -> dict[str, object] | None:
-                try:
-                    health, _ = await v.query("health", {})
-                except NoRespondersError:
-                    return None  # persistence's service is not up yet
+                health, _ = await v.query("health", {})  # (waits for the service)
                 check = health["checks"]["database"]  # type: ignore[index]
                 return health if "volume_operations" in check["detail"] else None
 
