@@ -108,6 +108,8 @@ class CloudStack:
         self._session: aiohttp.ClientSession | None = None
         self._owner: CloudStack | None = None
         self.clock = CloudClock()
+        # `cs` clients by credentials, shared by every view (see _client).
+        self._clients: dict[tuple[str, str, str], AIOCloudStack] = {}
 
     def with_credentials(self, credentials: CloudStackCredentials) -> CloudStack:
         """A view that uses these credentials for every call (one operation's), sharing
@@ -134,6 +136,30 @@ class CloudStack:
             )
         return self._session
 
+    def _client(self, endpoint: str, key: str, secret: str) -> AIOCloudStack:
+        """`cs`'s client for these credentials on the shared pool, made once and then
+        reused (it keeps no state of a request): making one costs more CPU than a request
+        (it builds a requests.Session it never uses)."""
+        session = self._http()
+        clients = (self._owner or self)._clients
+        client = clients.get((endpoint, key, secret))
+        if client is None or client.session is not session:
+            if len(clients) >= 8:  # credentials changed several times: forget the old ones
+                clients.clear()
+            client = clients[(endpoint, key, secret)] = AIOCloudStack(
+                # POST, never GET: aiohttp silently re-sends a GET whose kept-alive
+                # connection broke, and CloudStack mutations are GETs too — that would
+                # create twice.
+                method="post",
+                endpoint=endpoint,
+                key=key,
+                secret=secret,
+                timeout=int(self._timeout),
+                session=session,
+                fetch_result=False,
+            )
+        return client
+
     async def call(self, command: str, **params: Any) -> Any:
         """Send one request; return its unwrapped answer or raise CloudStackError."""
         creds = await self._credentials()
@@ -144,17 +170,7 @@ class CloudStack:
                 "CLOUDSTACK_SECRET, or activate a row of ossea_configs"
                 + (f" ({creds.error})" if creds.error else ""),
             )
-        client = AIOCloudStack(
-            # POST, never GET: aiohttp silently re-sends a GET whose kept-alive connection
-            # broke, and CloudStack mutations are GETs too — that would create twice.
-            method="post",
-            endpoint=creds.endpoint,
-            key=creds.key,
-            secret=creds.secret,
-            timeout=int(self._timeout),
-            session=self._http(),
-            fetch_result=False,
-        )
+        client = self._client(creds.endpoint, creds.key, creds.secret)
         CLOUDSTACK_CALLS.labels(command).inc()
         started = time.perf_counter()
         try:
