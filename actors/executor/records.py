@@ -184,10 +184,8 @@ class Records:
                 # Ended by its run's first write (a deferred start, run.py) and cut before
                 # `executing` went out: that goes first, then (read again) the latest.
                 with contextlib.suppress(Conflict):
-                    await self.bus.publish(
-                        subject,
-                        executing := self.event_for(record, "executing"),
-                        msg_id=event_msg_id(executing),
+                    await self.publish_event(
+                        self.event_for(record, "executing"),
                         if_last=last.stream_seq if last is not None else 0,
                     )
                 continue

@@ -214,9 +214,7 @@ class OperationRun:
                 if not self._deferred:
                     await self._write()
                     return
-                self.record.status = "executing"
-                self.record.last_event = self.event_for(self.record, "executing")
-                self.take()
+                self._executing()
                 await self._write()
                 self._deferred = False
                 await self.records.publish(self.record)
@@ -340,12 +338,17 @@ class OperationRun:
             "process took the operation over (it looks up whatever was sent)"
         )
 
+    def _executing(self) -> None:
+        """The record as its start writes it (``start``, or a deferred start's first save):
+        executing, with its event, held by this run."""
+        self.record.status = "executing"
+        self.record.last_event = self.event_for(self.record, "executing")
+        self.take()
+
     async def start(self) -> bool:
         """pending → executing, compare-and-set. False if a cancel got there first."""
         while True:
-            self.record.status = "executing"
-            self.record.last_event = self.event_for(self.record, "executing")
-            self.take()
+            self._executing()
             try:
                 await self._commit()
                 return True
